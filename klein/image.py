@@ -1,0 +1,37 @@
+"""Pixels in and out: reference-image preprocessing and decoded-tensor -> PIL conversion
+(diffusers `Flux2ImageProcessor` semantics, so references and outputs match it exactly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from klein.request import reference_size
+
+
+def prepare_reference(image: Image.Image, max_pixels: int, multiple: int) -> Tensor:
+    """RGB, downscaled to at most `max_pixels` (LANCZOS), centre-cropped to a multiple of
+    `multiple`, as a (1, 3, H, W) float32 tensor in [-1, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h > max_pixels:
+        scaled = reference_size(w, h, max_pixels, 1)
+        image = image.resize(scaled, Image.Resampling.LANCZOS)
+        w, h = image.size
+    tw, th = reference_size(w, h, max_pixels, multiple)
+    left, top = (w - tw) // 2, (h - th) // 2
+    image = image.crop((left, top, left + tw, top + th))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
+    return (2.0 * x - 1.0).permute(2, 0, 1).unsqueeze(0)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Decoded images in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def to_pil(x: Tensor) -> list[Image.Image]:
+    return [Image.fromarray(a.numpy()) for a in to_uint8(x)]

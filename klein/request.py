@@ -1,0 +1,108 @@
+"""A generation request, its defaults and its bounds: one place that the CLI and the HTTP API share.
+
+Every rejection is an `InvalidRequest` naming the field and the bound it broke.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from klein.config import ModelSpec
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000  # the text encoder reads the first 512 tokens (template included) anyway
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_ASPECT = 8.0
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    width: int | None = None  # None: the first reference's processed size, else the model default
+    height: int | None = None
+    seed: int = 0
+    steps: int | None = None  # None: the variant's default
+    guidance: float | None = None  # Base models only; None: the variant's default
+    references: tuple[Image.Image, ...] = ()
+
+    @property
+    def megapixels(self) -> float:
+        return (self.width or 0) * (self.height or 0) / 1e6
+
+
+def reference_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
+    """Size a reference is processed to: scaled down to at most `max_pixels` (LANCZOS), then
+    centre-cropped to a multiple of `multiple` (diffusers Flux2KleinPipeline step 4)."""
+    if width * height > max_pixels:
+        s = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * s), int(height * s)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def check_reference(image: Image.Image, field: str) -> None:
+    w, h = image.size
+    if min(w, h) < MIN_REFERENCE_SIDE:
+        raise InvalidRequest(field, f"image is {w}x{h}; both sides must be at least {MIN_REFERENCE_SIDE} px")
+    if max(w / h, h / w) > MAX_REFERENCE_ASPECT:
+        raise InvalidRequest(
+            field, f"image is {w}x{h}; aspect ratio must be at most {MAX_REFERENCE_ASPECT:g}:1"
+        )
+
+
+def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
+    """Check `req` against the model's bounds and fill in the defaults; returns a complete request."""
+    if not isinstance(req.prompt, str):
+        raise InvalidRequest("prompt", "must be a string")
+    if len(req.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(req.prompt)}"
+        )
+    if len(req.references) > spec.max_references:
+        raise InvalidRequest(
+            "references", f"at most {spec.max_references} reference images, got {len(req.references)}"
+        )
+    for i, image in enumerate(req.references):
+        check_reference(image, f"references[{i}]")
+    if not 0 <= req.seed <= MAX_SEED:
+        raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {req.seed}")
+
+    width, height = req.width, req.height
+    if req.references and (width is None or height is None):
+        rw, rh = reference_size(*req.references[0].size, spec.reference_max_pixels, spec.multiple)
+        width, height = width or rw, height or rh
+    width, height = width or spec.default_size, height or spec.default_size
+    for name, value in (("width", width), ("height", height)):
+        if value % spec.multiple:
+            raise InvalidRequest(name, f"must be a multiple of {spec.multiple}, got {value}")
+        if not spec.min_side <= value <= spec.max_side:
+            raise InvalidRequest(name, f"must be between {spec.min_side} and {spec.max_side}, got {value}")
+    if width * height > spec.max_pixels:
+        raise InvalidRequest(
+            "width", f"width x height must be at most {spec.max_pixels / 1e6:g} MP, got {width}x{height}"
+        )
+
+    s = spec.sampling
+    steps = s.steps if req.steps is None else req.steps
+    if not 1 <= steps <= s.max_steps:
+        raise InvalidRequest("steps", f"must be between 1 and {s.max_steps}, got {steps}")
+    guidance = req.guidance
+    if not s.cfg:
+        if guidance is not None:
+            raise InvalidRequest("guidance", f"{spec.name} is guidance-distilled; guidance cannot be set")
+    else:
+        guidance = s.guidance if guidance is None else guidance
+        if not s.min_guidance <= guidance <= s.max_guidance:
+            raise InvalidRequest(
+                "guidance", f"must be between {s.min_guidance:g} and {s.max_guidance:g}, got {guidance:g}"
+            )
+    return replace(req, width=width, height=height, steps=steps, guidance=guidance)

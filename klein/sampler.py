@@ -1,0 +1,138 @@
+"""Flow-matching sampling for FLUX.2 [klein]: empirical-mu schedule, seeded noise, position ids,
+and the Euler loops (single pass for distilled models, two-pass CFG for Base).
+
+Follows BFL flux2 `sampling.py` and diffusers `Flux2KleinPipeline` (numerics of the latter: the
+Euler update runs in float32 and the latents are kept in the model dtype between steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from klein.transformer import Flux2
+
+REFERENCE_T_SCALE = 10  # reference k (0-based) sits at t = 10 + 10 k on RoPE axis 0
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """Schedule shift fitted by BFL on (tokens, steps); past 4300 tokens it ignores the step count."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return a2 * image_seq_len + b2
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    return a * num_steps + b
+
+
+def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
+    """num_steps + 1 sigmas from 1 (noise) to 0 (image), shifted by exp(mu) / (exp(mu) + 1/t - 1)."""
+    mu = compute_empirical_mu(image_seq_len, num_steps)
+    sigmas = [1.0 - i / num_steps for i in range(num_steps)]
+    return [math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) for t in sigmas] + [0.0]
+
+
+def initial_noise(seed: int, height: int, width: int, channels: int, pixels_per_token: int = 16) -> Tensor:
+    """Packed noise (1, L, C) for one request: the same draw as diffusers' Flux2KleinPipeline with
+    `torch.Generator("cpu").manual_seed(seed)` and batch size 1, whatever device runs the model."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    h, w = height // pixels_per_token, width // pixels_per_token
+    noise = torch.randn((1, channels, h, w), generator=generator, dtype=torch.float32)
+    return rearrange(noise, "B C h w -> B (h w) C")
+
+
+def grid_ids(h: int, w: int, t: int = 0) -> Tensor:
+    """(h*w, 4) ids (t, row, col, 0) in row-major token order."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.zeros(h * w, 4, dtype=torch.int64)
+    ids[:, 0], ids[:, 1], ids[:, 2] = t, rows.flatten(), cols.flatten()
+    return ids
+
+
+def text_ids(length: int) -> Tensor:
+    """(L, 4) ids (0, 0, 0, i): text tokens rotate on the last axis only."""
+    ids = torch.zeros(length, 4, dtype=torch.int64)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def reference_ids(shapes: list[tuple[int, int]]) -> Tensor:
+    """Ids for reference token grids (h, w), concatenated in order, each at t = 10, 20, ..."""
+    if not shapes:
+        return torch.zeros(0, 4, dtype=torch.int64)
+    return torch.cat([grid_ids(h, w, REFERENCE_T_SCALE * (k + 1)) for k, (h, w) in enumerate(shapes)])
+
+
+def pack(latents: Tensor) -> Tensor:
+    return rearrange(latents, "B C h w -> B (h w) C")
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    return rearrange(tokens, "B (h w) C -> B C h w", h=h, w=w)
+
+
+def _euler(img: Tensor, pred: Tensor, t_curr: float, t_next: float) -> Tensor:
+    return (img.float() + (t_next - t_curr) * pred.float()).to(img.dtype)
+
+
+def denoise(
+    model: Flux2,
+    img: Tensor,
+    img_ids: Tensor,
+    ctx: Tensor,
+    ctx_ids: Tensor,
+    sigmas: list[float],
+    ref: Tensor | None = None,
+    ref_ids: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """Distilled sampling: one forward per step. Yields the latents (B, L_img, C) after each step,
+    so the caller can report progress or stop between steps.
+
+    img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens appended after them.
+    """
+    x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
+    pe = model.rope(ctx_ids, x_ids)
+    n_img = img.shape[1]
+    for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
+        t = torch.full((img.shape[0],), t_curr, device=img.device)
+        pred = model(x, t, ctx, pe)[:, :n_img]
+        img = _euler(img, pred, t_curr, t_next)
+        yield img
+
+
+def denoise_cfg(
+    model: Flux2,
+    img: Tensor,
+    img_ids: Tensor,
+    ctx: Tensor,
+    neg_ctx: Tensor,
+    ctx_ids: Tensor,
+    sigmas: list[float],
+    guidance: float | Tensor,
+    ref: Tensor | None = None,
+    ref_ids: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """Base-model sampling with classifier-free guidance: v = v_neg + g (v_cond - v_neg).
+
+    The unconditional and conditional halves run as one batch of 2B; `guidance` is a float or a
+    (B,) tensor. Yields the latents after each step, like `denoise`.
+    """
+    b, n_img = img.shape[0], img.shape[1]
+    x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
+    pe = model.rope(torch.cat((ctx_ids, ctx_ids)), torch.cat((x_ids, x_ids)))
+    ctx2 = torch.cat((neg_ctx, ctx))  # (2B, L_txt, D): [uncond; cond]
+    g = torch.as_tensor(guidance, dtype=torch.float32, device=img.device).reshape(-1, 1, 1)
+    for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
+        t = torch.full((2 * b,), t_curr, device=img.device)
+        pred_neg, pred_cond = model(torch.cat((x, x)), t, ctx2, pe)[:, :n_img].float().chunk(2)
+        img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
+        yield img

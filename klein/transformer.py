@@ -1,0 +1,245 @@
+"""The FLUX.2 flow transformer (a rectified-flow DiT), following BFL flux2 `model.py`.
+
+Module attribute names are the BFL checkpoint keys, so a native single file loads with no key map.
+Everything is bias-free; modulation is global (computed once per forward, shared by all blocks).
+Token layout: joint attention runs over [txt | img | ref_1 .. ref_N], text first, no mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from klein.config import TransformerConfig
+
+# Rotary embedding as complex phases, (B, 1, L, head_dim/2): one per (token, rotated pair).
+Rope = Tensor
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0):
+    """Sinusoidal embedding of sigma in [0, 1]; cosines first (BFL `timestep_embedding`)."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Rope:
+    """ids (B, L, n_axes) -> unit complex phases (B, 1, L, sum(axes_dim)/2), angles in float64."""
+    phases = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
+        phases.append(ids[..., i].to(torch.float64)[..., None] * omega)  # (B, L, d/2)
+    angle = torch.cat(phases, dim=-1)
+    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64).unsqueeze(1)
+
+
+def apply_rope(x: Tensor, pe: Rope) -> Tensor:
+    """Rotate consecutive pairs (x0, x1) of the head dim by the token's phase; float32 maths."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Rope) -> Tensor:
+    """q, k, v (B, H, L, D) -> (B, L, H*D)."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    x = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(x, "B H L D -> B L (H D)")
+
+
+def modulate(x: Tensor, shift: Tensor, scale1p: Tensor, eps: float = 1e-6) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift, with `scale1p` = 1 + scale precomputed once per forward."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale1p)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.scale, eps=1e-6)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+class SiLUActivation(nn.Module):
+    """SwiGLU: the gate is the first half."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return F.silu(x1) * x2
+
+
+class Modulation(nn.Module):
+    """vec -> (shift, 1 + scale, gate) once (single) or twice (double); each (B, 1, hidden)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
+
+    def forward(self, vec: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return [(out[i], 1 + out[i + 1], out[i + 2]) for i in range(0, self.multiplier, 3)]
+
+
+class SelfAttention(nn.Module):
+    """One stream's projections of a double block; the attention itself is joint."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        for s in ("img", "txt"):
+            self.add_module(f"{s}_attn", SelfAttention(dim, num_heads))
+            mlp = nn.Sequential(
+                nn.Linear(dim, 2 * mlp_hidden, bias=False),
+                SiLUActivation(),
+                nn.Linear(mlp_hidden, dim, bias=False),
+            )
+            self.add_module(f"{s}_mlp", mlp)
+
+    def forward(self, img: Tensor, txt: Tensor, pe: Rope, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        q = torch.cat((txt_q, img_q), dim=2)  # (B, H, L_txt + L_img, D)
+        k = torch.cat((txt_k, img_k), dim=2)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q, k, v, pe)  # (B, L_txt + L_img, hidden)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint sequence (ViT-22B style)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden = dim
+        self.mlp_hidden = mlp_hidden
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
+        self.linear2 = nn.Linear(dim + mlp_hidden, dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.mlp_act = SiLUActivation()
+
+    def forward(self, x: Tensor, pe: Rope, mod) -> Tensor:
+        ((shift, scale, gate),) = mod
+        qkv, mlp = torch.split(
+            self.linear1(modulate(x, shift, scale)), [3 * self.hidden, 2 * self.mlp_hidden], -1
+        )
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k)
+        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=-1))
+        return torch.addcmul(x, gate, out)
+
+
+class LastLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
+        return self.linear(modulate(x, shift, 1 + scale))
+
+
+class Flux2(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = c = config
+        h = c.hidden_size
+        self.img_in = nn.Linear(c.in_channels, h, bias=False)
+        self.txt_in = nn.Linear(c.context_in_dim, h, bias=False)
+        self.time_in = MLPEmbedder(256, h)
+        self.double_stream_modulation_img = Modulation(h, double=True)
+        self.double_stream_modulation_txt = Modulation(h, double=True)
+        self.single_stream_modulation = Modulation(h, double=False)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(h, c.num_heads, c.mlp_hidden) for _ in range(c.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(h, c.num_heads, c.mlp_hidden) for _ in range(c.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(h, c.in_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.img_in.weight.device
+
+    def rope(self, ctx_ids: Tensor, x_ids: Tensor) -> Rope:
+        """Phases for the joint sequence [txt | img]; ids are (B, L, 4) as (t, h, w, l)."""
+        return rope(torch.cat((ctx_ids, x_ids), dim=1), self.config.axes_dim, self.config.theta)
+
+    def forward(self, x: Tensor, timesteps: Tensor, ctx: Tensor, pe: Rope) -> Tensor:
+        """Velocity for image tokens.
+
+        x (B, L_x, in_channels): noisy latent tokens followed by reference tokens.
+        timesteps (B,): sigma in [0, 1].  ctx (B, L_txt, context_in_dim): text embeddings.
+        pe: `self.rope(ctx_ids, x_ids)`, computed once per sampling run.
+        Returns (B, L_x, in_channels); the caller keeps the first L_img rows.
+        """
+        vec = self.time_in(timestep_embedding(timesteps).to(self.dtype))  # (B, hidden)
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        mod_single = self.single_stream_modulation(vec)
+
+        img = self.img_in(x.to(self.dtype))
+        txt = self.txt_in(ctx.to(self.dtype))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, pe, mod_img, mod_txt)
+
+        n_txt = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_x, hidden)
+        for block in self.single_blocks:
+            x = block(x, pe, mod_single)
+        return self.final_layer(x[:, n_txt:], vec)

@@ -1,0 +1,150 @@
+"""The `klein` command line.
+
+    klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
+                   [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
+                   --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
+
+Bad flags exit with status 2 and a message naming the flag and its bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# Request fields -> the flags that set them, for error messages.
+FLAGS = {"prompt": "--prompt", "width": "--width", "height": "--height", "seed": "--seed",
+         "steps": "--steps", "guidance": "--guidance", "references": "--ref"}  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    from klein.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="klein", description="Serve and run FLUX.2 [klein] image models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate one image in this process (no Ray)")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    src = g.add_argument_group("model (default: the tiny preset, random weights)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="model variant")
+    src.add_argument(
+        "--weights", type=Path, metavar="DIR", help="diffusers-layout folder or folder of BFL files"
+    )
+    src.add_argument("--transformer", type=Path, metavar="FILE", help="BFL or FP8 transformer single file")
+    src.add_argument("--vae", type=Path, metavar="FILE", help="BFL ae.safetensors")
+    src.add_argument("--text-encoder", type=Path, metavar="DIR", help="Qwen3 folder (config.json + weights)")
+    g.add_argument("--ref", type=Path, action="extend", nargs="+", default=[], metavar="IMAGE",
+                   help="reference image(s) for editing / multi-reference generation")  # fmt: skip
+    g.add_argument(
+        "--width", type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
+    )
+    g.add_argument(
+        "--height", type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (default 0)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: 4 distilled, 50 Base)")
+    g.add_argument("--guidance", type=float, help="CFG scale, Base models only (default 4.0)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    g.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .png, .jpg or .webp")
+    g.set_defaults(subparser=g)
+    return parser
+
+
+def _generate(args, parser: argparse.ArgumentParser) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from klein import DTYPES, GenerationRequest, InvalidRequest, ModelSource, Pipeline
+    from klein.checkpoint import CheckpointError
+    from klein.request import validate
+
+    fmt = OUTPUT_FORMATS.get(args.out.suffix.lower())
+    if fmt is None:
+        parser.error(f"--out: must end in {', '.join(OUTPUT_FORMATS)}, got {args.out.name!r}")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out: folder {args.out.parent} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda requested but no CUDA device is available")
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+
+    files = {"--weights": args.weights, "--transformer": args.transformer, "--vae": args.vae,
+             "--text-encoder": args.text_encoder}  # fmt: skip
+    try:
+        if any(files.values()):
+            source = ModelSource.from_paths(
+                args.weights, args.transformer, args.vae, args.text_encoder, args.preset
+            )
+        else:
+            source = ModelSource.preset(args.preset or "tiny")
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        flag = next(
+            (f for f, v in files.items() if v and str(v) in str(e)),
+            "--preset" if args.preset else "--weights",
+        )
+        parser.error(f"{flag}: {e}")
+
+    refs = []
+    for path in args.ref:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                refs.append(im)
+        except (OSError, UnidentifiedImageError) as e:
+            parser.error(f"--ref: cannot read image {path}: {e}")
+    request = GenerationRequest(
+        prompt=args.prompt, width=args.width, height=args.height, seed=args.seed,
+        steps=args.steps, guidance=args.guidance, references=tuple(refs),
+    )  # fmt: skip
+    try:
+        request = validate(source.spec, request)
+    except InvalidRequest as e:
+        flag = FLAGS.get(e.field.split("[")[0], e.field)
+        parser.error(f"{flag}: {e.message}")
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(source, device=device, dtype=dtype)
+    t1 = time.perf_counter()
+    progress = _progress(request.steps)
+    image = pipe.generate([request], on_step=progress)[0]
+    image.save(args.out, format=fmt)
+    t2 = time.perf_counter()
+    print(
+        f"{args.out} {request.width}x{request.height} seed={request.seed} steps={request.steps} "
+        f"model={source.spec.name} load={t1 - t0:.2f}s generate={t2 - t1:.2f}s"
+    )
+    return 0
+
+
+def _progress(total: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="denoise", unit="step", leave=False)
+
+    def on_step(i: int, n: int) -> None:
+        bar.update(1)
+        if i == n:
+            bar.close()
+
+    return on_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return _generate(args, args.subparser)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,7 +102,7 @@ def denoise(
     n_img = img.shape[1]
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
-        t = torch.full((img.shape[0],), t_curr, device=img.device)
+        t = torch.full((1,), t_curr, device=img.device)  # shared by the batch (see Flux2.forward)
         pred = model(x, t, ctx, pe)[:, :n_img]
         img = _euler(img, pred, t_curr, t_next)
         yield img
@@ -132,7 +132,7 @@ def denoise_cfg(
     g = torch.as_tensor(guidance, dtype=torch.float32, device=img.device).reshape(-1, 1, 1)
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
-        t = torch.full((2 * b,), t_curr, device=img.device)
+        t = torch.full((1,), t_curr, device=img.device)
         pred_neg, pred_cond = model(torch.cat((x, x)), t, ctx2, pe)[:, :n_img].float().chunk(2)
         img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
         yield img

@@ -224,7 +224,10 @@ class Flux2(nn.Module):
         """Velocity for image tokens.
 
         x (B, L_x, in_channels): noisy latent tokens followed by reference tokens.
-        timesteps (B,): sigma in [0, 1].  ctx (B, L_txt, context_in_dim): text embeddings.
+        timesteps (B,) or (1,): sigma in [0, 1]. The samplers pass one shared sigma, so the
+          modulation is one matrix-vector product per step whatever the batch size: a (B, hidden)
+          GEMM would round differently from B = 1 and make an image depend on its batch-mates.
+        ctx (B, L_txt, context_in_dim): text embeddings.
         pe: `self.rope(ctx_ids, x_ids)`, computed once per sampling run.
         Returns (B, L_x, in_channels); the caller keeps the first L_img rows.
         """

@@ -175,15 +175,20 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> normalised packed latents (B, 4z, H/16, W/16)."""
-        moments = self.encoder(x.to(self.dtype))
+        moments = torch.cat([self.encoder(xi) for xi in x.to(self.dtype).split(1)])  # see decode
         mean = moments.chunk(2, dim=1)[0]  # deterministic: the posterior mean, no sampling
         z = rearrange(mean, "B C (i pi) (j pj) -> B (C pi pj) i j", pi=2, pj=2)
         bn_mean, bn_std = self._bn_stats(z)
         return (z - bn_mean) / bn_std
 
     def decode(self, z: Tensor) -> Tensor:
-        """Normalised packed latents (B, 4z, h, w) -> images in about [-1, 1], (B, 3, 16h, 16w)."""
+        """Normalised packed latents (B, 4z, h, w) -> images in about [-1, 1], (B, 3, 16h, 16w).
+
+        One image at a time: convolution algorithms are chosen by batch size and round differently,
+        and an image must not depend on what it was batched with. Each image alone is large enough
+        to keep the device busy.
+        """
         z = z.to(self.dtype)
         bn_mean, bn_std = self._bn_stats(z)
         z = rearrange(z * bn_std + bn_mean, "B (C pi pj) i j -> B C (i pi) (j pj)", pi=2, pj=2)
-        return self.decoder(z)
+        return torch.cat([self.decoder(zi) for zi in z.split(1)])

@@ -1,0 +1,170 @@
+"""`klein generate`: real runs write images; bad flags exit 2 with a message naming the flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.cli import main
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--width", "100"], "--width: must be a multiple of 16, got 100"),
+        (["--height", "4096"], "--height: must be between 64 and 2048, got 4096"),
+        (["--width", "abc"], "argument --width: invalid int value: 'abc'"),
+        (["--steps", "0"], "--steps: must be between 1 and 50, got 0"),
+        (["--guidance", "3"], "--guidance: tiny is guidance-distilled"),
+        (["--preset", "tiny-base", "--guidance", "30"], "--guidance: must be between 1 and 20, got 30"),
+        (["--seed", "-5"], "--seed: must be between 0 and"),
+        (["--preset", "klein-4b"], "--preset: preset 'klein-4b' needs weights"),
+        (["--preset", "klein-7b"], "argument --preset: invalid choice: 'klein-7b'"),
+        (["--weights", "/nonexistent/w"], "--weights: weights folder /nonexistent/w does not exist"),
+        (
+            ["--transformer", "/nonexistent/t.safetensors"],
+            "--transformer: transformer weights /nonexistent/t.safetensors",
+        ),
+        (["--device", "cuda"], "--device: cuda requested but no CUDA device is available"),
+        (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    ],
+)
+def test_bad_flags_name_the_flag(capsys, tmp_path, extra, message):
+    if "--device" in extra:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    err = _error(capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "o.png"), *extra])
+    assert message in err
+
+
+def test_bad_output_and_references(capsys, tmp_path):
+    assert "--out: must end in .png, .jpg, .jpeg, .webp" in _error(
+        capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "o.gif")]
+    )
+    assert "--out: folder" in _error(
+        capsys, ["generate", "--prompt", "x", "--out", str(tmp_path / "no" / "o.png")]
+    )
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert "--ref: cannot read image" in _error(
+        capsys, ["generate", "--prompt", "x", "--ref", str(bad), "--out", str(tmp_path / "o.png")]
+    )
+    ref = tmp_path / "r.png"
+    Image.new("RGB", (64, 64)).save(ref)
+    err = _error(
+        capsys, ["generate", "--prompt", "x", "--ref", *[str(ref)] * 5, "--out", str(tmp_path / "o.png")]
+    )
+    assert "--ref: at most 4 reference images, got 5" in err
+    small = tmp_path / "s.png"
+    Image.new("RGB", (32, 64)).save(small)
+    err = _error(capsys, ["generate", "--prompt", "x", "--ref", str(small), "--out", str(tmp_path / "o.png")])
+    assert "--ref: image is 32x64; both sides must be at least 64 px" in err
+
+
+def test_generate_writes_the_image(tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a fox",
+                "--width",
+                "96",
+                "--height",
+                "64",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    image = Image.open(out)
+    assert image.size == (96, 64) and image.format == "PNG"
+    assert "seed=3" in capsys.readouterr().out
+    # same seed, same image; an edit with a reference, as JPEG and WebP
+    out2 = tmp_path / "fox2.png"
+    main(
+        [
+            "generate",
+            "--prompt",
+            "a fox",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--seed",
+            "3",
+            "--out",
+            str(out2),
+        ]
+    )
+    assert np.array_equal(np.asarray(Image.open(out2)), np.asarray(image))
+    for name in ("edit.jpg", "edit.webp"):
+        assert (
+            main(["generate", "--prompt", "make it blue", "--ref", str(out), "--out", str(tmp_path / name)])
+            == 0
+        )
+        assert Image.open(tmp_path / name).size == (96, 64)  # the reference's size by default
+
+
+def test_generate_from_a_diffusers_folder(tiny_dir, tmp_path):
+    out = tmp_path / "o.png"
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "x",
+                "--weights",
+                str(tiny_dir),
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (64, 64)
+
+
+def test_console_script_runs(tmp_path):
+    out = tmp_path / "o.png"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "generate",
+            "--prompt",
+            "hi",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.exists()

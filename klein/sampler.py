@@ -125,7 +125,7 @@ def denoise_cfg(
     The unconditional and conditional halves run as one batch of 2B; `guidance` is a float or a
     (B,) tensor. Yields the latents after each step, like `denoise`.
     """
-    b, n_img = img.shape[0], img.shape[1]
+    n_img = img.shape[1]
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(torch.cat((ctx_ids, ctx_ids)), torch.cat((x_ids, x_ids)))
     ctx2 = torch.cat((neg_ctx, ctx))  # (2B, L_txt, D): [uncond; cond]

@@ -95,15 +95,13 @@ def denoise(
     """Distilled sampling: one forward per step. Yields the latents (B, L_img, C) after each step,
     so the caller can report progress or stop between steps.
 
-    img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens appended after them.
+    img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens, attended after them.
     """
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(ctx_ids, x_ids)
-    n_img = img.shape[1]
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
         t = torch.full((1,), t_curr, device=img.device)  # shared by the batch (see Flux2.forward)
-        pred = model(x, t, ctx, pe)[:, :n_img]
+        pred = model(img, t, ctx, pe, ref)
         img = _euler(img, pred, t_curr, t_next)
         yield img
 
@@ -125,14 +123,13 @@ def denoise_cfg(
     The unconditional and conditional halves run as one batch of 2B; `guidance` is a float or a
     (B,) tensor. Yields the latents after each step, like `denoise`.
     """
-    n_img = img.shape[1]
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(torch.cat((ctx_ids, ctx_ids)), torch.cat((x_ids, x_ids)))
     ctx2 = torch.cat((neg_ctx, ctx))  # (2B, L_txt, D): [uncond; cond]
+    ref2 = None if ref is None else torch.cat((ref, ref))
     g = torch.as_tensor(guidance, dtype=torch.float32, device=img.device).reshape(-1, 1, 1)
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
         t = torch.full((1,), t_curr, device=img.device)
-        pred_neg, pred_cond = model(torch.cat((x, x)), t, ctx2, pe)[:, :n_img].float().chunk(2)
+        pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2).float().chunk(2)
         img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
         yield img

@@ -53,15 +53,51 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Rope) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale1p: Tensor, eps: float = 1e-6) -> Tensor:
-    """(1 + scale) * LayerNorm(x) + shift, with `scale1p` = 1 + scale precomputed once per forward."""
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale1p)
+    """(1 + scale) * LayerNorm(x) + shift, with `scale1p` = 1 + scale precomputed once per forward.
+
+    When the batch shares its modulation (one timestep) it is LayerNorm's own affine: one kernel.
+    """
+    if shift.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], scale1p.reshape(-1), shift.reshape(-1), eps=eps)
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * scale1p + shift
+
+
+def _bf16_gemm_is_native() -> bool:
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return bool(
+        mkldnn is not None
+        and hasattr(mkldnn, "_is_mkldnn_bf16_supported")
+        and mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+# CPUs without bf16 dot-product instructions (AVX2) emulate bf16 GEMMs about 7x slower than
+# float32 ones. There the bf16 operands are widened to float32 (exactly) and the product is
+# rounded back to bf16: the same numbers a native bf16 GEMM with float32 accumulation gives.
+_WIDEN_BF16_ON_CPU = not _bf16_gemm_is_native()
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    if _WIDEN_BF16_ON_CPU and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return F.linear(x.float(), weight.float()).to(torch.bfloat16)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same state-dict keys) that routes through `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight)
 
 
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=False)
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.in_layer = Linear(in_dim, hidden_dim)
+        self.out_layer = Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -100,7 +136,7 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool):
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
+        self.lin = Linear(dim, self.multiplier * dim)
 
     def forward(self, vec: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
@@ -113,9 +149,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -129,9 +165,9 @@ class DoubleStreamBlock(nn.Module):
         for s in ("img", "txt"):
             self.add_module(f"{s}_attn", SelfAttention(dim, num_heads))
             mlp = nn.Sequential(
-                nn.Linear(dim, 2 * mlp_hidden, bias=False),
+                Linear(dim, 2 * mlp_hidden),
                 SiLUActivation(),
-                nn.Linear(mlp_hidden, dim, bias=False),
+                Linear(mlp_hidden, dim),
             )
             self.add_module(f"{s}_mlp", mlp)
 
@@ -147,10 +183,10 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe)  # (B, L_txt + L_img, hidden)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(img, img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(txt, txt_shift2, txt_scale2)))
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
         return img, txt
 
 
@@ -161,28 +197,37 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.hidden = dim
-        self.mlp_hidden = mlp_hidden
-        self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden, bias=False)
-        self.linear2 = nn.Linear(dim + mlp_hidden, dim, bias=False)
+        self.linear1 = Linear(dim, 3 * dim + 2 * mlp_hidden)
+        self.linear2 = Linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
-        self.mlp_act = SiLUActivation()
 
-    def forward(self, x: Tensor, pe: Rope, mod) -> Tensor:
+    def forward(self, x: Tensor, pe: Rope, mod, rows: slice = slice(None)) -> Tensor:
+        """x (B, L, hidden) -> the updated `rows` of x. Every token is a key and a value, but only
+        `rows` are queried and go through the MLP: the last block skips the tokens nobody reads."""
         ((shift, scale, gate),) = mod
-        qkv, mlp = torch.split(
-            self.linear1(modulate(x, shift, scale)), [3 * self.hidden, 2 * self.mlp_hidden], -1
+        x_mod = modulate(x, shift, scale)
+        w_qkv, w_mlp = self.linear1.weight.split(
+            [3 * self.hidden, self.linear1.out_features - 3 * self.hidden]
         )
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=-1))
-        return torch.addcmul(x, gate, out)
+        q, k, v = rearrange(linear(x_mod, w_qkv), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q[:, :, rows], k)
+        gate_up = linear(x_mod[:, rows], w_mlp)  # (B, L_rows, 2 * mlp_hidden)
+
+        # linear2 reads [attention | SwiGLU(mlp)]: both are written straight into one buffer.
+        b, n = gate_up.shape[:2]
+        buf = torch.empty(b, n, self.linear2.in_features, dtype=x.dtype, device=x.device)
+        attn = F.scaled_dot_product_attention(apply_rope(q, pe[:, :, rows]), apply_rope(k, pe), v)
+        buf[..., : self.hidden].unflatten(-1, (self.num_heads, -1)).copy_(attn.transpose(1, 2))
+        g, u = gate_up.chunk(2, dim=-1)
+        torch.mul(F.silu(g), u, out=buf[..., self.hidden :])
+        return x[:, rows] + gate * self.linear2(buf)
 
 
 class LastLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
-        self.linear = nn.Linear(dim, out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
@@ -194,8 +239,8 @@ class Flux2(nn.Module):
         super().__init__()
         self.config = c = config
         h = c.hidden_size
-        self.img_in = nn.Linear(c.in_channels, h, bias=False)
-        self.txt_in = nn.Linear(c.context_in_dim, h, bias=False)
+        self.img_in = Linear(c.in_channels, h)
+        self.txt_in = Linear(c.context_in_dim, h)
         self.time_in = MLPEmbedder(256, h)
         self.double_stream_modulation_img = Modulation(h, double=True)
         self.double_stream_modulation_txt = Modulation(h, double=True)
@@ -220,29 +265,35 @@ class Flux2(nn.Module):
         """Phases for the joint sequence [txt | img]; ids are (B, L, 4) as (t, h, w, l)."""
         return rope(torch.cat((ctx_ids, x_ids), dim=1), self.config.axes_dim, self.config.theta)
 
-    def forward(self, x: Tensor, timesteps: Tensor, ctx: Tensor, pe: Rope) -> Tensor:
-        """Velocity for image tokens.
+    def forward(
+        self, img: Tensor, timesteps: Tensor, ctx: Tensor, pe: Rope, ref: Tensor | None = None
+    ) -> Tensor:
+        """Velocity of the noisy image tokens.
 
-        x (B, L_x, in_channels): noisy latent tokens followed by reference tokens.
+        img (B, L_img, in_channels): noisy latent tokens; ref (B, L_ref, in_channels): reference
+          tokens, which take part in every attention but whose outputs nobody reads.
         timesteps (B,) or (1,): sigma in [0, 1]. The samplers pass one shared sigma, so the
           modulation is one matrix-vector product per step whatever the batch size: a (B, hidden)
           GEMM would round differently from B = 1 and make an image depend on its batch-mates.
         ctx (B, L_txt, context_in_dim): text embeddings.
-        pe: `self.rope(ctx_ids, x_ids)`, computed once per sampling run.
-        Returns (B, L_x, in_channels); the caller keeps the first L_img rows.
+        pe: `self.rope(ctx_ids, cat(img_ids, ref_ids))`, computed once per sampling run.
+        Returns (B, L_img, in_channels).
         """
-        vec = self.time_in(timestep_embedding(timesteps).to(self.dtype))  # (B, hidden)
+        vec = self.time_in(timestep_embedding(timesteps).to(self.dtype))  # (B or 1, hidden)
         mod_img = self.double_stream_modulation_img(vec)
         mod_txt = self.double_stream_modulation_txt(vec)
         mod_single = self.single_stream_modulation(vec)
 
+        n_img = img.shape[1]
+        x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
         img = self.img_in(x.to(self.dtype))
         txt = self.txt_in(ctx.to(self.dtype))
         for block in self.double_blocks:
             img, txt = block(img, txt, pe, mod_img, mod_txt)
 
         n_txt = txt.shape[1]
-        x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_x, hidden)
-        for block in self.single_blocks:
+        x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img + L_ref, hidden)
+        for block in self.single_blocks[:-1]:
             x = block(x, pe, mod_single)
-        return self.final_layer(x[:, n_txt:], vec)
+        x = self.single_blocks[-1](x, pe, mod_single, rows=slice(n_txt, n_txt + n_img))
+        return self.final_layer(x, vec)

@@ -66,9 +66,9 @@ class ConstantVelocity(torch.nn.Module):
     def rope(self, ctx_ids, x_ids):
         return None
 
-    def forward(self, x, t, ctx, pe):
-        self.calls.append((x.shape, t.clone()))
-        return self.v(x, ctx) if callable(self.v) else self.v.expand(x.shape[0], -1, -1)
+    def forward(self, img, t, ctx, pe, ref=None):
+        self.calls.append((img.shape, t.clone(), None if ref is None else ref.shape))
+        return self.v(img, ctx) if callable(self.v) else self.v.expand(img.shape[0], -1, -1)
 
 
 def test_euler_with_constant_velocity_reaches_x_minus_v():
@@ -85,7 +85,7 @@ def test_euler_with_constant_velocity_reaches_x_minus_v():
     assert [c[1][0].item() for c in model.calls] == pytest.approx(sigmas[:-1])
 
 
-def test_references_are_appended_and_trimmed():
+def test_references_are_passed_beside_the_image():
     x0, ref = torch.zeros(1, 6, 4), torch.ones(1, 5, 4)
     model = ConstantVelocity(lambda x, ctx: x * 0 + 1)
     ids = grid_ids(2, 3)[None]
@@ -101,7 +101,7 @@ def test_references_are_appended_and_trimmed():
             reference_ids([(1, 5)])[None],
         )
     )
-    assert model.calls[0][0] == (1, 11, 4) and out[-1].shape == (1, 6, 4)
+    assert model.calls[0][0] == (1, 6, 4) and model.calls[0][2] == (1, 5, 4) and out[-1].shape == (1, 6, 4)
 
 
 def test_cfg_blend():

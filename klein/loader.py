@@ -88,25 +88,12 @@ class ModelSource:
     def load_transformer(self, device="cpu", dtype=torch.float32) -> Flux2:
         if self.transformer is None:
             return _random(Flux2, self.spec.transformer, self.spec.random_seed, device, dtype)
-        model = _on_meta(Flux2, self.spec.transformer)
-        sd = read_state_dict(self.transformer.files, dtype, device)
-        if self.transformer.layout == "diffusers":
-            sd = transformer_from_diffusers(sd)
-        load_into(model, sd, _describe(self.transformer))
-        return model.eval().requires_grad_(False)
+        return load_transformer(self.transformer, self.spec.transformer, device, dtype)
 
     def load_vae(self, device="cpu", dtype=torch.float32) -> AutoEncoder:
         if self.vae is None:
             return _random(AutoEncoder, self.spec.vae, self.spec.random_seed + 1, device, dtype)
-        model = _on_meta(AutoEncoder, self.spec.vae)
-        sd = read_state_dict(self.vae.files, dtype, device)
-        if self.vae.layout == "diffusers":
-            sd = vae_from_diffusers(sd, len(self.spec.vae.decoder_channels))
-        for k in ("bn.running_mean", "bn.running_var"):  # statistics stay float32 whatever the dtype
-            if k in sd:
-                sd[k] = sd[k].float()
-        load_into(model, sd, _describe(self.vae))
-        return model.eval().requires_grad_(False)
+        return load_vae(self.vae, self.spec.vae, device, dtype)
 
     def load_text_embedder(self, device="cpu", dtype=torch.float32) -> TextEmbedder:
         cfg = self.spec.text
@@ -137,6 +124,28 @@ class ModelSource:
 
 def _describe(c: Component) -> str:
     return c.files[0].parent.as_posix() if len(c.files) > 1 else c.files[0].as_posix()
+
+
+def load_transformer(c: Component, config: TransformerConfig, device="cpu", dtype=torch.float32) -> Flux2:
+    """Build on the meta device and assign the checkpoint's tensors, converted as they are read."""
+    model = _on_meta(Flux2, config)
+    sd = read_state_dict(c.files, dtype, device)
+    if c.layout == "diffusers":
+        sd = transformer_from_diffusers(sd)
+    load_into(model, sd, _describe(c))
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(c: Component, config: VAEConfig, device="cpu", dtype=torch.float32) -> AutoEncoder:
+    model = _on_meta(AutoEncoder, config)
+    sd = read_state_dict(c.files, dtype, device)
+    if c.layout == "diffusers":
+        sd = vae_from_diffusers(sd, len(config.decoder_channels))
+    for k in ("bn.running_mean", "bn.running_var"):  # statistics stay float32 whatever the dtype
+        if k in sd:
+            sd[k] = sd[k].float()
+    load_into(model, sd, _describe(c))
+    return model.eval().requires_grad_(False)
 
 
 def _on_meta(cls, config) -> nn.Module:
@@ -212,7 +221,7 @@ def _resolve(weights, transformer, vae, text_encoder, preset) -> ModelSource:
     te = Component(tuple(weight_files(te_dir, "model")), "hf")
     tok = te_dir.parent / "tokenizer" if (te_dir.parent / "tokenizer").is_dir() else te_dir
 
-    dit = _transformer_config(t)
+    dit = transformer_config(t)
     text = _text_config(te_dir, dit)
     spec = ModelSpec(
         name="custom",
@@ -253,7 +262,7 @@ def _name(spec: ModelSpec, root: Path | None, t: Component) -> str:
     return (root.name if root else t.files[0].stem).lower()
 
 
-def _transformer_config(t: Component) -> TransformerConfig:
+def transformer_config(t: Component) -> TransformerConfig:
     if t.layout == "diffusers":
         cfg = json.loads((t.files[0].parent / "config.json").read_text())
         if cfg.get("guidance_embeds"):

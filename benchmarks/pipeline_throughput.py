@@ -3,6 +3,7 @@
     python benchmarks/pipeline_throughput.py [--preset tiny] [--size 64 256] [--batch 1 4] [--n 20]
 
 For each (size, batch): median seconds per call and images per second, after a warm-up call.
+Real presets (klein-4b, ...) run with random weights at their real sizes.
 The served DAG is measured against this baseline.
 """
 
@@ -28,7 +29,13 @@ def main():
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    pipe = Pipeline(ModelSource.preset(args.preset), device=args.device, dtype=dtype)
+    source = ModelSource.preset_spec(args.preset)
+    source = (
+        ModelSource.preset(args.preset)
+        if source.random_seed is not None
+        else ModelSource.random_weights(args.preset)
+    )
+    pipe = Pipeline(source, device=args.device, dtype=dtype)
     print(f"{args.preset} on {args.device} {args.dtype}, threads {torch.get_num_threads()}; "
           f"built in {time.perf_counter() - t0:.2f} s")  # fmt: skip
     for size in args.size:

@@ -62,12 +62,22 @@ class ModelSource:
 
     @classmethod
     def preset(cls, name: str) -> ModelSource:
-        spec = PRESETS.get(name)
-        if spec is None:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        spec = cls.preset_spec(name)
         if spec.random_seed is None:
             raise ValueError(f"preset {name!r} needs weights: give a weights folder or files")
         return cls(spec)
+
+    @classmethod
+    def random_weights(cls, name: str, seed: int = 0) -> ModelSource:
+        """Any preset with random weights: real sizes for benchmarks, no checkpoint needed."""
+        return cls(replace(cls.preset_spec(name), random_seed=seed))
+
+    @staticmethod
+    def preset_spec(name: str) -> ModelSpec:
+        spec = PRESETS.get(name)
+        if spec is None:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return spec
 
     @classmethod
     def from_paths(
@@ -80,10 +90,6 @@ class ModelSource:
     ) -> ModelSource:
         """Resolve a diffusers folder and/or BFL single files into components and a spec."""
         return _resolve(weights, transformer, vae, text_encoder, preset)
-
-    @property
-    def random(self) -> bool:
-        return self.transformer is None
 
     def load_transformer(self, device="cpu", dtype=torch.float32) -> Flux2:
         if self.transformer is None:
@@ -98,10 +104,13 @@ class ModelSource:
     def load_text_embedder(self, device="cpu", dtype=torch.float32) -> TextEmbedder:
         cfg = self.spec.text
         if self.text_encoder is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.spec.random_seed + 2)
-                embedder = TextEmbedder(cfg, build_tiny_tokenizer())
-            return embedder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            return _random(
+                lambda c: TextEmbedder(c, build_tiny_tokenizer()),
+                cfg,
+                self.spec.random_seed + 2,
+                device,
+                dtype,
+            )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer), local_files_only=True)
@@ -153,11 +162,29 @@ def _on_meta(cls, config) -> nn.Module:
         return cls(config)
 
 
-def _random(cls, config, seed: int, device, dtype) -> nn.Module:
-    """Random weights, identical in every process for the same seed (the tiny presets)."""
-    with torch.random.fork_rng(devices=[]):
+SMALL_MODEL = 50_000_000  # parameters
+
+
+def _random(build, config, seed: int, device, dtype) -> nn.Module:
+    """Random weights from `seed`. Small models (the tiny presets) are drawn on the CPU, so every
+    process on every device gets the same weights; real sizes (benchmarks) are drawn directly on
+    the device in `dtype`, which is much faster."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build(config).parameters())
+    device = torch.device(device)
+    on_device = n > SMALL_MODEL and device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if on_device else [], device_type=device.type):
         torch.manual_seed(seed)
-        model = cls(config)
+        if on_device:
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                with device:
+                    model = build(config)
+            finally:
+                torch.set_default_dtype(default)
+        else:
+            model = build(config)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

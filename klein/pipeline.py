@@ -15,32 +15,40 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from klein.config import ModelSpec
 from klein.image import prepare_reference, to_pil
 from klein.loader import ModelSource
 from klein.request import GenerationRequest, validate
-from klein.sampler import (
-    denoise,
-    denoise_cfg,
-    get_schedule,
-    grid_ids,
-    initial_noise,
-    pack,
-    reference_ids,
-    text_ids,
-    unpack,
-)
+from klein.sampler import pack, reference_ids, sample, unpack
+from klein.vae import AutoEncoder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class References:
-    """Encoded reference images of one request: packed tokens and their RoPE ids."""
+    """Encoded reference images of one request: packed tokens, their token grids and pixels."""
 
-    tokens: Tensor  # (1, L_ref, C)
-    ids: Tensor  # (L_ref, 4)
+    tokens: Tensor | None  # (1, L_ref, C); None without references
     shapes: tuple[tuple[int, int], ...]  # token grid (h, w) of each reference
     pixels: int  # sum of processed reference pixels (metering: input megapixels)
+
+    @property
+    def ids(self) -> Tensor:
+        return reference_ids(list(self.shapes))
+
+
+@torch.inference_mode()
+def encode_references(vae: AutoEncoder, spec: ModelSpec, images: tuple[Image.Image, ...]) -> References:
+    """Resize/crop each reference like diffusers, VAE-encode it, and pack its tokens in order."""
+    latents, pixels = [], 0
+    for image in images:
+        x = prepare_reference(image, spec.reference_max_pixels, spec.multiple)
+        pixels += x.shape[-1] * x.shape[-2]
+        latents.append(vae.encode(x.to(vae.device)))  # (1, C, h, w)
+    shapes = tuple((z.shape[-2], z.shape[-1]) for z in latents)
+    tokens = torch.cat([pack(z) for z in latents], dim=1) if latents else None
+    return References(tokens, shapes, pixels)
 
 
 class Pipeline:
@@ -64,17 +72,8 @@ class Pipeline:
             self._negative = self.embed([""])
         return self._negative
 
-    @torch.inference_mode()
     def encode_references(self, images: tuple[Image.Image, ...]) -> References:
-        latents = []
-        pixels = 0
-        for image in images:
-            x = prepare_reference(image, self.spec.reference_max_pixels, self.spec.multiple)
-            pixels += x.shape[-1] * x.shape[-2]
-            latents.append(self.vae.encode(x.to(self.device)))  # (1, C, h, w)
-        shapes = tuple((z.shape[-2], z.shape[-1]) for z in latents)
-        tokens = torch.cat([pack(z) for z in latents], dim=1) if latents else None
-        return References(tokens, reference_ids(list(shapes)), shapes, pixels)
+        return encode_references(self.vae, self.spec, images)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> list[Image.Image]:
@@ -90,34 +89,27 @@ class Pipeline:
     ) -> Tensor:
         """Denoise one group of complete requests of the same shape -> latents (B, C, h, w)."""
         first = requests[0]
-        h, w = first.height // self.spec.multiple, first.width // self.spec.multiple
-        b = len(requests)
-        ctx = self.embed([r.prompt for r in requests])
-        noise = torch.cat(
-            [
-                initial_noise(r.seed, r.height, r.width, self.spec.vae.latent_channels, self.spec.multiple)
-                for r in requests
-            ]
-        ).to(self.device, self.dtype)
-        img_ids = grid_ids(h, w).expand(b, -1, -1).to(self.device)
-        ctx_ids = text_ids(ctx.shape[1]).expand(b, -1, -1).to(self.device)
-        ref = ref_ids = None
-        if refs[0].tokens is not None:
-            ref = torch.cat([r.tokens for r in refs])
-            ref_ids = refs[0].ids.expand(b, -1, -1).to(self.device)
-        sigmas = get_schedule(first.steps, h * w)
-        if self.spec.sampling.cfg and first.guidance > 1.0:
-            neg = self.negative_embedding().expand(b, -1, -1)
-            g = torch.tensor([r.guidance for r in requests])
-            steps = denoise_cfg(self.transformer, noise, img_ids, ctx, neg, ctx_ids, sigmas, g, ref, ref_ids)
-        else:  # distilled, or guidance 1 (the unconditional branch cancels out)
-            steps = denoise(self.transformer, noise, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids)
-        img = noise
+        cfg = self.spec.sampling.cfg and first.guidance > 1.0  # guidance 1: the uncond branch cancels out
+        steps = sample(
+            self.transformer,
+            self.embed([r.prompt for r in requests]),
+            [r.seed for r in requests],
+            first.height,
+            first.width,
+            first.steps,
+            neg_ctx=self.negative_embedding().expand(len(requests), -1, -1) if cfg else None,
+            guidance=torch.tensor([r.guidance for r in requests]) if cfg else None,
+            ref=torch.cat([r.tokens for r in refs]) if refs[0].tokens is not None else None,
+            ref_shapes=refs[0].shapes,
+            pixels_per_token=self.spec.multiple,
+        )
+        img = None
         for i, latents in enumerate(steps, start=1):
             img = latents
             if on_step is not None:
                 on_step(i, first.steps)
-        return unpack(img, h, w)
+        m = self.spec.multiple
+        return unpack(img, first.height // m, first.width // m)
 
     def generate(
         self, requests: list[GenerationRequest], on_step: Callable[[int, int], None] | None = None

@@ -133,3 +133,46 @@ def denoise_cfg(
         pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2).float().chunk(2)
         img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
         yield img
+
+
+def sample(
+    model: Flux2,
+    ctx: Tensor,
+    seeds: list[int],
+    height: int,
+    width: int,
+    steps: int,
+    *,
+    neg_ctx: Tensor | None = None,
+    guidance: Tensor | None = None,
+    ref: Tensor | None = None,
+    ref_shapes: tuple[tuple[int, int], ...] = (),
+    pixels_per_token: int = 16,
+) -> Iterator[Tensor]:
+    """Sample a batch that shares size, step count and reference shapes; each request has its own
+    seed (noise), prompt (`ctx`, (B, L, D)) and references (`ref`, (B, L_ref, C)).
+
+    `guidance` (B,) with `neg_ctx` runs CFG; None runs the distilled single pass. Yields the packed
+    latents (B, L_img, C) after each step (see `denoise`).
+    """
+    device, dtype = model.device, model.dtype
+    b, h, w = len(seeds), height // pixels_per_token, width // pixels_per_token
+    channels = model.config.in_channels
+    img = torch.cat([initial_noise(s, height, width, channels, pixels_per_token) for s in seeds]).to(
+        device, dtype
+    )
+    img_ids = grid_ids(h, w).expand(b, -1, -1).to(device)
+    ctx = ctx.to(device, dtype)
+    ctx_ids = text_ids(ctx.shape[1]).expand(b, -1, -1).to(device)
+    ref_ids = None
+    if ref is not None:
+        ref = ref.to(device, dtype)
+        ref_ids = reference_ids(list(ref_shapes)).expand(b, -1, -1).to(device)
+    sigmas = get_schedule(steps, h * w)
+    if guidance is None:
+        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids)
+    else:
+        neg = neg_ctx.to(device, dtype)
+        yield from denoise_cfg(
+            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids
+        )

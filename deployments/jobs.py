@@ -1,0 +1,117 @@
+"""Job records in object storage: the ingress is stateless and any replica answers any poll.
+
+Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{id}` marks a job that
+has not reached a terminal status (the reaper scans only these); `cancel/{id}` asks the stages to
+stop; `inputs/{id}/{k}.png` keeps reference images so a job can be run again; outputs go to
+`images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a key fixed at submission so every attempt writes the same
+object.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from deployments.storage import Storage
+
+
+class Status(StrEnum):
+    PENDING = "Pending"
+    READY = "Ready"
+    ERROR = "Error"
+    REQUEST_MODERATED = "Request Moderated"
+    CONTENT_MODERATED = "Content Moderated"
+    CANCELLED = "Cancelled"
+    NOT_FOUND = "Task not found"  # only ever in responses
+
+    @property
+    def terminal(self) -> bool:
+        return self is not Status.PENDING
+
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+class JobRequest(BaseModel):
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance: float | None = None
+    safety_tolerance: int = 2
+    output_format: str = "jpeg"
+    input_keys: list[str] = Field(default_factory=list)
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+
+
+class JobResult(BaseModel):
+    key: str
+    width: int
+    height: int
+    content_type: str
+    size_bytes: int
+
+
+class JobRecord(BaseModel):
+    id: str
+    model: str
+    status: Status = Status.PENDING
+    request: JobRequest
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    attempts: int = 0
+    lease_until: float = 0.0
+    result: JobResult | None = None
+    error: str | None = None
+    input_mp: float = 0.0
+    output_mp: float = 0.0
+    cost: float = 0.0
+
+    @property
+    def output_key(self) -> str:
+        day = datetime.fromtimestamp(self.created_at, UTC).strftime("%Y/%m/%d")
+        return f"images/{day}/{self.id}.{EXTENSIONS[self.request.output_format]}"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    async def create(self, job: JobRecord) -> None:
+        await self.save(job)
+        await self.storage.put(f"pending/{job.id}", b"", "text/plain")
+
+    async def save(self, job: JobRecord) -> None:
+        job.updated_at = time.time()
+        await self.storage.put(f"jobs/{job.id}.json", job.model_dump_json().encode(), "application/json")
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        if not job_id.isalnum() or len(job_id) > 64:
+            return None
+        raw = await self.storage.get(f"jobs/{job_id}.json")
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    async def finish(self, job: JobRecord) -> None:
+        """Save a terminal record, then drop the pending marker (in this order: never lost)."""
+        assert job.status.terminal
+        await self.save(job)
+        await self.storage.delete(f"pending/{job.id}")
+
+    async def pending_ids(self) -> list[str]:
+        return [k.rsplit("/", 1)[1] for k in await self.storage.list("pending")]
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self.storage.put(f"cancel/{job_id}", b"", "text/plain")
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return await self.storage.get(f"cancel/{job_id}") is not None

@@ -1,0 +1,56 @@
+"""What travels between the stages (through the Ray object store, never through the ingress)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DenoiseParams:
+    job_id: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance: float | None  # None: no CFG (distilled models, or guidance 1)
+    ref_shapes: tuple[tuple[int, int], ...] = ()  # token grids (h, w) of the encoded references
+
+    @property
+    def tokens(self) -> int:
+        """Image + reference tokens: what a batch is capped by (memory and time grow with it)."""
+        return (self.width // 16) * (self.height // 16) + sum(h * w for h, w in self.ref_shapes)
+
+    @property
+    def group(self) -> tuple:
+        """Requests with equal groups run as one batch of the transformer."""
+        return (self.width, self.height, self.steps, self.guidance is not None, self.ref_shapes)
+
+
+@dataclass(frozen=True)
+class References:
+    tokens: Tensor  # (1, L_ref, C), CPU, model dtype
+    shapes: tuple[tuple[int, int], ...]
+    pixels: int
+
+
+@dataclass(frozen=True)
+class FinishParams:
+    job_id: str
+    key: str  # storage key of the output image
+    output_format: str  # png | jpeg | webp
+    prompt: str
+    model: str
+    seed: int
+    return_bytes: bool = False  # the sync API answers with the image itself (b64_json)
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    key: str
+    width: int
+    height: int
+    content_type: str
+    size_bytes: int
+    data: bytes | None = None

@@ -1,0 +1,62 @@
+"""What every model stage shares: building its klein component on the right device, a single
+worker thread for tensor work (the replica's event loop stays free for health checks and
+batching), and a health check that actually touches the device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from klein import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+class Placement(BaseModel):
+    device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when the replica sees one")
+    dtype: Literal["bf16", "fp32"] | None = Field(None, description="default: bf16 on cuda, fp32 on cpu")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads per replica")
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' configured but this replica sees no CUDA device")
+        dtype = DTYPES[self.dtype or ("bf16" if device == "cuda" else "fp32")]
+        return torch.device(device), dtype
+
+
+class Stage:
+    """Base of the model stages: `run` executes tensor work on the stage's worker thread."""
+
+    def __init__(self, placement: Placement):
+        self.device, self.dtype = placement.resolve()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=type(self).__name__)
+        self._failures = 0
+
+    async def run(self, fn, *args):
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        except Exception:
+            self._failures += 1
+            raise
+        self._failures = 0
+        return out
+
+    async def check_health(self) -> None:
+        """The device still computes, and the last batches did not all fail."""
+        if self._failures >= 3:
+            raise RuntimeError(f"{type(self).__name__}: the last {self._failures} batches failed")
+
+        def probe():
+            x = torch.ones(8, 8, device=self.device, dtype=self.dtype)
+            if float((x @ x).sum()) != 512.0:
+                raise RuntimeError(f"{type(self).__name__}: device {self.device} computes wrong results")
+
+        await asyncio.get_running_loop().run_in_executor(self._worker, probe)

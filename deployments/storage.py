@@ -1,0 +1,245 @@
+"""Object storage: the source of truth for jobs, images and usage (docs/architecture.md §6).
+
+Two backends behind one interface: S3-compatible (boto3) and a local directory (the embedded
+default, whose "presigned" URLs are HMAC-signed links served by the ingress). Keys are relative,
+'/'-separated and validated, so no key can leave its backend's root or bucket prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlencode
+
+from pydantic import BaseModel, Field, SecretStr
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+class StorageError(RuntimeError):
+    """The backend failed (network, permissions, missing bucket); retryable by the caller."""
+
+
+class StorageOptions(BaseModel):
+    backend: Literal["local", "s3"] = Field("local", description="'local' directory or 's3'-compatible")
+    root: Path = Field(Path("klein-data"), description="local backend: the directory holding every object")
+    bucket: str = Field("klein", description="s3 backend: bucket name")
+    prefix: str = Field("", description="s3 backend: key prefix inside the bucket (e.g. 'prod/')")
+    endpoint_url: str | None = Field(None, description="s3 backend: endpoint of an S3-compatible server")
+    region: str = Field("us-east-1", description="s3 backend: region used for signing")
+    path_style: bool = Field(
+        True, description="s3 backend: path-style addressing (most S3-compatible servers)"
+    )
+    access_key_id: SecretStr | None = Field(
+        None, description="s3 backend: else the standard AWS credential chain"
+    )
+    secret_access_key: SecretStr | None = Field(
+        None, description="s3 backend: else the standard AWS credential chain"
+    )
+    create_bucket: bool = Field(False, description="s3 backend: create the bucket at start-up if missing")
+    presign_expiry_s: int = Field(
+        600, ge=1, le=7 * 24 * 3600, description="lifetime of result URLs (BFL: 10 min)"
+    )
+    signing_key: SecretStr | None = Field(
+        None, description="local backend: HMAC key for result links; default: one kept in the root directory"
+    )
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or len(key) > 512 or not _KEY.match(key) or ".." in key.split("/"):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(ABC):
+    """Async facade; implementations run blocking I/O in a thread."""
+
+    @abstractmethod
+    def _put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    @abstractmethod
+    def _get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    def url(self, key: str, base_url: str, expires_s: int) -> str:
+        """A time-limited URL that fetches the object without other credentials."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError if the backend cannot be reached."""
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await asyncio.to_thread(self._put, check_key(key), data, content_type)
+
+    async def get(self, key: str) -> bytes | None:
+        return await asyncio.to_thread(self._get, check_key(key))
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._delete, check_key(key))
+
+    async def list(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._list, check_key(prefix.rstrip("/")) + "/")
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: Path, signing_key: bytes | None = None):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._signing_key = signing_key or self._shared_key()
+
+    def _shared_key(self) -> bytes:
+        """One key per storage root, shared by every replica that mounts it."""
+        path = self.root / ".signing-key"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}")
+            tmp.write_bytes(secrets.token_bytes(32))
+            os.replace(tmp, path) if not path.exists() else tmp.unlink()
+        return path.read_bytes()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"invalid storage key {key!r}")
+        return path
+
+    def _put(self, key, data, content_type):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: readers see the old or the new object, never half of one
+
+    def _get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def _list(self, prefix):
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, signature: str) -> bool:
+        return expires >= time.time() and hmac.compare_digest(self.signature(key, expires), signature)
+
+    def url(self, key, base_url, expires_s):
+        expires = int(time.time()) + expires_s
+        query = urlencode({"expires": expires, "signature": self.signature(check_key(key), expires)})
+        return f"{base_url.rstrip('/')}/v1/files/{key}?{query}"
+
+    def check(self):
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"storage root {self.root} is not writable")
+
+
+class S3Storage(Storage):
+    def __init__(self, o: StorageOptions):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = o.bucket, o.prefix
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        creds = {}
+        if o.access_key_id and o.secret_access_key:
+            creds = {
+                "aws_access_key_id": o.access_key_id.get_secret_value(),
+                "aws_secret_access_key": o.secret_access_key.get_secret_value(),
+            }
+        config = Config(
+            s3={"addressing_style": "path" if o.path_style else "virtual"},
+            signature_version="s3v4",
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        self.client = boto3.client(
+            "s3", endpoint_url=o.endpoint_url, region_name=o.region, config=config, **creds
+        )
+        if o.create_bucket:
+            self._ensure_bucket()
+
+    def _ensure_bucket(self):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def _call(self, fn, missing_ok: bool = True, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            if missing_ok and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise StorageError(f"s3 {fn.__name__} failed: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"s3 {fn.__name__} failed: {e}") from e
+
+    def _put(self, key, data, content_type):
+        self._call(self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type)
+
+    def _get(self, key):
+        r = self._call(self.client.get_object, Key=self.prefix + key)
+        return None if r is None else r["Body"].read()
+
+    def _delete(self, key):
+        self._call(self.client.delete_object, Key=self.prefix + key)
+
+    def _list(self, prefix):
+        keys, token = [], None
+        while True:
+            kw = {"Prefix": self.prefix + prefix, **({"ContinuationToken": token} if token else {})}
+            r = self._call(self.client.list_objects_v2, **kw) or {}
+            keys += [o["Key"][len(self.prefix) :] for o in r.get("Contents", [])]
+            token = r.get("NextContinuationToken")
+            if not token:
+                return keys
+
+    def url(self, key, base_url, expires_s):
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.prefix + check_key(key)},
+            ExpiresIn=expires_s,
+        )
+
+    def check(self):
+        self._call(self.client.head_bucket, missing_ok=False)
+
+
+def open_storage(o: StorageOptions) -> Storage:
+    if o.backend == "s3":
+        return S3Storage(o)
+    return LocalStorage(o.root, o.signing_key.get_secret_value().encode() if o.signing_key else None)

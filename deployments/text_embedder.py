@@ -1,0 +1,70 @@
+"""TextEmbedder stage: batched Qwen3 prompt embedding with an in-replica LRU cache by prompt."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from pydantic import BaseModel, Field
+from ray import serve
+from torch import Tensor
+
+from deployments.options import DeploymentOptions
+from deployments.stage import Placement, Stage
+from klein import ModelSource
+
+
+class TextEmbedderOptions(BaseModel):
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=32))
+    placement: Placement = Field(default_factory=Placement)
+    max_batch_size: int = Field(8, ge=1, description="prompts per forward")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    cache_mb: int = Field(256, ge=0, description="LRU cache of embeddings by prompt, in MB (0: off)")
+
+
+class TextEmbedder(Stage):
+    def __init__(self, source: ModelSource, options: TextEmbedderOptions):
+        super().__init__(options.placement)
+        self.embedder = source.load_text_embedder(self.device, self.dtype)
+        self.cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
+        self.hits = self.misses = 0
+        self.embed.set_max_batch_size(options.max_batch_size)
+        self.embed.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    def _remember(self, prompt: str, emb: Tensor) -> None:
+        size = emb.numel() * emb.element_size()
+        if size > self.cache_budget:
+            return
+        self.cache[prompt] = emb
+        self.cache_bytes += size
+        while self.cache_bytes > self.cache_budget:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.numel() * old.element_size()
+
+    def embed_now(self, prompts: list[str]) -> list[Tensor]:
+        """Embeddings (512, context_dim) on the CPU, from the cache or one forward for the rest."""
+        out: dict[str, Tensor] = {}
+        for p in prompts:
+            if p in self.cache:
+                self.cache.move_to_end(p)
+                out[p] = self.cache[p]
+        todo = list(dict.fromkeys(p for p in prompts if p not in out))
+        self.hits += len(prompts) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            for p, emb in zip(todo, self.embedder(todo).cpu().unbind(0), strict=True):
+                out[p] = emb.clone()
+                self._remember(p, out[p])
+        return [out[p] for p in prompts]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def embed(self, prompts: list[str]) -> list[Tensor]:
+        return await self.run(self.embed_now, prompts)
+
+    async def stats(self) -> dict:
+        return {
+            "cache_entries": len(self.cache),
+            "cache_bytes": self.cache_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }

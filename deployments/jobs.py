@@ -46,6 +46,7 @@ class JobRequest(BaseModel):
     safety_tolerance: int = 2
     output_format: str = "jpeg"
     input_keys: list[str] = Field(default_factory=list)
+    ref_shapes: list[tuple[int, int]] = Field(default_factory=list)  # token grids after resizing
     webhook_url: str | None = None
     webhook_secret: str | None = None
 
@@ -66,7 +67,9 @@ class JobRecord(BaseModel):
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     attempts: int = 0
-    lease_until: float = 0.0
+    lease_until: float = 0.0  # past it, a Pending job is presumed abandoned and run again
+    started_at: float | None = None
+    finished_at: float | None = None
     result: JobResult | None = None
     error: str | None = None
     input_mp: float = 0.0

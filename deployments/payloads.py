@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 
 @dataclass(frozen=True)
 class DenoiseParams:
@@ -29,13 +27,6 @@ class DenoiseParams:
 
 
 @dataclass(frozen=True)
-class References:
-    tokens: Tensor  # (1, L_ref, C), CPU, model dtype
-    shapes: tuple[tuple[int, int], ...]
-    pixels: int
-
-
-@dataclass(frozen=True)
 class FinishParams:
     job_id: str
     key: str  # storage key of the output image
@@ -54,3 +45,7 @@ class FinishResult:
     content_type: str
     size_bytes: int
     data: bytes | None = None
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while a stage was working on it."""

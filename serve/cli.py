@@ -3,6 +3,7 @@
     klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
                    --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
+    klein serve [--preset NAME | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
 
 Bad flags exit with status 2 and a message naming the flag and its bound.
 """
@@ -52,6 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .png, .jpg or .webp")
     g.set_defaults(subparser=g)
+
+    s = sub.add_parser("serve", help="start a local Ray, deploy the service, serve until Ctrl-C / SIGTERM")
+    s.add_argument("--preset", choices=sorted(PRESETS), help="model variant (default: the config's; tiny)")
+    s.add_argument(
+        "--weights", type=Path, metavar="DIR", help="diffusers-layout folder or folder of BFL files"
+    )
+    s.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="Serve config YAML (default: serve/configs/local-cpu.yaml)",
+    )
+    s.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: the config's, 8000)")
+    s.set_defaults(subparser=s)
     return parser
 
 
@@ -142,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args, args.subparser)
+    if args.command == "serve":
+        from serve.run import serve_forever
+
+        return serve_forever(args, args.subparser)
     parser.print_help()
     return 2
 

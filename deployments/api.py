@@ -1,0 +1,181 @@
+"""HTTP request and response schemas (BFL-compatible async API, OpenAI-compatible images API) and
+input-image decoding. Every rejection names the field and its bound (HTTP 422)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Literal
+
+from PIL import Image
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from klein.request import MAX_PROMPT_CHARS, MAX_SEED
+
+OutputFormat = Literal["jpeg", "png", "webp"]
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
+
+
+class FieldError(ValueError):
+    """A request field broke a bound: becomes a 422 with `loc` pointing at the field."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status = field, message, status
+
+
+# --- BFL-compatible async API ---
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/{model}: text-to-image, or editing with up to 4 input images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="text prompt")
+    input_image: str | None = Field(None, description="reference image: base64 or a data: URI")
+    input_image_2: str | None = Field(None, description="second reference image")
+    input_image_3: str | None = Field(None, description="third reference image")
+    input_image_4: str | None = Field(None, description="fourth reference image")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; random when omitted")
+    width: int | None = Field(
+        None, ge=64, le=2048, multiple_of=16, description="default 1024 or the first input's"
+    )
+    height: int | None = Field(
+        None, ge=64, le=2048, multiple_of=16, description="default 1024 or the first input's"
+    )
+    steps: int | None = Field(None, ge=1, le=100, description="denoising steps (default: the model's)")
+    guidance: float | None = Field(None, ge=1, le=20, description="CFG scale, Base models only")
+    safety_tolerance: int = Field(2, ge=0, le=5, description="0 strict ... 5 permissive")
+    output_format: OutputFormat = Field("jpeg", description="jpeg, png or webp")
+    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed {id, status, result} when the job ends")
+    webhook_secret: str | None = Field(
+        None, max_length=256, description="HMAC-SHA256 key for X-Klein-Signature"
+    )
+
+    def images(self) -> list[tuple[str, str]]:
+        fields = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+        return [(f, getattr(self, f)) for f in fields if getattr(self, f) is not None]
+
+
+class SubmitResponse(BaseModel):
+    id: str
+    polling_url: str
+    cost: float
+    input_mp: float
+    output_mp: float
+
+
+class ResultSample(BaseModel):
+    sample: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    output_format: str
+    start_time: float
+    end_time: float
+    duration: float
+
+
+class ResultResponse(BaseModel):
+    id: str
+    status: str
+    result: ResultSample | None = None
+    progress: float | None = None
+    details: dict | None = None
+    cost: float | None = None
+    input_mp: float | None = None
+    output_mp: float | None = None
+
+
+# --- OpenAI-compatible images API ---
+
+
+class ImagesRequest(BaseModel):
+    """POST /v1/images/generations; `seed`, `steps`, `guidance`, `safety_tolerance` are extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, description="a served model id (GET /v1/models)")
+    n: int = Field(1, ge=1, le=4, description="images to generate (seeds seed, seed+1, ...)")
+    size: str = Field("1024x1024", description="'WxH' (multiples of 16, 64-2048) or 'auto'")
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: OutputFormat = "png"
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance: float | None = Field(None, ge=1, le=20)
+    safety_tolerance: int = Field(2, ge=0, le=5)
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    metering: dict
+
+
+def parse_size(size: str, field: str = "size") -> tuple[int, int] | None:
+    """'WxH' -> (W, H); 'auto' -> None. Bounds are the model's, checked later."""
+    if size == "auto":
+        return None
+    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    if not m:
+        raise FieldError(field, f"must be 'WIDTHxHEIGHT' or 'auto', got {size!r}")
+    return int(m[1]), int(m[2])
+
+
+# --- input images ---
+
+
+def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
+    """base64 / data URI / raw bytes -> (file bytes, loaded RGB-convertible PIL image), with caps
+    checked before any pixel is decoded (no decompression bombs)."""
+    if isinstance(data, str):
+        if data.startswith(("http://", "https://")):
+            raise FieldError(field, "URLs are not accepted; send the image as base64 or a data URI")
+        if data.startswith("data:"):
+            head, _, data = data.partition(",")
+            if ";base64" not in head:
+                raise FieldError(field, "data URI must be base64-encoded")
+        if len(data) > max_bytes * 4 // 3 + 4:
+            raise FieldError(field, f"image must be at most {max_bytes // 2**20} MB", 413)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise FieldError(field, "not valid base64") from None
+    else:
+        raw = data
+    if len(raw) > max_bytes:
+        raise FieldError(field, f"image must be at most {max_bytes // 2**20} MB", 413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.format not in IMAGE_FORMATS:
+                raise FieldError(field, f"unsupported image format {image.format}")
+            w, h = image.size
+            if w * h > max_pixels:
+                raise FieldError(
+                    field, f"image is {w}x{h}; at most {max_pixels / 1e6:g} MP are accepted", 413
+                )
+            image.load()
+    except FieldError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise FieldError(field, f"image exceeds {max_pixels / 1e6:g} MP", 413) from None
+    except Exception as e:  # truncated or corrupt files raise many kinds of errors
+        raise FieldError(field, f"cannot decode image: {e}") from None
+    return raw, image

@@ -1,0 +1,130 @@
+"""Codec stage: VAE encode of reference images; VAE decode -> post-processing chain -> PNG/JPEG/WebP
+-> upload to storage. Decoding is batched; each image is decoded on its own (batch invariance)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+from ray import serve
+from torch import Tensor
+
+from deployments.options import DeploymentOptions
+from deployments.payloads import FinishParams, FinishResult
+from deployments.stage import Placement, Stage
+from deployments.storage import StorageOptions, open_storage
+from klein import ModelSource
+from klein.image import to_pil
+from klein.pipeline import References, encode_references
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"
+
+
+class CodecOptions(BaseModel):
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
+    placement: Placement = Field(default_factory=Placement)
+    max_batch_size: int = Field(4, ge=1, description="images decoded per batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    webp_quality: int = Field(95, ge=1, le=100)
+    png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
+
+
+class PostProcessor(Protocol):
+    """A step between decoding and encoding (safety filter, watermark, ...). It returns the
+    images to keep, or raises to fail the request it is given."""
+
+    def __call__(self, image: Image.Image, params: FinishParams) -> Image.Image: ...
+
+
+def encode_image(image: Image.Image, fmt: str, o: CodecOptions) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0131] = SOFTWARE  # Software
+    if fmt == "jpeg":
+        image.save(buf, "JPEG", quality=o.jpeg_quality, subsampling=0, exif=exif)
+    elif fmt == "webp":
+        image.save(buf, "WEBP", quality=o.webp_quality, exif=exif)
+    elif fmt == "png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Software", SOFTWARE)
+        image.save(buf, "PNG", compress_level=o.png_compress_level, pnginfo=info)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}")
+    return buf.getvalue()
+
+
+class Codec(Stage):
+    def __init__(
+        self,
+        source: ModelSource,
+        options: CodecOptions,
+        storage: StorageOptions,
+        postprocessors: Sequence[PostProcessor] = (),
+    ):
+        super().__init__(options.placement)
+        self.spec = source.spec
+        self.vae = source.load_vae(self.device, self.dtype)
+        self.storage = open_storage(storage)
+        self.options = options
+        self.postprocessors = list(postprocessors)
+        self._finish_batch.set_max_batch_size(options.max_batch_size)
+        self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    async def encode(self, images: list[bytes]) -> References:
+        """Reference images (encoded files, already validated by the ingress) -> packed tokens."""
+
+        def work():
+            pil = tuple(Image.open(io.BytesIO(b)) for b in images)
+            refs = encode_references(self.vae, self.spec, pil)
+            return References(refs.tokens.cpu(), refs.shapes, refs.pixels)
+
+        return await self.run(work)
+
+    async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
+        out = await self._finish_batch(latents, params)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def _decode(self, latents: list[Tensor], params: list[FinishParams]) -> list[bytes | BaseException]:
+        out: list[bytes | BaseException] = []
+        for z, p in zip(latents, params, strict=True):
+            try:
+                with torch.inference_mode():
+                    image = to_pil(self.vae.decode(z[None].to(self.device)))[0]
+                for step in self.postprocessors:
+                    image = step(image, p)
+                out.append(encode_image(image, p.output_format, self.options))
+            except Exception as e:  # one bad request fails alone
+                out.append(e)
+        return out
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def _finish_batch(
+        self, latents: list[Tensor], params: list[FinishParams]
+    ) -> list[FinishResult | BaseException]:
+        files = await self.run(self._decode, latents, params)
+
+        async def upload(z: Tensor, data, p: FinishParams) -> FinishResult | BaseException:
+            if isinstance(data, BaseException):
+                return data
+            try:
+                await self.storage.put(p.key, data, CONTENT_TYPES[p.output_format])
+            except Exception as e:
+                return e
+            h, w = z.shape[-2] * self.spec.multiple, z.shape[-1] * self.spec.multiple
+            return FinishResult(
+                p.key, w, h, CONTENT_TYPES[p.output_format], len(data), data if p.return_bytes else None
+            )
+
+        uploads = (upload(z, d, p) for z, d, p in zip(latents, files, params, strict=True))
+        return list(await asyncio.gather(*uploads))

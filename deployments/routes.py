@@ -1,0 +1,251 @@
+"""The HTTP surface of the Ingress: BFL-compatible async routes, OpenAI-compatible sync routes,
+result files for the local storage backend, health and docs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from deployments.api import (
+    FieldError,
+    GenerateRequest,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    ResultResponse,
+    SubmitResponse,
+    decode_image,
+    parse_size,
+)
+from deployments.jobs import Status
+from deployments.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+OPENAI_FIELDS = {"width": "size", "height": "size", "references": "image"}
+EDIT_FORM_FIELDS = set(ImagesRequest.model_fields) | {"image", "image[]", "mask"}
+
+
+def _field_error(e: FieldError) -> JSONResponse:
+    return JSONResponse(
+        {"detail": [{"loc": ["body", e.field], "msg": e.message, "type": "value_error"}]},
+        status_code=e.status,
+    )
+
+
+def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads best here
+    app = FastAPI(
+        title="klein-serve",
+        version="0.1.0",
+        description="FLUX.2 [klein] image generation: BFL-compatible async API and OpenAI-compatible images API.",
+    )
+    opts = ingress.options
+    max_image_bytes = opts.max_input_image_mb * 2**20
+
+    app.add_exception_handler(FieldError, lambda _req, e: _field_error(e))
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > opts.max_body_mb * 2**20:
+            return JSONResponse(
+                {"detail": f"request body must be at most {opts.max_body_mb} MB"}, status_code=413
+            )
+        return await call_next(request)
+
+    def base_url(request: Request) -> str:
+        return (opts.public_url or str(request.base_url)).rstrip("/")
+
+    def sample_url(request: Request, key: str) -> str:
+        return ingress.storage.url(key, base_url(request), ingress.storage_options.presign_expiry_s)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz():
+        return {"status": "ok", "model": ingress.model_id}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": ingress.model_id, "object": "model", "created": 0,
+                                            "owned_by": "black-forest-labs"}]}  # fmt: skip
+
+    # --- BFL-compatible async API ---
+
+    @app.get("/v1/get_result", response_model=ResultResponse, response_model_exclude_none=True)
+    async def get_result(request: Request, id: str = Query(..., max_length=64)):
+        job = await ingress.jobs.get(id)
+        if job is None:
+            return ResultResponse(id=id, status=Status.NOT_FOUND.value)
+        sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
+        return ResultResponse(
+            id=job.id,
+            status=job.status.value,
+            result=ingress.result_payload(job, sample),
+            progress=1.0 if job.status.terminal else None,
+            details={"error": job.error} if job.error else None,
+            cost=job.cost,
+            input_mp=job.input_mp,
+            output_mp=job.output_mp,
+        )
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel(job_id: str):
+        job = await ingress.jobs.get(job_id)
+        if job is None:
+            return JSONResponse({"id": job_id, "status": Status.NOT_FOUND.value}, status_code=404)
+        if job.status.terminal:
+            return JSONResponse({"id": job_id, "status": job.status.value, "detail": "already finished"}, 409)
+        await ingress.cancel(job_id)
+        return JSONResponse(
+            {"id": job_id, "status": job.status.value, "cancel_requested": True}, status_code=202
+        )
+
+    @app.post("/v1/{model}", response_model=SubmitResponse)
+    async def submit(model: str, body: GenerateRequest, request: Request):
+        if model != ingress.model_id:
+            return JSONResponse(
+                {"detail": f"unknown model {model!r}; this service runs {ingress.model_id}"}, 404
+            )
+        images = []
+        for field, data in body.images():
+            raw, image = decode_image(data, field, max_image_bytes, opts.max_input_image_pixels)
+            images.append((field, raw, image))
+        job = await ingress.submit(
+            prompt=body.prompt, width=body.width, height=body.height, seed=body.seed, steps=body.steps,
+            guidance=body.guidance, safety_tolerance=body.safety_tolerance, output_format=body.output_format,
+            images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
+            webhook_secret=body.webhook_secret, fields={"references": "input_image"},
+        )  # fmt: skip
+        ingress.start(job)
+        return SubmitResponse(
+            id=job.id,
+            polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",
+            cost=job.cost,
+            input_mp=job.input_mp,
+            output_mp=job.output_mp,
+        )
+
+    # --- OpenAI-compatible images API ---
+
+    async def openai_images(request: Request, body: ImagesRequest, images: list) -> Response:
+        if body.model is not None and body.model != ingress.model_id:
+            return JSONResponse(
+                {"error": {"message": f"model {body.model!r} not found", "type": "invalid_request_error",
+                           "param": "model", "code": "model_not_found"}}, 404)  # fmt: skip
+        if body.n > opts.max_images_per_request:
+            raise FieldError("n", f"must be at most {opts.max_images_per_request}, got {body.n}")
+        size = parse_size(body.size)
+        width, height = size if size else (None, None)
+        jobs = []
+        for i in range(body.n):
+            jobs.append(
+                await ingress.submit(
+                    prompt=body.prompt,
+                    width=width,
+                    height=height,
+                    seed=None if body.seed is None else (body.seed + i) % 2**63,
+                    steps=body.steps,
+                    guidance=body.guidance,
+                    safety_tolerance=body.safety_tolerance,
+                    output_format=body.output_format,
+                    images=images,
+                    fields=OPENAI_FIELDS,
+                )  # fmt: skip
+            )
+        b64 = body.response_format == "b64_json"
+        runs = [asyncio.ensure_future(ingress.run(job, return_bytes=b64)) for job in jobs]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*runs), opts.sync_timeout_s)
+        except (asyncio.CancelledError, TimeoutError) as e:  # client gone or too slow: stop the work
+            for job in jobs:
+                await asyncio.shield(ingress.cancel(job.id))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return JSONResponse(
+                {"error": {"message": f"no result within {opts.sync_timeout_s:g} s; use the async API for long jobs",
+                           "type": "timeout", "job_ids": [j.id for j in jobs]}}, status_code=504)  # fmt: skip
+        failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
+        if failed:
+            job = failed[0]
+            return JSONResponse(
+                {"error": {"message": f"job {job.id}: {job.status.value}: {job.error or ''}".strip(),
+                           "type": "server_error", "code": job.status.value.lower().replace(" ", "_")}},
+                status_code=500,
+            )  # fmt: skip
+        data = [
+            ImageData(b64_json=base64.b64encode(r.data).decode())
+            if b64
+            else ImageData(url=sample_url(request, r.key))
+            for r in results
+        ]
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=body.output_format,
+            size=f"{results[0].width}x{results[0].height}",
+            metering={
+                "input_mp": sum(j.input_mp for j in jobs),
+                "output_mp": sum(j.output_mp for j in jobs),
+                "cost": round(sum(j.cost for j in jobs), 6),
+                "job_ids": [j.id for j in jobs],
+            },
+        )
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def generations(body: ImagesRequest, request: Request):
+        return await openai_images(request, body, [])
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse)
+    async def edits(request: Request):
+        form = await request.form()
+        unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)
+        if unknown:
+            raise FieldError(unknown[0], "unknown field")
+        if "mask" in form:
+            raise FieldError(
+                "mask", "masks are not supported; FLUX.2 [klein] edits from the prompt and references"
+            )
+        uploads = form.getlist("image") + form.getlist("image[]")
+        if not uploads:
+            raise FieldError("image", "at least one image is required")
+        images = []
+        for upload in uploads:
+            if isinstance(upload, str):
+                raise FieldError("image", "must be a file upload")
+            raw, image = decode_image(
+                await upload.read(), "image", max_image_bytes, opts.max_input_image_pixels
+            )
+            images.append(("image", raw, image))
+        try:
+            body = ImagesRequest(**{k: v for k, v in form.items() if k not in ("image", "image[]")})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise FieldError(".".join(map(str, err["loc"])), err["msg"]) from None
+        return await openai_images(request, body, images)
+
+    # --- result files (local storage backend) ---
+
+    @app.get("/v1/files/{key:path}", include_in_schema=False)
+    async def files(key: str, expires: int = Query(...), signature: str = Query(...)):
+        storage = ingress.storage
+        if not isinstance(storage, LocalStorage):
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        try:
+            if not storage.verify(key, expires, signature):
+                return JSONResponse({"detail": "link expired or invalid"}, status_code=403)
+            data = await storage.get(key)
+        except ValueError:
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        if data is None:
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        ext = key.rsplit(".", 1)[-1]
+        media = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}.get(
+            ext, "application/octet-stream"
+        )
+        return Response(data, media_type=media)
+
+    return app

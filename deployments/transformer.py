@@ -1,0 +1,138 @@
+"""FlowTransformer stage: batched denoising.
+
+A batch is capped by tokens (image + reference), not by count (`batch_size_fn`). Inside a batch,
+requests are grouped by (size, steps, CFG, reference shapes) and each group runs as one batch of
+the model; every request keeps its own seed and noise. Between steps the stage checks whether
+its jobs were cancelled and stops a group once all of its jobs are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+from torch import Tensor
+
+from deployments.jobs import JobStore
+from deployments.options import DeploymentOptions
+from deployments.payloads import DenoiseParams, JobCancelled
+from deployments.stage import Placement, Stage
+from deployments.storage import StorageOptions, open_storage
+from klein import ModelSource
+from klein.pipeline import References
+from klein.sampler import sample, unpack
+
+
+class FlowTransformerOptions(BaseModel):
+    deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
+    placement: Placement = Field(default_factory=Placement)
+    max_batch_tokens: int = Field(
+        32768, ge=1, description="image + reference tokens per batch (1 MP = 4096); at least one full request"
+    )
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    cancel_check_interval_s: float = Field(
+        1.0, ge=0, description="how often running jobs are checked for cancel"
+    )
+
+
+@dataclass
+class _Item:
+    params: DenoiseParams
+    ctx: Tensor
+    neg: Tensor | None
+    refs: References | None
+
+
+def _step(steps):
+    with torch.inference_mode():
+        return next(steps)
+
+
+def _tokens(items: list[_Item]) -> int:
+    return sum(item.params.tokens for item in items)
+
+
+class FlowTransformer(Stage):
+    def __init__(self, source: ModelSource, options: FlowTransformerOptions, storage: StorageOptions):
+        super().__init__(options.placement)
+        self.spec = source.spec
+        self.model = source.load_transformer(self.device, self.dtype)
+        self.jobs = JobStore(open_storage(storage))
+        self.options = options
+        self.batch_sizes: list[int] = []  # requests per model batch, most recent last (observability)
+        self._batched.set_max_batch_size(options.max_batch_tokens)
+        self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    async def denoise(
+        self, params: DenoiseParams, ctx: Tensor, neg: Tensor | None = None, refs: References | None = None
+    ) -> Tensor:
+        """-> normalised packed latents (C, h, w) on the CPU, in the model dtype."""
+        if params.tokens > self.options.max_batch_tokens:
+            raise ValueError(
+                f"request has {params.tokens} tokens, over max_batch_tokens {self.options.max_batch_tokens}"
+            )
+        out = await self._batched(_Item(params, ctx, neg, refs))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=32768, batch_wait_timeout_s=0.01, batch_size_fn=_tokens)
+    async def _batched(self, items: list[_Item]) -> list[Tensor | BaseException]:
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.params.group, []).append(i)
+        results: list[Tensor | BaseException | None] = [None] * len(items)
+        for idx in groups.values():
+            try:
+                outs = await self._run_group([items[i] for i in idx])
+            except Exception as e:  # a failing group fails alone; its batch-mates in other groups go on
+                outs = [e] * len(idx)
+            for i, out in zip(idx, outs, strict=True):
+                results[i] = out
+        return results
+
+    async def _run_group(self, items: list[_Item]) -> list[Tensor | BaseException]:
+        p = items[0].params
+        self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+        cfg = p.guidance is not None
+        refs = items[0].refs
+        steps = sample(
+            self.model,
+            torch.stack([it.ctx for it in items]),
+            [it.params.seed for it in items],
+            p.height,
+            p.width,
+            p.steps,
+            neg_ctx=torch.stack([it.neg for it in items]) if cfg else None,
+            guidance=torch.tensor([it.params.guidance for it in items]) if cfg else None,
+            ref=torch.cat([it.refs.tokens for it in items])
+            if refs is not None and refs.tokens is not None
+            else None,
+            ref_shapes=refs.shapes if refs is not None else (),
+            pixels_per_token=self.spec.multiple,
+        )
+        cancelled: set[str] = set()
+        last_check = time.monotonic()
+        img = None
+        for _ in range(p.steps):
+            img = await self.run(_step, steps)
+            if time.monotonic() - last_check >= self.options.cancel_check_interval_s:
+                last_check = time.monotonic()
+                ids = [it.params.job_id for it in items]
+                flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in ids))
+                cancelled = {j for j, flag in zip(ids, flags, strict=True) if flag}
+                if len(cancelled) == len(items):
+                    break
+        m = self.spec.multiple
+        latents = unpack(img, p.height // m, p.width // m).cpu()
+        return [
+            JobCancelled(it.params.job_id) if it.params.job_id in cancelled else latents[i].clone()
+            for i, it in enumerate(items)
+        ]
+
+    async def stats(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes)}

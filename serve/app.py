@@ -1,0 +1,47 @@
+"""Composition: Settings -> the Serve application (Ingress over TextEmbedder, FlowTransformer, Codec).
+
+`build_app(settings)` is the typed builder; `build(args)` is the entry point Serve config files name
+(`import_path: serve.app:build`), with `args` overriding the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.codec import Codec
+from deployments.ingress import Ingress
+from deployments.text_embedder import TextEmbedder
+from deployments.transformer import FlowTransformer
+from serve.settings import Settings, api_model_id
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings) -> Application:
+    source = settings.model_source()
+    model_id = settings.model_id or api_model_id(source.spec.name)
+    price = settings.price(model_id)
+    storage = settings.storage
+    log.info("building %s (%s) with %s storage", model_id, source.spec.name, storage.backend)
+
+    def deployment(cls, name, options):
+        return serve.deployment(cls, name=name, **options.deployment.serve_options())
+
+    embedder = deployment(TextEmbedder, "TextEmbedder", settings.text_embedder).bind(
+        source, settings.text_embedder
+    )
+    transformer = deployment(FlowTransformer, "FlowTransformer", settings.transformer_stage).bind(
+        source, settings.transformer_stage, storage
+    )
+    codec = deployment(Codec, "Codec", settings.codec).bind(source, settings.codec, storage)
+    ingress = serve.deployment(
+        serve.ingress()(Ingress), name="Ingress", **settings.ingress.deployment.serve_options()
+    )
+    return ingress.bind(embedder, transformer, codec, source.spec, model_id, settings.ingress, storage, price)
+
+
+def build(args: dict) -> Application:
+    return build_app(Settings(**args))

@@ -1,0 +1,97 @@
+"""`klein serve`: a local Ray, the app deployed from a Serve config (as KubeRay would), the URL
+printed, and a clean shutdown on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "local-cpu.yaml"
+APP_NAME = "klein"
+
+
+def load_config(path: Path, preset=None, weights=None, host=None, port=None):
+    """The Serve config with the command line's overrides, validated by ServeDeploySchema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(path.read_text())
+    for app in raw.get("applications", []):
+        args = app.setdefault("args", {})
+        if weights is not None:
+            args["weights"] = str(weights)
+            args.pop("preset", None)
+        if preset is not None:
+            args["preset"] = preset
+    http = raw.setdefault("http_options", {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    return ServeDeploySchema.model_validate(raw)
+
+
+def wait_running(app_name: str, timeout_s: float = 900) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {app_name!r} {status.status}: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {app_name!r} not running after {timeout_s:.0f} s")
+
+
+def serve_forever(args, parser) -> int:
+    path = args.config or DEFAULT_CONFIG
+    if not path.is_file():
+        parser.error(f"--config: {path} does not exist")
+    if args.weights is not None and not args.weights.is_dir():
+        parser.error(f"--weights: weights folder {args.weights} does not exist")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        parser.error(f"--port: must be between 1 and 65535, got {args.port}")
+    try:
+        config = load_config(path, args.preset, args.weights, args.host, args.port)
+    except Exception as e:
+        parser.error(f"--config: {path} is not a valid Serve config: {e}")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        )
+        client.deploy_apps(config, _blocking=False)
+        names = [a.name for a in config.applications]
+        for name in names:
+            wait_running(name)
+        http = config.http_options
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+        print(f"klein-serve is up: http://{host}:{http.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("shutting down", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()

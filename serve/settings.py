@@ -1,0 +1,69 @@
+"""Service settings: one pydantic-settings object, read once from the environment (KLEIN_ prefix,
+`__` for nesting, e.g. KLEIN_STORAGE__BACKEND=s3) and from Serve config `args`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deployments.codec import CodecOptions
+from deployments.ingress import IngressOptions
+from deployments.metering import DEFAULT_PRICES, Price
+from deployments.storage import StorageOptions
+from deployments.text_embedder import TextEmbedderOptions
+from deployments.transformer import FlowTransformerOptions
+from klein import ModelSource
+
+
+def api_model_id(name: str) -> str:
+    """BFL-style model ids: klein-4b -> flux-2-klein-4b, tiny -> flux-2-klein-tiny."""
+    return f"flux-2-{name}" if name.startswith("klein") else f"flux-2-klein-{name}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KLEIN_", env_nested_delimiter="__", extra="forbid")
+
+    preset: str | None = Field(
+        None, description="model preset; 'tiny' (random weights) when no weights are given"
+    )
+    weights: Path | None = Field(None, description="diffusers-layout folder or folder of BFL files")
+    transformer: Path | None = Field(None, description="BFL / FP8 transformer single file")
+    vae: Path | None = Field(None, description="BFL ae.safetensors")
+    text_encoder: Path | None = Field(None, description="Qwen3 folder")
+    model_id: str | None = Field(None, description="API model id (default flux-2-<preset>)")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(600.0, gt=0, description="HTTP proxy timeout (408 beyond)")
+    app_name: str = Field("klein", description="Serve application name")
+
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    text_embedder: TextEmbedderOptions = Field(default_factory=TextEmbedderOptions)
+    transformer_stage: FlowTransformerOptions = Field(default_factory=FlowTransformerOptions)
+    codec: CodecOptions = Field(default_factory=CodecOptions)
+    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.preset is None and not any((self.weights, self.transformer)):
+            self.preset = "tiny"
+        return self
+
+    def model_source(self) -> ModelSource:
+        if any((self.weights, self.transformer, self.vae, self.text_encoder)):
+            return ModelSource.from_paths(
+                self.weights, self.transformer, self.vae, self.text_encoder, self.preset
+            )
+        return ModelSource.preset(self.preset)
+
+    def price(self, model_id: str) -> Price:
+        if model_id not in self.prices:
+            raise ValueError(f"no price for model {model_id!r}; set prices.{model_id} (KLEIN_PRICES)")
+        return self.prices[model_id]
+
+
+Device = Literal["cpu", "cuda"]

@@ -9,6 +9,7 @@ object.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime
@@ -101,8 +102,17 @@ class JobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         if not job_id.isalnum() or len(job_id) > 64:
             return None
-        raw = await self.storage.get(f"jobs/{job_id}.json")
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        for attempt in range(3):
+            raw = await self.storage.get(f"jobs/{job_id}.json")
+            if raw is None:
+                return None
+            try:
+                return JobRecord.model_validate_json(raw)
+            except ValueError:  # a non-atomic S3-compatible server served a half-written object
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05)
+        return None
 
     async def finish(self, job: JobRecord) -> None:
         """Save a terminal record, then drop the pending marker (in this order: never lost)."""

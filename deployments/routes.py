@@ -24,7 +24,7 @@ from deployments.api import (
     parse_size,
 )
 from deployments.jobs import Status
-from deployments.storage import LocalStorage
+from deployments.storage import LocalStorage, check_key
 
 log = logging.getLogger(__name__)
 OPENAI_FIELDS = {"width": "size", "height": "size", "references": "image"}
@@ -195,11 +195,11 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             },
         )
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
     async def generations(body: ImagesRequest, request: Request):
         return await openai_images(request, body, [])
 
-    @app.post("/v1/images/edits", response_model=ImagesResponse)
+    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
     async def edits(request: Request):
         form = await request.form()
         unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)
@@ -235,6 +235,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         if not isinstance(storage, LocalStorage):
             return JSONResponse({"detail": "not found"}, status_code=404)
         try:
+            check_key(key)
             if not storage.verify(key, expires, signature):
                 return JSONResponse({"detail": "link expired or invalid"}, status_code=403)
             data = await storage.get(key)

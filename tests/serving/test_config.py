@@ -1,0 +1,46 @@
+"""Serve config files and settings: validated offline, names match the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.app import DEPLOYMENTS
+from serve.settings import Settings
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_config_is_valid(path):
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build"
+    assert {d.name for d in app.deployments} == set(DEPLOYMENTS)
+    for d in app.deployments:
+        assert d.max_ongoing_requests and d.max_queued_requests and d.ray_actor_options
+        assert d.num_replicas or d.autoscaling_config
+    settings = Settings(**app.args)  # args parse into the typed settings (weights are not loaded)
+    if "gpu" in path.name:
+        assert settings.storage.backend == "s3" and settings.preset.startswith("klein-")
+        gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in app.deployments}
+        assert gpus["FlowTransformer"] > 0 and gpus["Ingress"] == 0
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KLEIN_STORAGE__BACKEND", "s3")
+    monkeypatch.setenv("KLEIN_STORAGE__BUCKET", "images")
+    monkeypatch.setenv("KLEIN_TRANSFORMER_STAGE__MAX_BATCH_TOKENS", "8192")
+    monkeypatch.setenv("KLEIN_INGRESS__JOB_LEASE_S", "30")
+    s = Settings()
+    assert (s.storage.backend, s.storage.bucket) == ("s3", "images")
+    assert s.transformer_stage.max_batch_tokens == 8192 and s.ingress.job_lease_s == 30
+    assert s.preset == "tiny"  # no weights: the embedded default
+    with pytest.raises(ValueError):
+        Settings(storage={"backend": "ftp"})
+    with pytest.raises(ValueError):
+        Settings(not_a_setting=1)
+    assert s.model_source().spec.name == "tiny"

@@ -1,0 +1,218 @@
+"""The served DAG end to end: a real local Ray, real HTTP, a real S3-compatible server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from klein import GenerationRequest, ModelSource, Pipeline
+
+MODEL = "flux-2-klein-tiny"
+
+
+def _png_b64(w: int, h: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _fetch(url: str) -> Image.Image:
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200, r.text
+    return Image.open(io.BytesIO(r.content))
+
+
+@pytest.mark.parametrize("fmt, pil", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_async_flow_on_s3(app, s3, fmt, pil):
+    r = app.http.post(f"/v1/{MODEL}", json={"prompt": "a red fox", "width": 96, "height": 64, "seed": 5,
+                                            "output_format": fmt})  # fmt: skip
+    assert r.status_code == 200, r.text
+    sub = r.json()
+    assert set(sub) == {"id", "polling_url", "cost", "input_mp", "output_mp"}
+    assert sub["output_mp"] == pytest.approx(96 * 64 / 1e6) and sub["input_mp"] == 0
+    res = app.wait(sub["id"])
+    assert res["status"] == "Ready", res
+    sample = res["result"]["sample"]
+    assert sample.startswith(s3.endpoint) and "X-Amz-Signature" in sample  # a presigned S3 URL
+    image = _fetch(sample)
+    assert image.format == pil and image.size == (96, 64)
+    assert res["result"]["seed"] == 5 and res["result"]["prompt"] == "a red fox"
+    assert httpx.get(sample.replace("X-Amz-Signature=", "X-Amz-Signature=0"), timeout=10).status_code == 403
+
+
+def test_edit_with_two_references(app):
+    body = {"prompt": "combine them", "input_image": _png_b64(80, 64, 1), "input_image_2": _png_b64(64, 96, 2),
+            "seed": 9, "output_format": "png"}  # fmt: skip
+    sub = app.http.post(f"/v1/{MODEL}", json=body).json()
+    assert sub["input_mp"] == pytest.approx((80 * 64 + 64 * 96) / 1e6)
+    res = app.wait(sub["id"])
+    assert res["status"] == "Ready", res
+    assert _fetch(res["result"]["sample"]).size == (80, 64)  # the first reference's size by default
+
+
+def test_same_seed_same_image_as_the_pipeline(app):
+    """Served (async API) == klein Pipeline in this process, for the same seed."""
+    sub = app.http.post(f"/v1/{MODEL}", json={"prompt": "a lighthouse", "width": 64, "height": 64, "seed": 77,
+                                              "output_format": "png"}).json()  # fmt: skip
+    served = np.asarray(_fetch(app.wait(sub["id"])["result"]["sample"]).convert("RGB")).astype(int)
+    local = np.asarray(
+        Pipeline(ModelSource.preset("tiny")).generate([GenerationRequest("a lighthouse", 64, 64, 77)])[0]
+    )
+    assert np.abs(served - local).max() <= 1
+
+
+def test_openai_client(app):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    r = client.images.generate(model=MODEL, prompt="a cat", size="64x64", response_format="b64_json",
+                               extra_body={"seed": 3})  # fmt: skip
+    b64_image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert b64_image.size == (64, 64) and b64_image.format == "PNG"
+
+    r = client.images.generate(model=MODEL, prompt="a cat", size="64x64", n=2, extra_body={"seed": 3})
+    assert len(r.data) == 2
+    first = _fetch(r.data[0].url)
+    assert np.array_equal(np.asarray(first), np.asarray(b64_image))  # same seed, same image, both APIs
+    assert not np.array_equal(np.asarray(first), np.asarray(_fetch(r.data[1].url)))  # n=2: seeds 3, 4
+
+    ref = io.BytesIO(base64.b64decode(_png_b64(96, 64, 4)))
+    ref.name = "ref.png"
+    r = client.images.edit(model=MODEL, image=[ref, ("b.png", base64.b64decode(_png_b64(64, 64, 5)), "image/png")],
+                           prompt="make it blue", response_format="url")  # fmt: skip
+    assert _fetch(r.data[0].url).size == (96, 64)
+
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="dall-e-3", prompt="x")
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.images.generate(model=MODEL, prompt="x", size="100x64")
+
+
+def test_batches_form_under_load_and_do_not_change_images(app):
+    transformer = app.handle("FlowTransformer")
+    before = len(transformer.stats.remote().result()["batch_sizes"])
+
+    def submit(i: int) -> str:
+        body = {
+            "prompt": f"prompt {i % 3}",
+            "width": 64,
+            "height": 64,
+            "seed": 1000 + i,
+            "output_format": "png",
+        }
+        return app.http.post(f"/v1/{MODEL}", json=body).json()["id"]
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(submit, range(16)))
+    results = [app.wait(i) for i in ids]
+    assert all(r["status"] == "Ready" for r in results)
+    sizes = transformer.stats.remote().result()["batch_sizes"][before:]
+    assert max(sizes) > 1, f"no batch larger than 1 formed: {sizes}"
+    assert sum(sizes) == 16
+
+    alone = app.wait(submit(5))  # the same request (prompt, seed) again, now alone
+    a = np.asarray(_fetch(alone["result"]["sample"]))
+    b = np.asarray(_fetch(results[5]["result"]["sample"]))
+    assert np.array_equal(a, b)
+
+
+def test_validation_errors(app):
+    def post(body, model=MODEL):
+        return app.http.post(f"/v1/{model}", json={"prompt": "x", **body})
+
+    r = post({"width": 100})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "width"]
+    assert "multiple of 16" in r.json()["detail"][0]["msg"]
+    assert post({"height": 4096}).status_code == 422
+    assert post({}, model="flux-2-klein-99b").status_code == 404
+    r = post({"guidance": 3.0})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance"]
+    r = post({"input_image": "not base64!"})
+    assert r.status_code == 422 and "input_image" in r.json()["detail"][0]["loc"]
+    r = post({"input_image": _png_b64(32, 64, 1)})
+    assert r.status_code == 422 and "at least 64 px" in r.json()["detail"][0]["msg"]
+    r = post({"seed": -1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "seed"]
+    r = post({"unknown_field": 1})
+    assert r.status_code == 422
+    assert app.http.get("/v1/get_result", params={"id": "nope"}).json()["status"] == "Task not found"
+    assert app.http.get("/healthz").status_code == 200
+    assert "/v1/images/generations" in app.http.get("/openapi.json").json()["paths"]
+
+
+def test_cancel(app):
+    sub = app.http.post(
+        f"/v1/{MODEL}", json={"prompt": "slow", "width": 256, "height": 256, "steps": 40}
+    ).json()
+    time.sleep(0.5)
+    r = app.http.delete(f"/v1/jobs/{sub['id']}")
+    assert r.status_code in (202, 409)
+    res = app.wait(sub["id"])
+    assert res["status"] in ("Cancelled", "Ready")
+    if r.status_code == 202:
+        assert res["status"] == "Cancelled"
+
+
+def test_killed_transformer_replica_job_still_terminates(app, ray_local):
+    """Kill the FlowTransformer replica mid-job: the ingress retries on the replacement."""
+    import ray
+
+    sub = app.http.post(
+        f"/v1/{MODEL}", json={"prompt": "endure", "width": 256, "height": 256, "steps": 30}
+    ).json()
+    time.sleep(1.0)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "FlowTransformer" in a["name"]]
+    assert replicas
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    res = app.wait(sub["id"], timeout=180)
+    assert res["status"] in ("Ready", "Error"), res
+    assert res["status"] == "Ready"  # a fresh replica comes up and the retry succeeds
+
+
+def test_abandoned_job_is_run_again(app, s3):
+    """A Pending job whose lease expired (its ingress died) is picked up by the reaper."""
+    import asyncio
+
+    from deployments.jobs import JobRecord, JobRequest, JobStore
+    from deployments.storage import StorageOptions, open_storage
+
+    jobs = JobStore(open_storage(StorageOptions(**s3.options())))
+    job = JobRecord(id="abandoned0001", model=MODEL, attempts=1, lease_until=time.time() - 1,
+                    request=JobRequest(prompt="left behind", width=64, height=64, seed=8, steps=4, output_format="png"))  # fmt: skip
+    asyncio.run(jobs.create(job))
+    res = app.wait(job.id, timeout=60)
+    assert res["status"] == "Ready" and _fetch(res["result"]["sample"]).size == (64, 64)
+    assert asyncio.run(jobs.get(job.id)).attempts == 2
+
+
+def test_killed_ingress_replica_job_is_run_again(app, ray_local):
+    import ray
+
+    sub = app.http.post(
+        f"/v1/{MODEL}", json={"prompt": "orphan", "width": 256, "height": 256, "steps": 40}
+    ).json()
+    time.sleep(0.5)
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if "Ingress" in a["name"]:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait for the replacement replica to answer
+        try:
+            if app.http.get("/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    res = app.wait(sub["id"], timeout=120)  # lease 20 s, then the new replica's reaper re-runs it
+    assert res["status"] == "Ready", res

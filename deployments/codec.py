@@ -30,7 +30,9 @@ class CodecOptions(BaseModel):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     placement: Placement = Field(default_factory=Placement)
     max_batch_size: int = Field(4, ge=1, description="images decoded per batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
+    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
@@ -76,6 +78,7 @@ class Codec(Stage):
         self.storage = open_storage(storage)
         self.options = options
         self.postprocessors = list(postprocessors)
+        self.batch_sizes: list[int] = []  # images per decode batch, most recent last
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -95,6 +98,9 @@ class Codec(Stage):
             raise out
         return out
 
+    async def stats(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes)}
+
     def _decode(self, latents: list[Tensor], params: list[FinishParams]) -> list[bytes | BaseException]:
         out: list[bytes | BaseException] = []
         for z, p in zip(latents, params, strict=True):
@@ -108,10 +114,11 @@ class Codec(Stage):
                 out.append(e)
         return out
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     async def _finish_batch(
         self, latents: list[Tensor], params: list[FinishParams]
     ) -> list[FinishResult | BaseException]:
+        self.batch_sizes = (self.batch_sizes + [len(latents)])[-1000:]
         files = await self.run(self._decode, latents, params)
 
         async def upload(z: Tensor, data, p: FinishParams) -> FinishResult | BaseException:

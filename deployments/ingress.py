@@ -145,25 +145,30 @@ class Ingress:
         self.ensure_reaper()
         return job
 
-    def start(self, job: JobRecord) -> asyncio.Task:
+    def start(self, job: JobRecord, fresh: bool = False) -> asyncio.Task:
         """Run a job in the background of this replica (the async API)."""
-        task = asyncio.create_task(self.run(job))
+        task = asyncio.create_task(self.run(job, fresh=fresh))
         self._running[job.id] = task
         task.add_done_callback(lambda _: self._running.pop(job.id, None))
         return task
 
     # --- running ---
 
-    async def run(self, job: JobRecord, return_bytes: bool = False) -> FinishResult | None:
-        """Run a job to a terminal status (retrying stage failures) and record it."""
+    async def run(
+        self, job: JobRecord, return_bytes: bool = False, fresh: bool = False
+    ) -> FinishResult | None:
+        """Run a job to a terminal status (retrying stage failures) and record it. A `fresh` job
+        was just created here with its lease: its first attempt skips one write and one read."""
         result = None
         while True:
             job.attempts += 1
             job.status, job.started_at = Status.PENDING, job.started_at or time.time()
-            job.lease_until = time.time() + self.options.job_lease_s
-            await self.jobs.save(job)
+            if not (fresh and job.attempts == 1):
+                job.lease_until = time.time() + self.options.job_lease_s
+                await self.jobs.save(job)
             try:
-                result = await asyncio.wait_for(self._pipeline(job, return_bytes), self.options.job_lease_s)
+                pipeline = self._pipeline(job, return_bytes, check_cancel=not (fresh and job.attempts == 1))
+                result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
             except JobCancelled:
                 job.status, job.error = Status.CANCELLED, "cancelled by the client"
             except Exception as e:  # a stage died, timed out or failed: retry, then give up
@@ -184,8 +189,8 @@ class Ingress:
         self._notify(job)
         return result if job.status is Status.READY else None
 
-    async def _pipeline(self, job: JobRecord, return_bytes: bool) -> FinishResult:
-        if await self.jobs.cancel_requested(job.id):
+    async def _pipeline(self, job: JobRecord, return_bytes: bool, check_cancel: bool = True) -> FinishResult:
+        if check_cancel and await self.jobs.cancel_requested(job.id):  # the transformer checks between steps
             raise JobCancelled(job.id)
         r = job.request
         images = [await self.storage.get(k) for k in r.input_keys]

@@ -120,7 +120,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
             webhook_secret=body.webhook_secret, fields={"references": "input_image"},
         )  # fmt: skip
-        ingress.start(job)
+        ingress.start(job, fresh=True)
         return SubmitResponse(
             id=job.id,
             polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",
@@ -157,7 +157,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                 )  # fmt: skip
             )
         b64 = body.response_format == "b64_json"
-        runs = [asyncio.ensure_future(ingress.run(job, return_bytes=b64)) for job in jobs]
+        runs = [asyncio.ensure_future(ingress.run(job, return_bytes=b64, fresh=True)) for job in jobs]
         try:
             results = await asyncio.wait_for(asyncio.gather(*runs), opts.sync_timeout_s)
         except (asyncio.CancelledError, TimeoutError) as e:  # client gone or too slow: stop the work

@@ -17,7 +17,9 @@ class TextEmbedderOptions(BaseModel):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=32))
     placement: Placement = Field(default_factory=Placement)
     max_batch_size: int = Field(8, ge=1, description="prompts per forward")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
+    )
     cache_mb: int = Field(256, ge=0, description="LRU cache of embeddings by prompt, in MB (0: off)")
 
 
@@ -28,6 +30,7 @@ class TextEmbedder(Stage):
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
         self.hits = self.misses = 0
+        self.batch_sizes: list[int] = []  # prompts per call, most recent last
         self.embed.set_max_batch_size(options.max_batch_size)
         self.embed.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -57,8 +60,9 @@ class TextEmbedder(Stage):
                 self._remember(p, out[p])
         return [out[p] for p in prompts]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def embed(self, prompts: list[str]) -> list[Tensor]:
+        self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
         return await self.run(self.embed_now, prompts)
 
     async def stats(self) -> dict:
@@ -67,4 +71,5 @@ class TextEmbedder(Stage):
             "cache_bytes": self.cache_bytes,
             "hits": self.hits,
             "misses": self.misses,
+            "batch_sizes": list(self.batch_sizes),
         }

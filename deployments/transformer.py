@@ -33,7 +33,9 @@ class FlowTransformerOptions(BaseModel):
     max_batch_tokens: int = Field(
         32768, ge=1, description="image + reference tokens per batch (1 MP = 4096); at least one full request"
     )
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
+    )
     cancel_check_interval_s: float = Field(
         1.0, ge=0, description="how often running jobs are checked for cancel"
     )
@@ -80,7 +82,7 @@ class FlowTransformer(Stage):
             raise out
         return out
 
-    @serve.batch(max_batch_size=32768, batch_wait_timeout_s=0.01, batch_size_fn=_tokens)
+    @serve.batch(max_batch_size=32768, batch_wait_timeout_s=0.0, batch_size_fn=_tokens)
     async def _batched(self, items: list[_Item]) -> list[Tensor | BaseException]:
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):

@@ -78,6 +78,7 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `klein serve` does (see serve/run.py)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False)
     yield ray
     from ray import serve

@@ -1,0 +1,154 @@
+"""Served DAG vs the in-process Pipeline, and the DAG with batching on vs off (tiny preset, CPU).
+
+    python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
+        [--modes inprocess batched unbatched]
+
+For each mode: a closed loop of `concurrency` clients, each sending one request after another for
+`--seconds`; requests/s and p50/p95 latency. The served modes use real HTTP against the OpenAI-
+compatible sync endpoint (b64_json: the response carries the image, so the latency covers the
+whole pipeline including the upload to storage). "unbatched" caps every stage at one request per
+batch. The in-process mode calls Pipeline.generate from `concurrency` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import threading
+import time
+
+import httpx
+
+
+def summarize(name: str, c: int, latencies: list[float], seconds: float) -> None:
+    lat = sorted(latencies)
+    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3  # noqa: E731
+    print(f"{name:>10} c={c:<3} {len(lat) / seconds:7.2f} req/s   p50 {p(0.5):7.1f} ms   p95 {p(0.95):7.1f} ms"
+          f"   ({len(lat)} requests)", flush=True)  # fmt: skip
+
+
+def run_inprocess(size: int, concurrency: list[int], seconds: float) -> None:
+    import torch
+
+    from klein import GenerationRequest, ModelSource, Pipeline
+
+    torch.set_num_threads(2)
+    pipe = Pipeline(ModelSource.preset("tiny"))
+    lock = threading.Lock()  # one model, one caller at a time (as a replica's worker thread)
+    pipe.generate([GenerationRequest("warm up", size, size, 0)])
+
+    def client(i: int, stop: float, latencies: list[float]) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            with lock:
+                pipe.generate([GenerationRequest(f"prompt {i} {n}", size, size, i * 1000 + n)])
+            latencies.append(time.perf_counter() - t0)
+            n += 1
+
+    for c in concurrency:
+        latencies: list[float] = []
+        stop = time.monotonic() + seconds
+        threads = [threading.Thread(target=client, args=(i, stop, latencies)) for i in range(c)]
+        t0 = time.monotonic()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        summarize("inprocess", c, latencies, time.monotonic() - t0)
+
+
+async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float], float, int]:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.monotonic() + seconds
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=c + 4)
+    ) as http:
+
+        async def client(i: int) -> None:
+            nonlocal errors
+            n = 0
+            while time.monotonic() < stop:
+                body = {"prompt": f"prompt {i} {n}", "size": f"{size}x{size}", "seed": i * 1000 + n,
+                        "response_format": "b64_json"}  # fmt: skip
+                t0 = time.perf_counter()
+                r = await http.post("/v1/images/generations", json=body)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                n += 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(i) for i in range(c)))
+        return latencies, time.monotonic() - t0, errors
+
+
+def run_served(mode: str, size: int, concurrency: list[int], seconds: float) -> None:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import Settings
+
+    batched = mode == "batched"
+    stage = {"deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 64},
+             "placement": {"torch_threads": 2}}  # fmt: skip
+    one = (size // 16) ** 2
+    settings = Settings(
+        preset="tiny",
+        storage={"root": tempfile.mkdtemp(prefix="klein-bench-")},
+        text_embedder={**stage, "max_batch_size": 16 if batched else 1},
+        transformer_stage={
+            **stage,
+            "max_batch_tokens": 16 * one if batched else one,
+        },
+        codec={**stage, "max_batch_size": 16 if batched else 1},
+        ingress={
+            "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 512}
+        },
+    )
+    port = 8700 + (1 if batched else 2)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(load(url, size, 2, 3.0))  # warm up every stage
+    for c in concurrency:
+        latencies, elapsed, errors = asyncio.run(load(url, size, c, seconds))
+        summarize(mode, c, latencies, elapsed)
+        if errors:
+            print(f"{'':>10} {errors} errors")
+        for name in ("TextEmbedder", "FlowTransformer", "Codec"):
+            sizes = serve.get_deployment_handle(name, app_name="bench").stats.remote().result()["batch_sizes"]
+            print(
+                f"{'':>10} {name} mean batch {sum(sizes) / max(len(sizes), 1):.2f} (last {len(sizes)} batches)"
+            )
+    serve.delete("bench")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched"])
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `klein serve` sets for its replicas
+    print(f"tiny preset, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs")
+    for mode in args.modes:
+        if mode == "inprocess":
+            run_inprocess(args.size, args.concurrency, args.seconds)
+        else:
+            import ray
+
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=512 * 2**20)  # fmt: skip
+            run_served(mode, args.size, args.concurrency, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

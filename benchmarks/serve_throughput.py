@@ -1,13 +1,14 @@
 """Served DAG vs the in-process Pipeline, and the DAG with batching on vs off (tiny preset, CPU).
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
-        [--modes inprocess batched unbatched]
+        [--modes inprocess batched unbatched noop]
 
 For each mode: a closed loop of `concurrency` clients, each sending one request after another for
 `--seconds`; requests/s and p50/p95 latency. The served modes use real HTTP against the OpenAI-
 compatible sync endpoint (b64_json: the response carries the image, so the latency covers the
 whole pipeline including the upload to storage). "unbatched" caps every stage at one request per
-batch. The in-process mode calls Pipeline.generate from `concurrency` threads.
+batch. The in-process mode calls Pipeline.generate from `concurrency` threads. "noop" is the
+same Serve topology with stages that do nothing: the floor of Ray Serve's own per-request cost.
 """
 
 from __future__ import annotations
@@ -129,12 +130,47 @@ def run_served(mode: str, size: int, concurrency: list[int], seconds: float) -> 
     ray.shutdown()
 
 
+def run_noop(concurrency: list[int], seconds: float) -> None:
+    """The same topology (proxy -> ingress -> three chained, batched stages) doing nothing: the
+    floor that Ray Serve's own per-request cost sets on this machine."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+    class Noop:
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)
+        async def f(self, xs):
+            return xs
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(api)
+    class NoopIngress:
+        def __init__(self, a, b, c):
+            self.a, self.b, self.c = a, b, c
+
+        @api.post("/v1/images/generations")
+        async def generate(self):
+            return await self.c.f.remote(self.b.f.remote(self.a.f.remote(1)))
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8703})
+    stages = [Noop.options(name=f"Noop{i}").bind() for i in range(3)]
+    serve.run(NoopIngress.bind(*stages), name="noop", route_prefix="/")
+    asyncio.run(load("http://127.0.0.1:8703", 64, 2, 2.0))
+    for c in concurrency:
+        latencies, elapsed, _ = asyncio.run(load("http://127.0.0.1:8703", 64, c, seconds))
+        summarize("noop", c, latencies, elapsed)
+    serve.delete("noop")
+    serve.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched"])
+    ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched", "noop"])
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `klein serve` sets for its replicas
@@ -142,11 +178,15 @@ def main():
     for mode in args.modes:
         if mode == "inprocess":
             run_inprocess(args.size, args.concurrency, args.seconds)
-        else:
-            import ray
+            continue
+        import ray
 
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=512 * 2**20)  # fmt: skip
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=512 * 2**20)  # fmt: skip
+        if mode == "noop":
+            run_noop(args.concurrency, args.seconds)
+            ray.shutdown()
+        else:
             run_served(mode, args.size, args.concurrency, args.seconds)
 
 

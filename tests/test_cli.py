@@ -75,45 +75,15 @@ def test_bad_output_and_references(capsys, tmp_path):
 
 
 def test_generate_writes_the_image(tmp_path, capsys):
+    fox = ["generate", "--prompt", "a fox", "--width", "96", "--height", "64", "--seed", "3", "--out"]
     out = tmp_path / "fox.png"
-    assert (
-        main(
-            [
-                "generate",
-                "--prompt",
-                "a fox",
-                "--width",
-                "96",
-                "--height",
-                "64",
-                "--seed",
-                "3",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main([*fox, str(out)]) == 0
     image = Image.open(out)
     assert image.size == (96, 64) and image.format == "PNG"
     assert "seed=3" in capsys.readouterr().out
     # same seed, same image; an edit with a reference, as JPEG and WebP
     out2 = tmp_path / "fox2.png"
-    main(
-        [
-            "generate",
-            "--prompt",
-            "a fox",
-            "--width",
-            "96",
-            "--height",
-            "64",
-            "--seed",
-            "3",
-            "--out",
-            str(out2),
-        ]
-    )
+    main([*fox, str(out2)])
     assert np.array_equal(np.asarray(Image.open(out2)), np.asarray(image))
     for name in ("edit.jpg", "edit.webp"):
         assert (

@@ -42,6 +42,12 @@ def _images_match(a: np.ndarray, b: np.ndarray) -> None:
     assert (diff > 0).mean() <= 0.005, f"{(diff > 0).mean():.2%} of pixels differ"
 
 
+def _as_diffusers_latents(pipe, packed: torch.Tensor) -> torch.Tensor:
+    """Our normalised packed latents -> what diffusers returns for output_type="latent"."""
+    std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return pipe._unpatchify_latents(packed * std + pipe.vae.bn.running_mean.view(1, -1, 1, 1))
+
+
 def _random_image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
@@ -181,10 +187,7 @@ def test_pipeline_latents_distilled(diffusers_tiny, ours):
         generator=torch.Generator("cpu").manual_seed(7), output_type="latent",
     )  # fmt: skip
     got = ours.generate_latents([req], [ours.encode_references(())])
-    vae = diffusers_tiny.vae
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    got = diffusers_tiny._unpatchify_latents(got * std + vae.bn.running_mean.view(1, -1, 1, 1))
-    torch.testing.assert_close(got, out.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_as_diffusers_latents(diffusers_tiny, got), out.images, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("refs", [(), ((64, 64),)], ids=["text-to-image", "edit-1-ref"])
@@ -206,10 +209,9 @@ def test_pipeline_latents_base_cfg(diffusers_tiny_base, ours_base):
         text_encoder_out_layers=(1, 2, 3), generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
     )  # fmt: skip
     got = ours_base.generate_latents([req], [ours_base.encode_references(())])
-    vae = diffusers_tiny_base.vae
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
-    unpacked = diffusers_tiny_base._unpatchify_latents(got * std + vae.bn.running_mean.view(1, -1, 1, 1))
-    torch.testing.assert_close(unpacked, out.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _as_diffusers_latents(diffusers_tiny_base, got), out.images, atol=1e-5, rtol=1e-5
+    )
     # the unconditional pass really ran: guidance 1 (conditional only) lands elsewhere
     plain = ours_base.generate_latents(
         [validate(ours_base.spec, replace(req, guidance=1.0))], [ours_base.encode_references(())]

@@ -9,15 +9,19 @@ lease expired (their ingress died) with the same output keys.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import secrets
 import time
+from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
 
 from deployments.api import FieldError
+from deployments.auth import ANONYMOUS, KeyRing
 from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
-from deployments.metering import Price, cost, megapixels
+from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key
 from deployments.options import ActorOptions, DeploymentOptions
 from deployments.payloads import DenoiseParams, FinishParams, FinishResult, JobCancelled
 from deployments.storage import StorageOptions, open_storage
@@ -41,6 +45,8 @@ class IngressOptions(BaseModel):
         40_000_000, ge=4096, description="largest input image before resizing"
     )
     max_images_per_request: int = Field(4, ge=1, le=16, description="OpenAI `n` upper bound")
+    max_jobs_in_flight: int = Field(24, ge=1, description="per API key, like BFL; 429 beyond")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429")
     job_lease_s: float = Field(600.0, gt=0, description="a Pending job older than this is run again")
     max_attempts: int = Field(3, ge=1, description="runs of a job before it ends in Error")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
@@ -51,6 +57,18 @@ class IngressOptions(BaseModel):
 
 
 REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+
+
+class TooManyJobs(Exception):
+    """The calling key already has its maximum of jobs in flight (HTTP 429)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} jobs in flight per API key; retry when one finishes")
+        self.limit = limit
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body (HTTP 409)."""
 
 
 class Ingress:
@@ -64,8 +82,10 @@ class Ingress:
         options: IngressOptions,
         storage: StorageOptions,
         price: Price,
+        keys: KeyRing | None = None,
     ):
         self.embedder, self.transformer, self.codec = embedder, transformer, codec
+        self.keys = keys or KeyRing()
         self.spec, self.model_id, self.options, self.price = spec, model_id, options, price
         self.storage_options = storage
         self.storage = open_storage(storage)
@@ -95,10 +115,21 @@ class Ingress:
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
         fields: dict[str, str] | None = None,
-    ) -> JobRecord:
+        key_id: str = ANONYMOUS,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+    ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
-        (field, file bytes, PIL image); `fields` renames klein's fields for error messages."""
+        (field, file bytes, PIL image); `fields` renames klein's fields for error messages.
+        Returns (job, replayed): replayed when an Idempotency-Key named an existing job."""
         fields = fields or {}
+        job_id = new_job_id()
+        if idempotency_key is not None:
+            job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
+            if existing is not None:
+                return existing, True
+        if await self.jobs.in_flight(key_id) >= self.options.max_jobs_in_flight:
+            raise TooManyJobs(self.options.max_jobs_in_flight)
         if webhook_url and not self.options.webhook_allow_private and is_private_target(webhook_url):
             raise FieldError("webhook_url", "must not point to a private, loopback or link-local address")
         seed = secrets.randbelow(2**32) if seed is None else seed
@@ -117,8 +148,9 @@ class Ingress:
         m = self.spec.multiple
         sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for _, _, im in images]
         job = JobRecord(
-            id=new_job_id(),
+            id=job_id,
             model=self.model_id,
+            key_id=key_id,
             request=JobRequest(
                 prompt=req.prompt,
                 width=req.width,
@@ -142,8 +174,31 @@ class Ingress:
             await self.storage.put(key, data)
             job.request.input_keys.append(key)
         await self.jobs.create(job)
+        if idempotency_key is not None:
+            record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
+            await self.storage.put(
+                self._idempotency_key(key_id, idempotency_key), json.dumps(record).encode()
+            )
         self.ensure_reaper()
-        return job
+        return job, False
+
+    @staticmethod
+    def _idempotency_key(key_id: str, idempotency_key: str) -> str:
+        return f"idempotency/{key_id}/{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}.json"
+
+    async def idempotent_job(
+        self, key_id: str, idempotency_key: str, body_hash: str
+    ) -> tuple[str, JobRecord | None]:
+        """The job an Idempotency-Key stands for: its id is derived from (API key, idempotency key),
+        so even racing duplicates name one job (one run's outputs, one usage record)."""
+        job_id = hashlib.sha256(f"{key_id}:{idempotency_key}".encode()).hexdigest()[:32]
+        raw = await self.storage.get(self._idempotency_key(key_id, idempotency_key))
+        if raw is None:
+            return job_id, None
+        record = json.loads(raw)
+        if record["body_sha256"] != body_hash:
+            raise IdempotencyConflict(idempotency_key)
+        return job_id, await self.jobs.get(record["job_id"])
 
     def start(self, job: JobRecord, fresh: bool = False) -> asyncio.Task:
         """Run a job in the background of this replica (the async API)."""
@@ -169,9 +224,11 @@ class Ingress:
             try:
                 pipeline = self._pipeline(job, return_bytes, check_cancel=not (fresh and job.attempts == 1))
                 result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
+                job.finished_at = time.time()
+                await self._record_usage(job)  # no Ready without its usage record
             except JobCancelled:
                 job.status, job.error = Status.CANCELLED, "cancelled by the client"
-            except Exception as e:  # a stage died, timed out or failed: retry, then give up
+            except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
                 log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempts, type(e).__name__, e)
                 if job.attempts < self.options.max_attempts and not await self.jobs.cancel_requested(job.id):
                     await asyncio.sleep(self.options.retry_backoff_s * 2 ** (job.attempts - 1))
@@ -184,7 +241,8 @@ class Ingress:
                     content_type=result.content_type, size_bytes=result.size_bytes,
                 )  # fmt: skip
             break
-        job.finished_at = time.time()
+        if job.status is not Status.READY:
+            job.finished_at = time.time()
         await self.jobs.finish(job)
         self._notify(job)
         return result if job.status is Status.READY else None
@@ -214,6 +272,26 @@ class Ingress:
             job.id, job.output_key, r.output_format, r.prompt, job.model, r.seed, return_bytes
         )
         return await self.codec.finish.remote(latents, finish)
+
+    async def _record_usage(self, job: JobRecord) -> None:
+        day = datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d")
+        record = UsageRecord(
+            job_id=job.id, key_id=job.key_id, model=job.model, day=day, input_mp=job.input_mp,
+            output_mp=job.output_mp, cost=job.cost, finished_at=job.finished_at or time.time(),
+        )  # fmt: skip
+        await self.storage.put(
+            usage_key(job.key_id, day, job.id), record.model_dump_json().encode(), "application/json"
+        )
+
+    async def usage(self, key_id: str, start: str, end: str) -> list[UsageRecord]:
+        """The key's usage records for jobs submitted on days start..end (inclusive, UTC)."""
+        first, last = date.fromisoformat(start), date.fromisoformat(end)
+        keys = []
+        for n in range((last - first).days + 1):
+            day = (first + timedelta(days=n)).strftime("%Y/%m/%d")
+            keys += await self.storage.list(f"usage/{key_id}/{day}")
+        raws = await asyncio.gather(*(self.storage.get(k) for k in keys))
+        return [UsageRecord.model_validate_json(r) for r in raws if r is not None]
 
     def _notify(self, job: JobRecord) -> None:
         r = job.request
@@ -257,14 +335,14 @@ class Ingress:
     async def reap(self) -> int:
         """Re-run Pending jobs whose lease expired; returns how many were restarted."""
         restarted = 0
-        for job_id in await self.jobs.pending_ids():
+        for key_id, job_id in await self.jobs.pending():
             if job_id in self._running:
                 continue
             job = await self.jobs.get(job_id)
             if job is None:
                 continue
             if job.status.terminal:
-                await self.storage.delete(f"pending/{job_id}")
+                await self.storage.delete(f"pending/{key_id}/{job_id}")
             elif job.lease_until < time.time():
                 if job.attempts >= self.options.max_attempts:
                     job.status, job.error = Status.ERROR, f"abandoned after {job.attempts} attempts"

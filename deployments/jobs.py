@@ -1,8 +1,8 @@
 """Job records in object storage: the ingress is stateless and any replica answers any poll.
 
-Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{id}` marks a job that
-has not reached a terminal status (the reaper scans only these); `cancel/{id}` asks the stages to
-stop; `inputs/{id}/{k}.png` keeps reference images so a job can be run again; outputs go to
+Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{key_id}/{id}` marks a
+job that has not reached a terminal status (the reaper scans only these; a key's count of them is
+its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{k}.png` keeps reference images so a job can be run again; outputs go to
 `images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a key fixed at submission so every attempt writes the same
 object.
 """
@@ -63,6 +63,7 @@ class JobResult(BaseModel):
 class JobRecord(BaseModel):
     id: str
     model: str
+    key_id: str = "anonymous"  # the API key's public id: the job's owner
     status: Status = Status.PENDING
     request: JobRequest
     created_at: float = Field(default_factory=time.time)
@@ -93,7 +94,7 @@ class JobStore:
 
     async def create(self, job: JobRecord) -> None:
         await self.save(job)
-        await self.storage.put(f"pending/{job.id}", b"", "text/plain")
+        await self.storage.put(f"pending/{job.key_id}/{job.id}", b"", "text/plain")
 
     async def save(self, job: JobRecord) -> None:
         job.updated_at = time.time()
@@ -118,10 +119,14 @@ class JobStore:
         """Save a terminal record, then drop the pending marker (in this order: never lost)."""
         assert job.status.terminal
         await self.save(job)
-        await self.storage.delete(f"pending/{job.id}")
+        await self.storage.delete(f"pending/{job.key_id}/{job.id}")
 
-    async def pending_ids(self) -> list[str]:
-        return [k.rsplit("/", 1)[1] for k in await self.storage.list("pending")]
+    async def pending(self) -> list[tuple[str, str]]:
+        """(key_id, job_id) of every job not yet terminal."""
+        return [tuple(k.split("/")[1:3]) for k in await self.storage.list("pending") if k.count("/") == 2]
+
+    async def in_flight(self, key_id: str) -> int:
+        return len(await self.storage.list(f"pending/{key_id}"))
 
     async def request_cancel(self, job_id: str) -> None:
         await self.storage.put(f"cancel/{job_id}", b"", "text/plain")

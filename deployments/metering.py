@@ -29,3 +29,33 @@ def megapixels(pixels: int) -> float:
 def cost(price: Price, output_mp: float, input_mp: float) -> float:
     """first MP + (output MP - 1) * price + input MP * price; megapixels unrounded."""
     return round(price.first_mp + max(output_mp - 1.0, 0.0) * price.per_mp + input_mp * price.per_mp, 6)
+
+
+class UsageRecord(BaseModel):
+    job_id: str
+    key_id: str
+    model: str
+    day: str  # YYYY-MM-DD of the job's submission (UTC)
+    input_mp: float
+    output_mp: float
+    cost: float
+    finished_at: float
+
+
+def usage_key(key_id: str, day: str, job_id: str) -> str:
+    """One object per Ready job at a key fixed by the job: re-runs overwrite it, never add one."""
+    return f"usage/{key_id}/{day.replace('-', '/')}/{job_id}.json"
+
+
+def summarize(records: list[UsageRecord], group_by: str) -> list[dict]:
+    groups: dict[str, dict] = {}
+    for r in records:
+        g = groups.setdefault(
+            getattr(r, group_by),
+            {group_by: getattr(r, group_by), "jobs": 0, "input_mp": 0.0, "output_mp": 0.0, "cost": 0.0},
+        )
+        g["jobs"] += 1
+        g["input_mp"] += r.input_mp
+        g["output_mp"] += r.output_mp
+        g["cost"] += r.cost
+    return [{**g, "cost": round(g["cost"], 6)} for _, g in sorted(groups.items())]

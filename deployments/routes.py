@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import time
+from datetime import date
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -23,7 +25,10 @@ from deployments.api import (
     decode_image,
     parse_size,
 )
+from deployments.auth import ANONYMOUS, presented_key
+from deployments.ingress import IdempotencyConflict, TooManyJobs
 from deployments.jobs import Status
+from deployments.metering import summarize
 from deployments.storage import LocalStorage, check_key
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,30 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
     max_image_bytes = opts.max_input_image_mb * 2**20
 
     app.add_exception_handler(FieldError, lambda _req, e: _field_error(e))
+    app.add_exception_handler(
+        TooManyJobs,
+        lambda _req, e: JSONResponse(
+            {"detail": str(e)}, 429, headers={"Retry-After": str(opts.retry_after_s)}
+        ),
+    )
+    app.add_exception_handler(
+        IdempotencyConflict,
+        lambda _req, e: JSONResponse(
+            {"detail": "Idempotency-Key was already used with a different request body"}, 409
+        ),
+    )
+
+    async def caller(request: Request) -> str:
+        """The calling API key's id; 401 without a known key (when keys are configured)."""
+        if not ingress.keys.enabled:
+            return ANONYMOUS
+        kid = ingress.keys.identify(presented_key(request.headers))
+        if kid is None:
+            raise HTTPException(
+                401, "missing or unknown API key: send it as `x-key` or `Authorization: Bearer`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        return kid
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
@@ -69,16 +98,18 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         return {"status": "ok", "model": ingress.model_id}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(key_id: str = Depends(caller)):
         return {"object": "list", "data": [{"id": ingress.model_id, "object": "model", "created": 0,
                                             "owned_by": "black-forest-labs"}]}  # fmt: skip
 
     # --- BFL-compatible async API ---
 
     @app.get("/v1/get_result", response_model=ResultResponse, response_model_exclude_none=True)
-    async def get_result(request: Request, id: str = Query(..., max_length=64)):
+    async def get_result(
+        request: Request, id: str = Query(..., max_length=64), key_id: str = Depends(caller)
+    ):
         job = await ingress.jobs.get(id)
-        if job is None:
+        if job is None or job.key_id != key_id:  # another key's job does not exist for this caller
             return ResultResponse(id=id, status=Status.NOT_FOUND.value)
         sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
         return ResultResponse(
@@ -93,9 +124,9 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         )
 
     @app.delete("/v1/jobs/{job_id}")
-    async def cancel(job_id: str):
+    async def cancel(job_id: str, key_id: str = Depends(caller)):
         job = await ingress.jobs.get(job_id)
-        if job is None:
+        if job is None or job.key_id != key_id:
             return JSONResponse({"id": job_id, "status": Status.NOT_FOUND.value}, status_code=404)
         if job.status.terminal:
             return JSONResponse({"id": job_id, "status": job.status.value, "detail": "already finished"}, 409)
@@ -104,8 +135,36 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             {"id": job_id, "status": job.status.value, "cancel_requested": True}, status_code=202
         )
 
+    @app.get("/v1/usage")
+    async def usage(
+        start: date = Query(..., description="first day, YYYY-MM-DD (UTC, by submission)"),
+        end: date = Query(..., description="last day, inclusive"),
+        group_by: str = Query("day", pattern="^(day|model)$", description="day or model"),
+        key_id: str = Depends(caller),
+    ):
+        if end < start:
+            raise FieldError("end", f"must not be before start ({start})")
+        if (end - start).days > 366:
+            raise FieldError("end", "the range must be at most 366 days")
+        records = await ingress.usage(key_id, start.isoformat(), end.isoformat())
+        total = summarize(records, "key_id")
+        return {
+            "key_id": key_id,
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "group_by": group_by,
+            "groups": summarize(records, group_by),
+            "total": total[0] if total else {"jobs": 0, "input_mp": 0.0, "output_mp": 0.0, "cost": 0.0},
+        }
+
     @app.post("/v1/{model}", response_model=SubmitResponse)
-    async def submit(model: str, body: GenerateRequest, request: Request):
+    async def submit(
+        model: str,
+        body: GenerateRequest,
+        request: Request,
+        key_id: str = Depends(caller),
+        idempotency_key: str | None = Header(None, max_length=255),
+    ):
         if model != ingress.model_id:
             return JSONResponse(
                 {"detail": f"unknown model {model!r}; this service runs {ingress.model_id}"}, 404
@@ -114,13 +173,16 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         for field, data in body.images():
             raw, image = decode_image(data, field, max_image_bytes, opts.max_input_image_pixels)
             images.append((field, raw, image))
-        job = await ingress.submit(
+        job, replayed = await ingress.submit(
             prompt=body.prompt, width=body.width, height=body.height, seed=body.seed, steps=body.steps,
             guidance=body.guidance, safety_tolerance=body.safety_tolerance, output_format=body.output_format,
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
-            webhook_secret=body.webhook_secret, fields={"references": "input_image"},
+            webhook_secret=body.webhook_secret, fields={"references": "input_image"}, key_id=key_id,
+            idempotency_key=idempotency_key,
+            body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest(),
         )  # fmt: skip
-        ingress.start(job, fresh=True)
+        if not replayed:
+            ingress.start(job, fresh=True)
         return SubmitResponse(
             id=job.id,
             polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",
@@ -131,7 +193,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
 
     # --- OpenAI-compatible images API ---
 
-    async def openai_images(request: Request, body: ImagesRequest, images: list) -> Response:
+    async def openai_images(request: Request, body: ImagesRequest, images: list, key_id: str) -> Response:
         if body.model is not None and body.model != ingress.model_id:
             return JSONResponse(
                 {"error": {"message": f"model {body.model!r} not found", "type": "invalid_request_error",
@@ -142,20 +204,20 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         width, height = size if size else (None, None)
         jobs = []
         for i in range(body.n):
-            jobs.append(
-                await ingress.submit(
-                    prompt=body.prompt,
-                    width=width,
-                    height=height,
-                    seed=None if body.seed is None else (body.seed + i) % 2**63,
-                    steps=body.steps,
-                    guidance=body.guidance,
-                    safety_tolerance=body.safety_tolerance,
-                    output_format=body.output_format,
-                    images=images,
-                    fields=OPENAI_FIELDS,
-                )  # fmt: skip
+            job, _ = await ingress.submit(
+                prompt=body.prompt,
+                width=width,
+                height=height,
+                seed=None if body.seed is None else (body.seed + i) % 2**63,
+                steps=body.steps,
+                guidance=body.guidance,
+                safety_tolerance=body.safety_tolerance,
+                output_format=body.output_format,
+                images=images,
+                fields=OPENAI_FIELDS,
+                key_id=key_id,
             )
+            jobs.append(job)
         b64 = body.response_format == "b64_json"
         runs = [asyncio.ensure_future(ingress.run(job, return_bytes=b64, fresh=True)) for job in jobs]
         try:
@@ -196,11 +258,11 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         )
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def generations(body: ImagesRequest, request: Request):
-        return await openai_images(request, body, [])
+    async def generations(body: ImagesRequest, request: Request, key_id: str = Depends(caller)):
+        return await openai_images(request, body, [], key_id)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def edits(request: Request):
+    async def edits(request: Request, key_id: str = Depends(caller)):
         form = await request.form()
         unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)
         if unknown:
@@ -225,7 +287,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         except ValidationError as e:
             err = e.errors()[0]
             raise FieldError(".".join(map(str, err["loc"])), err["msg"]) from None
-        return await openai_images(request, body, images)
+        return await openai_images(request, body, images, key_id)
 
     # --- result files (local storage backend) ---
 

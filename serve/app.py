@@ -26,6 +26,11 @@ def build_app(settings: Settings) -> Application:
     model_id = settings.model_id or api_model_id(source.spec.name)
     price = settings.price(model_id)
     storage = settings.storage
+    keys = settings.key_ring()
+    if settings.require_api_keys and not keys.enabled:
+        raise ValueError(
+            "require_api_keys is set but no API keys are configured (KLEIN_API_KEYS / KLEIN_API_KEYS_FILE)"
+        )
     log.info("building %s (%s) with %s storage", model_id, source.spec.name, storage.backend)
 
     def deployment(cls, name, options):
@@ -41,7 +46,9 @@ def build_app(settings: Settings) -> Application:
     ingress = serve.deployment(
         serve.ingress()(Ingress), name="Ingress", **settings.ingress.deployment.serve_options()
     )
-    return ingress.bind(embedder, transformer, codec, source.spec, model_id, settings.ingress, storage, price)
+    return ingress.bind(
+        embedder, transformer, codec, source.spec, model_id, settings.ingress, storage, price, keys
+    )
 
 
 def build(args: dict) -> Application:

@@ -38,6 +38,17 @@ def load_config(path: Path, preset=None, weights=None, host=None, port=None):
     return ServeDeploySchema.model_validate(raw)
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def wait_running(app_name: str, timeout_s: float = 900) -> None:
     from ray import serve
 
@@ -65,6 +76,24 @@ def serve_forever(args, parser) -> int:
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
 
+    host = config.http_options.host
+    for app in config.applications:  # the keys the replicas will see: config args over environment
+        try:
+            from serve.settings import Settings
+
+            keyed = Settings(**(app.args or {})).key_ring().enabled
+        except Exception as e:
+            parser.error(f"--config: application {app.name!r}: {e}")
+        if not keyed and not _is_loopback(host):
+            parser.error(
+                f"--host: refusing to serve on {host} without API keys; set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE "
+                "(only loopback addresses may run without keys)"
+            )
+        if not keyed:
+            log.warning("!" * 78)
+            log.warning("NO API KEYS: every request is accepted. Fine on %s (loopback) only.", host)
+            log.warning("Set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE before exposing this service.")
+            log.warning("!" * 78)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Replicas inherit this: idle OpenMP threads sleep instead of spinning. With several torch
     # processes on one machine, spinning threads burn the cores the other stages need (measured:

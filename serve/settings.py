@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from deployments.auth import KeyRing, parse_keys
 from deployments.codec import CodecOptions
 from deployments.ingress import IngressOptions
 from deployments.metering import DEFAULT_PRICES, Price
@@ -44,6 +45,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="HTTP proxy timeout (408 beyond)")
     app_name: str = Field("klein", description="Serve application name")
 
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys (KLEIN_API_KEYS)")
+    api_keys_file: Path | None = Field(
+        None, description="file of API keys, e.g. a mounted Secret; re-read on change"
+    )
+    require_api_keys: bool | None = Field(
+        None, description="refuse to start without keys; default: required unless bound to loopback"
+    )
+    webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
+
     storage: StorageOptions = Field(default_factory=StorageOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     text_embedder: TextEmbedderOptions = Field(default_factory=TextEmbedderOptions)
@@ -55,7 +65,15 @@ class Settings(BaseSettings):
     def _one_source(self):
         if self.preset is None and not any((self.weights, self.transformer)):
             self.preset = "tiny"
+        if self.webhook_allow_private:
+            self.ingress.webhook_allow_private = True
         return self
+
+    def key_ring(self) -> KeyRing:
+        keys = parse_keys(self.api_keys.get_secret_value()) if self.api_keys else []
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} does not exist")
+        return KeyRing.from_keys(keys, self.api_keys_file)
 
     def model_source(self) -> ModelSource:
         if any((self.weights, self.transformer, self.vae, self.text_encoder)):

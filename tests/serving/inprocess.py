@@ -61,7 +61,7 @@ def _fresh_batch_queues() -> None:
         fn.set_max_batch_size.__self__._queue = None
 
 
-def build(root, **ingress) -> Ingress:
+def build(root, keys=None, **ingress) -> Ingress:
     _fresh_batch_queues()
     source = ModelSource.preset("tiny")
     storage = StorageOptions(root=root)
@@ -80,4 +80,5 @@ def build(root, **ingress) -> Ingress:
         options,
         storage,
         Price(first_mp=1.4, per_mp=0.1),
+        keys,
     )

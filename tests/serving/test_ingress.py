@@ -21,10 +21,11 @@ def ingress(tmp_path):
     return build(tmp_path / "data")
 
 
-def _submit(ingress, **kw):
+async def _submit(ingress, **kw):
     args = dict(prompt="a fox", width=64, height=64, seed=1, steps=None, guidance=None, safety_tolerance=2,
                 output_format="png", images=[])  # fmt: skip
-    return ingress.submit(**{**args, **kw})
+    job, _ = await ingress.submit(**{**args, **kw})
+    return job
 
 
 def test_job_runs_to_ready_and_is_stored(ingress):
@@ -34,7 +35,7 @@ def test_job_runs_to_ready_and_is_stored(ingress):
         result = await ingress.run(job, return_bytes=True)
         stored = await ingress.jobs.get(job.id)
         assert stored.status is Status.READY and stored.attempts == 1
-        assert await ingress.jobs.pending_ids() == []
+        assert await ingress.jobs.pending() == []
         image = Image.open(io.BytesIO(await ingress.storage.get(stored.result.key)))
         assert image.size == (64, 64) and result.data == await ingress.storage.get(stored.result.key)
         assert stored.result.key.startswith("images/") and stored.result.key.endswith(f"{job.id}.png")
@@ -54,7 +55,7 @@ def test_stage_failures_are_retried_then_error(ingress):
         assert await ingress.run(job) is None
         stored = await ingress.jobs.get(job.id)
         assert stored.status is Status.ERROR and stored.attempts == 3 and "3 attempts" in stored.error
-        assert await ingress.jobs.pending_ids() == []  # terminal: no longer pending
+        assert await ingress.jobs.pending() == []  # terminal: no longer pending
 
     asyncio.run(go())
 

@@ -1,0 +1,313 @@
+"""API keys, per-key limits, idempotency, usage metering and webhooks, on the in-process DAG
+(real stage classes behind fake handles, real local storage, the real FastAPI app over ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+
+from deployments.auth import KeyRing, key_id
+from deployments.jobs import Status
+from deployments.webhooks import SIGNATURE_HEADER
+from tests.serving.inprocess import build
+
+KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+MODEL = "flux-2-klein-tiny"
+TODAY = datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def drain(ingress) -> None:
+    while ingress._running:
+        await asyncio.gather(*list(ingress._running.values()), return_exceptions=True)
+
+
+@pytest.fixture
+def ingress(tmp_path):
+    return build(tmp_path / "data", keys=KeyRing.from_keys([KEY_A, KEY_B]), max_jobs_in_flight=3, webhook_allow_private=True,
+                 webhook_attempts=3)  # fmt: skip
+
+
+def test_auth_matrix(ingress):
+    app = ingress.__serve_build_asgi_app__()
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/get_result?id=abc", None),
+        ("DELETE", "/v1/jobs/abc", None),
+        ("GET", f"/v1/usage?start={TODAY}&end={TODAY}", None),
+        ("POST", f"/v1/{MODEL}", {"prompt": "x", "width": 64, "height": 64}),
+        ("POST", "/v1/images/generations", {"prompt": "x", "size": "64x64"}),
+    ]
+
+    async def go():
+        async with client(app) as c:
+            assert (await c.get("/healthz")).status_code == 200  # the one open route
+            for method, url, body in routes:
+                for headers in (
+                    {},
+                    {"x-key": "wrong-key-0000000000"},
+                    {"Authorization": "Bearer nope"},
+                    {"Authorization": f"Basic {KEY_A}"},
+                ):
+                    r = await c.request(method, url, json=body, headers=headers)
+                    assert r.status_code == 401, (method, url, headers, r.status_code)
+                    assert "x-key" in r.json()["detail"]
+                for headers in ({"x-key": KEY_A}, {"Authorization": f"Bearer {KEY_A}"}):
+                    r = await c.request(method, url, json=body, headers=headers)
+                    assert r.status_code in (200, 404), (method, url, r.status_code, r.text)
+            await drain(ingress)
+
+    asyncio.run(go())
+
+
+def test_jobs_belong_to_their_key_and_result_links_need_no_key(ingress):
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with client(app) as c:
+            r = await c.post(
+                f"/v1/{MODEL}", json={"prompt": "x", "width": 64, "height": 64}, headers={"x-key": KEY_A}
+            )
+            job_id = r.json()["id"]
+            await drain(ingress)
+            mine = (await c.get(f"/v1/get_result?id={job_id}", headers={"x-key": KEY_A})).json()
+            theirs = (await c.get(f"/v1/get_result?id={job_id}", headers={"x-key": KEY_B})).json()
+            assert mine["status"] == "Ready" and theirs["status"] == "Task not found"
+            assert (await c.delete(f"/v1/jobs/{job_id}", headers={"x-key": KEY_B})).status_code == 404
+            sample = mine["result"]["sample"].removeprefix("http://test")
+            assert (await c.get(sample)).status_code == 200  # signed link, like a presigned S3 URL
+
+    asyncio.run(go())
+
+
+def test_jobs_in_flight_limit_per_key(ingress):
+    app = ingress.__serve_build_asgi_app__()
+    ingress.start = lambda job, fresh=False: None  # submitted jobs stay in flight
+
+    async def go():
+        async with client(app) as c:
+            body = {"prompt": "x", "width": 64, "height": 64}
+            for _ in range(3):
+                assert (await c.post(f"/v1/{MODEL}", json=body, headers={"x-key": KEY_A})).status_code == 200
+            r = await c.post(f"/v1/{MODEL}", json=body, headers={"x-key": KEY_A})
+            assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+            assert "at most 3 jobs in flight" in r.json()["detail"]
+            assert (await c.post(f"/v1/{MODEL}", json=body, headers={"x-key": KEY_B})).status_code == 200
+
+    asyncio.run(go())
+
+
+def test_idempotency_key(ingress):
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with client(app) as c:
+            body = {"prompt": "same", "width": 64, "height": 64, "seed": 4}
+            h = {"x-key": KEY_A, "Idempotency-Key": "order-17"}
+            first = (await c.post(f"/v1/{MODEL}", json=body, headers=h)).json()
+            await drain(ingress)
+            again = (await c.post(f"/v1/{MODEL}", json=body, headers=h)).json()
+            assert again == first  # same job, same cost, no second run
+            assert not ingress._running
+            assert (await ingress.jobs.get(first["id"])).attempts == 1
+            r = await c.post(f"/v1/{MODEL}", json={**body, "seed": 5}, headers=h)
+            assert r.status_code == 409
+            other = (
+                await c.post(
+                    f"/v1/{MODEL}", json=body, headers={"x-key": KEY_B, "Idempotency-Key": "order-17"}
+                )
+            ).json()
+            assert other["id"] != first["id"]  # idempotency keys are per API key
+            await drain(ingress)
+
+    asyncio.run(go())
+
+
+def test_usage_counts_ready_jobs_exactly_once(ingress):
+    """Mixed traffic: successes, failures, a cancelled job, idempotent retries, a re-run job ->
+    /v1/usage totals equal the megapixels of the Ready jobs, once each."""
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with client(app) as c:
+            ready: list[str] = []
+
+            async def submit(body, headers=None):
+                r = await c.post(
+                    f"/v1/{MODEL}", json={"prompt": "x", **body}, headers={"x-key": KEY_A, **(headers or {})}
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["id"]
+
+            ready.append(await submit({"width": 64, "height": 64}))
+            ready.append(await submit({"width": 128, "height": 64}))
+            for _ in range(3):  # a retried submit with an Idempotency-Key: one job
+                job = await submit({"width": 96, "height": 96}, {"Idempotency-Key": "retry-me"})
+            ready.append(job)
+            await drain(ingress)
+            ingress.codec.fail_next["finish"] = [RuntimeError("decode failed")] * 3
+            failed = await submit({"width": 64, "height": 80})
+            await drain(ingress)
+            ingress.transformer.fail_next["denoise"] = [
+                RuntimeError("replica died")
+            ]  # retried: Ready, billed once
+            ready.append(await submit({"width": 80, "height": 64}))
+            await drain(ingress)
+            cancelled = await submit({"width": 256, "height": 256, "steps": 40})
+            await asyncio.sleep(0.2)
+            await c.delete(f"/v1/jobs/{cancelled}", headers={"x-key": KEY_A})
+            await drain(ingress)
+            # a job whose ingress died after finishing the image: re-run by the reaper, same usage key
+            rerun = await ingress.jobs.get(ready[0])
+            rerun.status, rerun.lease_until = Status.PENDING, 0
+            await ingress.jobs.create(rerun)
+            assert await ingress.reap() == 1
+            await drain(ingress)
+
+            statuses = {j: (await ingress.jobs.get(j)).status.value for j in [*ready, failed, cancelled]}
+            assert [statuses[j] for j in ready] == ["Ready"] * 4
+            assert statuses[failed] == "Error" and statuses[cancelled] == "Cancelled"
+
+            expected_out = sum([(await ingress.jobs.get(j)).output_mp for j in ready])
+            u = (await c.get(f"/v1/usage?start={TODAY}&end={TODAY}", headers={"x-key": KEY_A})).json()
+            assert u["total"]["jobs"] == 4
+            assert u["total"]["output_mp"] == pytest.approx(expected_out)
+            assert u["total"]["output_mp"] == pytest.approx((64 * 64 + 128 * 64 + 96 * 96 + 80 * 64) / 1e6)
+            assert u["total"]["cost"] == pytest.approx(4 * 1.4)  # below 1 MP: the first-MP price each
+            assert u["groups"] == [
+                {"day": TODAY, **{k: u["total"][k] for k in ("jobs", "input_mp", "output_mp", "cost")}}
+            ]
+            by_model = (
+                await c.get(f"/v1/usage?start={TODAY}&end={TODAY}&group_by=model", headers={"x-key": KEY_A})
+            ).json()
+            assert by_model["groups"][0]["model"] == MODEL and by_model["groups"][0]["jobs"] == 4
+            other = (await c.get(f"/v1/usage?start={TODAY}&end={TODAY}", headers={"x-key": KEY_B})).json()
+            assert other["total"]["jobs"] == 0
+            r = await c.get(f"/v1/usage?start={TODAY}&end=2000-01-01", headers={"x-key": KEY_A})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "end"]
+            r = await c.get(f"/v1/usage?start={TODAY}&end={TODAY}&group_by=week", headers={"x-key": KEY_A})
+            assert r.status_code == 422
+            assert len(await ingress.storage.list(f"usage/{key_id(KEY_A)}")) == 4
+
+    asyncio.run(go())
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[bytes, dict]] = []
+    failures_left = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        cls = type(self)
+        if cls.failures_left > 0:
+            cls.failures_left -= 1
+            self.send_response(500)
+        else:
+            cls.received.append((body, dict(self.headers)))
+            self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    Receiver.received, Receiver.failures_left = [], 0
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+def test_signed_webhook_delivered_and_retried(ingress, receiver, monkeypatch):
+    import deployments.webhooks as webhooks
+
+    real_sleep = asyncio.sleep
+    monkeypatch.setattr(webhooks.asyncio, "sleep", lambda s: real_sleep(0))  # no backoff waits in tests
+    app = ingress.__serve_build_asgi_app__()
+    Receiver.failures_left = 2  # the receiver fails twice, then accepts
+    submitted = {}
+
+    async def go():
+        async with client(app) as c:
+            body = {
+                "prompt": "x",
+                "width": 64,
+                "height": 64,
+                "webhook_url": receiver,
+                "webhook_secret": "s3cret",
+            }
+            submitted["id"] = (await c.post(f"/v1/{MODEL}", json=body, headers={"x-key": KEY_A})).json()["id"]
+            await drain(ingress)
+            deadline = time.monotonic() + 10
+            while not Receiver.received and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+    ((raw, headers),) = Receiver.received
+    expected = "sha256=" + hmac.new(b"s3cret", raw, hashlib.sha256).hexdigest()
+    assert headers[SIGNATURE_HEADER] == expected
+    payload = json.loads(raw)
+    assert (
+        payload["id"] == submitted["id"] and payload["status"] == "Ready" and payload["result"]["seed"] >= 0
+    )
+    assert Receiver.failures_left == 0  # two failed deliveries were retried
+
+
+def test_private_webhook_targets_refused_by_default(tmp_path):
+    ingress = build(tmp_path / "d")
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with client(app) as c:
+            for url in (
+                "http://127.0.0.1:9/h",
+                "http://10.0.0.1/h",
+                "http://169.254.169.254/latest",
+                "http://localhost/h",
+            ):
+                r = await c.post(f"/v1/{MODEL}", json={"prompt": "x", "webhook_url": url})
+                assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "webhook_url"], url
+
+    asyncio.run(go())
+
+
+def test_serve_refuses_public_bind_without_keys(capsys, monkeypatch):
+    from serve.cli import main
+
+    monkeypatch.delenv("KLEIN_API_KEYS", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--host", "0.0.0.0"])
+    assert e.value.code == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_keys_file_and_short_keys(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# rotated 2026-11\n" + KEY_A + "\n")
+    ring = KeyRing.from_keys([], f)
+    assert ring.identify(KEY_A) == key_id(KEY_A) and ring.identify(KEY_B) is None
+    time.sleep(0.01)
+    f.write_text(KEY_B + "\n")
+    import os
+
+    os.utime(f, (time.time() + 5, time.time() + 5))
+    assert ring.identify(KEY_B) == key_id(KEY_B) and ring.identify(KEY_A) is None  # rotation picked up
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        KeyRing.from_keys(["short"])
+    import pickle
+
+    assert KEY_A.encode() not in pickle.dumps(KeyRing.from_keys([KEY_A]))  # only digests travel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from torch import Tensor
 
+from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.stage import Placement, Stage
@@ -71,8 +73,10 @@ class Codec(Stage):
         options: CodecOptions,
         storage: StorageOptions,
         postprocessors: Sequence[PostProcessor] = (),
+        tracing=None,
     ):
         super().__init__(options.placement)
+        telemetry.setup(tracing or telemetry.TelemetryOptions(), "Codec")
         self.spec = source.spec
         self.vae = source.load_vae(self.device, self.dtype)
         self.storage = open_storage(storage)
@@ -82,15 +86,18 @@ class Codec(Stage):
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
-    async def encode(self, images: list[bytes]) -> References:
+    async def encode(self, images: list[bytes], trace: dict | None = None) -> References:
         """Reference images (encoded files, already validated by the ingress) -> packed tokens."""
+        start = time.time_ns()
 
         def work():
             pil = tuple(Image.open(io.BytesIO(b)) for b in images)
             refs = encode_references(self.vae, self.spec, pil)
             return References(refs.tokens.cpu(), refs.shapes, refs.pixels)
 
-        return await self.run(work)
+        out = await self.run(work)
+        telemetry.record("encode", [trace], start, images=len(images))
+        return out
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         out = await self._finish_batch(latents, params)
@@ -105,11 +112,15 @@ class Codec(Stage):
         out: list[bytes | BaseException] = []
         for z, p in zip(latents, params, strict=True):
             try:
+                t0 = time.time_ns()
                 with torch.inference_mode():
                     image = to_pil(self.vae.decode(z[None].to(self.device)))[0]
+                t1 = time.time_ns()
                 for step in self.postprocessors:
                     image = step(image, p)
                 out.append(encode_image(image, p.output_format, self.options))
+                telemetry.record("decode", [p.trace], t0, t1)
+                telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
             except Exception as e:  # one bad request fails alone
                 out.append(e)
         return out
@@ -119,15 +130,19 @@ class Codec(Stage):
         self, latents: list[Tensor], params: list[FinishParams]
     ) -> list[FinishResult | BaseException]:
         self.batch_sizes = (self.batch_sizes + [len(latents)])[-1000:]
+        start = time.time_ns()
         files = await self.run(self._decode, latents, params)
+        metrics.stage_batch("decode", len(latents), (time.time_ns() - start) / 1e9)
 
         async def upload(z: Tensor, data, p: FinishParams) -> FinishResult | BaseException:
             if isinstance(data, BaseException):
                 return data
+            start = time.time_ns()
             try:
                 await self.storage.put(p.key, data, CONTENT_TYPES[p.output_format])
             except Exception as e:
                 return e
+            telemetry.record("upload", [p.trace], start, bytes=len(data))
             h, w = z.shape[-2] * self.spec.multiple, z.shape[-1] * self.spec.multiple
             return FinishResult(
                 p.key, w, h, CONTENT_TYPES[p.output_format], len(data), data if p.return_bytes else None

@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
 
+from deployments import metrics, telemetry
 from deployments.api import FieldError
 from deployments.auth import ANONYMOUS, KeyRing
 from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
@@ -83,7 +84,9 @@ class Ingress:
         storage: StorageOptions,
         price: Price,
         keys: KeyRing | None = None,
+        tracing: telemetry.TelemetryOptions | None = None,
     ):
+        telemetry.setup(tracing or telemetry.TelemetryOptions(), "Ingress")
         self.embedder, self.transformer, self.codec = embedder, transformer, codec
         self.keys = keys or KeyRing()
         self.spec, self.model_id, self.options, self.price = spec, model_id, options, price
@@ -118,6 +121,7 @@ class Ingress:
         key_id: str = ANONYMOUS,
         idempotency_key: str | None = None,
         body_hash: str = "",
+        trace: dict[str, str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
         (field, file bytes, PIL image); `fields` renames klein's fields for error messages.
@@ -167,6 +171,7 @@ class Ingress:
             input_mp=megapixels(sum(w * h for w, h in sizes)),
             output_mp=megapixels(req.width * req.height),
             lease_until=time.time() + self.options.job_lease_s,
+            trace=trace,
         )
         job.cost = cost(self.price, job.output_mp, job.input_mp)
         for k, (_, data, _) in enumerate(images):
@@ -222,14 +227,18 @@ class Ingress:
                 job.lease_until = time.time() + self.options.job_lease_s
                 await self.jobs.save(job)
             try:
-                pipeline = self._pipeline(job, return_bytes, check_cancel=not (fresh and job.attempts == 1))
-                result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
+                with telemetry.span("job", job.trace, job_id=job.id, attempt=job.attempts, model=job.model):
+                    pipeline = self._pipeline(
+                        job, return_bytes, check_cancel=not (fresh and job.attempts == 1)
+                    )
+                    result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
                 job.finished_at = time.time()
                 await self._record_usage(job)  # no Ready without its usage record
             except JobCancelled:
                 job.status, job.error = Status.CANCELLED, "cancelled by the client"
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
-                log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempts, type(e).__name__, e)
+                log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempts, type(e).__name__, e,
+                            extra={"job_id": job.id})  # fmt: skip
                 if job.attempts < self.options.max_attempts and not await self.jobs.cancel_requested(job.id):
                     await asyncio.sleep(self.options.retry_backoff_s * 2 ** (job.attempts - 1))
                     continue
@@ -244,7 +253,7 @@ class Ingress:
         if job.status is not Status.READY:
             job.finished_at = time.time()
         await self.jobs.finish(job)
-        self._notify(job)
+        self._finished(job)
         return result if job.status is Status.READY else None
 
     async def _pipeline(self, job: JobRecord, return_bytes: bool, check_cancel: bool = True) -> FinishResult:
@@ -255,21 +264,17 @@ class Ingress:
         if any(b is None for b in images):
             raise RuntimeError(f"job {job.id}: an input image is missing from storage")
         cfg = r.guidance is not None and r.guidance > 1.0
+        trace = telemetry.carrier() or None  # the job span's context, for every stage
+        refs_shape = tuple(map(tuple, r.ref_shapes))
         params = DenoiseParams(
-            job.id,
-            r.width,
-            r.height,
-            r.seed,
-            r.steps,
-            r.guidance if cfg else None,
-            tuple(map(tuple, r.ref_shapes)),
+            job.id, r.width, r.height, r.seed, r.steps, r.guidance if cfg else None, refs_shape, trace
         )
-        ctx = self.embedder.embed.remote(r.prompt)
-        neg = self.embedder.embed.remote("") if cfg else None
-        refs = self.codec.encode.remote(images) if images else None
+        ctx = self.embedder.embed.remote(r.prompt, trace)
+        neg = self.embedder.embed.remote("", None) if cfg else None
+        refs = self.codec.encode.remote(images, trace) if images else None
         latents = self.transformer.denoise.remote(params, ctx, neg, refs)
         finish = FinishParams(
-            job.id, job.output_key, r.output_format, r.prompt, job.model, r.seed, return_bytes
+            job.id, job.output_key, r.output_format, r.prompt, job.model, r.seed, return_bytes, trace
         )
         return await self.codec.finish.remote(latents, finish)
 
@@ -292,6 +297,13 @@ class Ingress:
             keys += await self.storage.list(f"usage/{key_id}/{day}")
         raws = await asyncio.gather(*(self.storage.get(k) for k in keys))
         return [UsageRecord.model_validate_json(r) for r in raws if r is not None]
+
+    def _finished(self, job: JobRecord) -> None:
+        log.info("job %s %s after %d attempts", job.id, job.status.value, job.attempts,
+                 extra={"job_id": job.id, "status": job.status.value, "key_id": job.key_id})  # fmt: skip
+        seconds = (job.finished_at or time.time()) - job.created_at
+        metrics.job_finished(job.model, job.status.value, seconds, job.input_mp, job.output_mp)
+        self._notify(job)
 
     def _notify(self, job: JobRecord) -> None:
         r = job.request
@@ -348,7 +360,7 @@ class Ingress:
                     job.status, job.error = Status.ERROR, f"abandoned after {job.attempts} attempts"
                     job.finished_at = time.time()
                     await self.jobs.finish(job)
-                    self._notify(job)
+                    self._finished(job)
                 else:
                     log.warning(
                         "job %s: lease expired after attempt %d; running it again", job_id, job.attempts

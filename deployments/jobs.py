@@ -77,6 +77,7 @@ class JobRecord(BaseModel):
     input_mp: float = 0.0
     output_mp: float = 0.0
     cost: float = 0.0
+    trace: dict[str, str] | None = None  # W3C context of the submitting request: re-runs join its trace
 
     @property
     def output_key(self) -> str:

@@ -14,6 +14,7 @@ class DenoiseParams:
     steps: int
     guidance: float | None  # None: no CFG (distilled models, or guidance 1)
     ref_shapes: tuple[tuple[int, int], ...] = ()  # token grids (h, w) of the encoded references
+    trace: dict[str, str] | None = None  # W3C carrier of the job's span
 
     @property
     def tokens(self) -> int:
@@ -35,6 +36,7 @@ class FinishParams:
     model: str
     seed: int
     return_bytes: bool = False  # the sync API answers with the image itself (b64_json)
+    trace: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from deployments import metrics, telemetry
 from deployments.api import (
     FieldError,
     GenerateRequest,
@@ -87,6 +88,11 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             )
         return await call_next(request)
 
+    def incoming_trace(request: Request) -> dict[str, str] | None:
+        """The caller's W3C trace context, if it sent one: the job joins the caller's trace."""
+        ctx = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
+        return ctx or None
+
     def base_url(request: Request) -> str:
         return (opts.public_url or str(request.base_url)).rstrip("/")
 
@@ -96,6 +102,11 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
         return {"status": "ok", "model": ingress.model_id}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(key_id: str = Depends(caller)):
+        text = await asyncio.to_thread(metrics.gather_prometheus)
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
@@ -173,12 +184,14 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         for field, data in body.images():
             raw, image = decode_image(data, field, max_image_bytes, opts.max_input_image_pixels)
             images.append((field, raw, image))
+        with telemetry.span("submit", incoming_trace(request), model=model):
+            trace = telemetry.carrier() or None
         job, replayed = await ingress.submit(
             prompt=body.prompt, width=body.width, height=body.height, seed=body.seed, steps=body.steps,
             guidance=body.guidance, safety_tolerance=body.safety_tolerance, output_format=body.output_format,
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
             webhook_secret=body.webhook_secret, fields={"references": "input_image"}, key_id=key_id,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, trace=trace,
             body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest(),
         )  # fmt: skip
         if not replayed:
@@ -202,6 +215,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             raise FieldError("n", f"must be at most {opts.max_images_per_request}, got {body.n}")
         size = parse_size(body.size)
         width, height = size if size else (None, None)
+        with telemetry.span("submit", incoming_trace(request), model=ingress.model_id, n=body.n):
+            trace = telemetry.carrier() or None
         jobs = []
         for i in range(body.n):
             job, _ = await ingress.submit(
@@ -216,6 +231,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                 images=images,
                 fields=OPENAI_FIELDS,
                 key_id=key_id,
+                trace=trace,
             )
             jobs.append(job)
         b64 = body.response_format == "b64_json"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from pydantic import BaseModel, Field
 from ray import serve
 from torch import Tensor
 
+from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stage import Placement, Stage
 from klein import ModelSource
@@ -24,8 +26,9 @@ class TextEmbedderOptions(BaseModel):
 
 
 class TextEmbedder(Stage):
-    def __init__(self, source: ModelSource, options: TextEmbedderOptions):
+    def __init__(self, source: ModelSource, options: TextEmbedderOptions, tracing=None):
         super().__init__(options.placement)
+        telemetry.setup(tracing or telemetry.TelemetryOptions(), "TextEmbedder")
         self.embedder = source.load_text_embedder(self.device, self.dtype)
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
@@ -61,9 +64,13 @@ class TextEmbedder(Stage):
         return [out[p] for p in prompts]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def embed(self, prompts: list[str]) -> list[Tensor]:
+    async def embed(self, prompts: list[str], traces: list[dict | None]) -> list[Tensor]:
         self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
-        return await self.run(self.embed_now, prompts)
+        start = time.time_ns()
+        out = await self.run(self.embed_now, prompts)
+        telemetry.record("embed", traces, start, batch_size=len(prompts))
+        metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
+        return out
 
     async def stats(self) -> dict:
         return {

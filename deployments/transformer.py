@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from torch import Tensor
 
+from deployments import metrics, telemetry
 from deployments.jobs import JobStore
 from deployments.options import DeploymentOptions
 from deployments.payloads import DenoiseParams, JobCancelled
@@ -59,8 +60,11 @@ def _tokens(items: list[_Item]) -> int:
 
 
 class FlowTransformer(Stage):
-    def __init__(self, source: ModelSource, options: FlowTransformerOptions, storage: StorageOptions):
+    def __init__(
+        self, source: ModelSource, options: FlowTransformerOptions, storage: StorageOptions, tracing=None
+    ):
         super().__init__(options.placement)
+        telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
         self.model = source.load_transformer(self.device, self.dtype)
         self.jobs = JobStore(open_storage(storage))
@@ -119,6 +123,7 @@ class FlowTransformer(Stage):
         )
         cancelled: set[str] = set()
         last_check = time.monotonic()
+        start = time.time_ns()
         img = None
         for _ in range(p.steps):
             img = await self.run(_step, steps)
@@ -131,6 +136,10 @@ class FlowTransformer(Stage):
                     break
         m = self.spec.multiple
         latents = unpack(img, p.height // m, p.width // m).cpu()
+        telemetry.record(
+            "denoise", [it.params.trace for it in items], start, batch_size=len(items), steps=p.steps
+        )
+        metrics.stage_batch("denoise", len(items), (time.time_ns() - start) / 1e9)
         return [
             JobCancelled(it.params.job_id) if it.params.job_id in cancelled else latents[i].clone()
             for i, it in enumerate(items)

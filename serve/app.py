@@ -36,19 +36,19 @@ def build_app(settings: Settings) -> Application:
     def deployment(cls, name, options):
         return serve.deployment(cls, name=name, **options.deployment.serve_options())
 
-    embedder = deployment(TextEmbedder, "TextEmbedder", settings.text_embedder).bind(
-        source, settings.text_embedder
-    )
-    transformer = deployment(FlowTransformer, "FlowTransformer", settings.transformer_stage).bind(
-        source, settings.transformer_stage, storage
-    )
-    codec = deployment(Codec, "Codec", settings.codec).bind(source, settings.codec, storage)
+    tracing = settings.telemetry
+    embedder = deployment(TextEmbedder, "TextEmbedder", settings.text_embedder)
+    transformer = deployment(FlowTransformer, "FlowTransformer", settings.transformer_stage)
+    codec = deployment(Codec, "Codec", settings.codec)
     ingress = serve.deployment(
         serve.ingress()(Ingress), name="Ingress", **settings.ingress.deployment.serve_options()
     )
     return ingress.bind(
-        embedder, transformer, codec, source.spec, model_id, settings.ingress, storage, price, keys
-    )
+        embedder.bind(source, settings.text_embedder, tracing),
+        transformer.bind(source, settings.transformer_stage, storage, tracing),
+        codec.bind(source, settings.codec, storage, (), tracing),
+        source.spec, model_id, settings.ingress, storage, price, keys, tracing,
+    )  # fmt: skip
 
 
 def build(args: dict) -> Application:

@@ -18,6 +18,7 @@ from deployments.codec import CodecOptions
 from deployments.ingress import IngressOptions
 from deployments.metering import DEFAULT_PRICES, Price
 from deployments.storage import StorageOptions
+from deployments.telemetry import TelemetryOptions
 from deployments.text_embedder import TextEmbedderOptions
 from deployments.transformer import FlowTransformerOptions
 from klein import ModelSource
@@ -60,6 +61,7 @@ class Settings(BaseSettings):
     transformer_stage: FlowTransformerOptions = Field(default_factory=FlowTransformerOptions)
     codec: CodecOptions = Field(default_factory=CodecOptions)
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    telemetry: TelemetryOptions = Field(default_factory=TelemetryOptions)
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -87,7 +87,7 @@ def ray_local():
     ray.shutdown()
 
 
-def tiny_settings(storage: dict, **ingress) -> dict:
+def tiny_settings(storage: dict, traces: Path | None = None, **ingress) -> dict:
     stage = {
         "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}},
         "placement": {"torch_threads": 1},
@@ -95,6 +95,7 @@ def tiny_settings(storage: dict, **ingress) -> dict:
     return {
         "preset": "tiny",
         "storage": storage,
+        "telemetry": {"traces": "file", "file": str(traces)} if traces else {},
         "text_embedder": {**stage, "batch_wait_timeout_s": 0.02},
         "transformer_stage": {**stage, "batch_wait_timeout_s": 0.05, "cancel_check_interval_s": 0.0},
         "codec": stage,
@@ -109,8 +110,8 @@ def tiny_settings(storage: dict, **ingress) -> dict:
 
 
 class App:
-    def __init__(self, url: str, name: str):
-        self.url, self.name = url, name
+    def __init__(self, url: str, name: str, traces: Path | None = None):
+        self.url, self.name, self.traces = url, name, traces
         self.http = httpx.Client(base_url=url, timeout=120)
 
     def handle(self, deployment: str):
@@ -131,14 +132,16 @@ class App:
 
 
 @pytest.fixture(scope="session")
-def app(ray_local, s3):
-    """The tiny DAG on S3 storage, served over real HTTP on a free loopback port."""
+def app(ray_local, s3, tmp_path_factory):
+    """The tiny DAG on S3 storage, served over real HTTP on a free loopback port; spans of every
+    replica go to one JSON-lines file."""
     from ray import serve
 
     from serve.app import build_app
     from serve.settings import Settings
 
     port = free_port()
+    traces = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(Settings(**tiny_settings(s3.options()))), name="klein", route_prefix="/")
-    return App(f"http://127.0.0.1:{port}", "klein")
+    serve.run(build_app(Settings(**tiny_settings(s3.options(), traces))), name="klein", route_prefix="/")
+    return App(f"http://127.0.0.1:{port}", "klein", traces)

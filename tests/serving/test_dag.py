@@ -216,3 +216,62 @@ def test_killed_ingress_replica_job_is_run_again(app, ray_local):
         time.sleep(0.5)
     res = app.wait(sub["id"], timeout=120)  # lease 20 s, then the new replica's reaper re-runs it
     assert res["status"] == "Ready", res
+
+
+def test_one_trace_spans_every_stage(app):
+    """A request's trace holds spans from the ingress and all three stage deployments, and joins
+    the caller's trace when it sends a traceparent."""
+    import json
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    body = {"prompt": "traced", "width": 64, "height": 64, "input_image": _png_b64(64, 64, 3)}
+    sub = app.http.post(f"/v1/{MODEL}", json=body, headers=headers).json()
+    assert app.wait(sub["id"])["status"] == "Ready"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spans = [json.loads(line) for line in app.traces.read_text().splitlines()]
+        mine = [s for s in spans if s["trace_id"] == trace_id]
+        if {"upload", "denoise", "embed", "job"} <= {s["name"] for s in mine}:
+            break
+        time.sleep(0.2)
+    names = {s["name"] for s in mine}
+    assert {"submit", "job", "embed", "encode", "denoise", "decode", "postprocess", "upload"} <= names, names
+    components = {s["component"] for s in mine}
+    assert components == {"Ingress", "TextEmbedder", "FlowTransformer", "Codec"}
+    assert len({s["pid"] for s in mine}) == 4  # four replica processes, one trace
+    job = next(s for s in mine if s["name"] == "job")
+    assert all(s["parent_id"] == job["span_id"] for s in mine if s["component"] != "Ingress")
+    assert job["attributes"]["job_id"] == sub["id"]
+
+
+def test_prometheus_metrics(app):
+    """/metrics: klein's jobs by status, megapixels, batch sizes and stage times, and Serve's queue
+    and latency metrics, gathered from the node's Ray metrics agent (exported every ~10 s)."""
+    sub = app.http.post(f"/v1/{MODEL}", json={"prompt": "metered", "width": 64, "height": 64}).json()
+    assert app.wait(sub["id"])["status"] == "Ready"
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        r = app.http.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        if (
+            "ray_klein_jobs_total{" in text
+            and "ray_klein_batch_size_bucket" in text
+            and "ray_klein_megapixels_total" in text
+        ):
+            break
+        time.sleep(2)
+    lines = text.splitlines()
+    ready = [ln for ln in lines if ln.startswith("ray_klein_jobs_total{") and 'status="Ready"' in ln]
+    assert ready and float(ready[0].rsplit(" ", 1)[1]) >= 1
+    assert any(ln.startswith("ray_klein_megapixels_total{") and 'direction="output"' in ln for ln in lines)
+    for stage in ("embed", "denoise", "decode"):
+        assert any(
+            ln.startswith("ray_klein_batch_size_bucket{") and f'stage="{stage}"' in ln for ln in lines
+        ), stage
+        assert any(
+            ln.startswith("ray_klein_stage_seconds_sum{") and f'stage="{stage}"' in ln for ln in lines
+        ), stage
+    assert any(ln.startswith("ray_serve_") for ln in lines)  # Serve's own: queues, per-deployment latency

@@ -49,6 +49,9 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         title="klein-serve",
         version="0.1.0",
         description="FLUX.2 [klein] image generation: BFL-compatible async API and OpenAI-compatible images API.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     opts = ingress.options
     max_image_bytes = opts.max_input_image_mb * 2**20
@@ -98,6 +101,17 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
 
     def sample_url(request: Request, key: str) -> str:
         return ingress.storage.url(key, base_url(request), ingress.storage_options.presign_expiry_s)
+
+    # The docs need a key like every route but /healthz (when keys are configured).
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(key_id: str = Depends(caller)):
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(key_id: str = Depends(caller)):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="klein-serve API")
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

@@ -44,6 +44,9 @@ def test_auth_matrix(ingress):
     app = ingress.__serve_build_asgi_app__()
     routes = [
         ("GET", "/v1/models", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/docs", None),
+        ("GET", "/metrics", None),
         ("GET", "/v1/get_result?id=abc", None),
         ("DELETE", "/v1/jobs/abc", None),
         ("GET", f"/v1/usage?start={TODAY}&end={TODAY}", None),

@@ -1,13 +1,12 @@
-"""Codec stage: VAE encode of reference images; VAE decode -> post-processing chain -> PNG/JPEG/WebP
--> upload to storage. Decoding is batched; each image is decoded on its own (batch invariance)."""
+"""Codec stage: VAE encode of reference images; VAE decode -> safety classifier -> invisible watermark
+-> PNG/JPEG/WebP -> C2PA signature -> upload to storage. Decoding is batched; each image is decoded
+on its own (batch invariance). Also classifies input images for the ingress (input moderation)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import time
-from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from PIL import Image
@@ -18,6 +17,7 @@ from torch import Tensor
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
+from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
 from deployments.stage import Placement, Stage
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
@@ -38,13 +38,6 @@ class CodecOptions(BaseModel):
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
-
-
-class PostProcessor(Protocol):
-    """A step between decoding and encoding (safety filter, watermark, ...). It returns the
-    images to keep, or raises to fail the request it is given."""
-
-    def __call__(self, image: Image.Image, params: FinishParams) -> Image.Image: ...
 
 
 def encode_image(image: Image.Image, fmt: str, o: CodecOptions) -> bytes:
@@ -72,7 +65,8 @@ class Codec(Stage):
         source: ModelSource,
         options: CodecOptions,
         storage: StorageOptions,
-        postprocessors: Sequence[PostProcessor] = (),
+        safety: SafetyOptions | None = None,
+        provenance: ProvenanceOptions | None = None,
         tracing=None,
     ):
         super().__init__(options.placement)
@@ -81,7 +75,7 @@ class Codec(Stage):
         self.vae = source.load_vae(self.device, self.dtype)
         self.storage = open_storage(storage)
         self.options = options
-        self.postprocessors = list(postprocessors)
+        self.post = PostProcessor(safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device)
         self.batch_sizes: list[int] = []  # images per decode batch, most recent last
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
@@ -99,6 +93,10 @@ class Codec(Stage):
         telemetry.record("encode", [trace], start, images=len(images))
         return out
 
+    async def moderate(self, images: list[bytes], tolerance: int) -> list[bool]:
+        """Input moderation for the ingress: which input images the classifier flags."""
+        return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance))
+
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         out = await self._finish_batch(latents, params)
         if isinstance(out, BaseException):
@@ -108,21 +106,34 @@ class Codec(Stage):
     async def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes)}
 
-    def _decode(self, latents: list[Tensor], params: list[FinishParams]) -> list[bytes | BaseException]:
-        out: list[bytes | BaseException] = []
-        for z, p in zip(latents, params, strict=True):
+    def _decode(
+        self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
+    ) -> list[bytes | BaseException]:
+        t0 = time.time_ns()
+        decoded: list[Image.Image | BaseException] = []
+        for z in latents:
             try:
-                t0 = time.time_ns()
                 with torch.inference_mode():
-                    image = to_pil(self.vae.decode(z[None].to(self.device)))[0]
-                t1 = time.time_ns()
-                for step in self.postprocessors:
-                    image = step(image, p)
-                out.append(encode_image(image, p.output_format, self.options))
-                telemetry.record("decode", [p.trace], t0, t1)
-                telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
+                    decoded.append(to_pil(self.vae.decode(z[None].to(self.device)))[0])
             except Exception as e:  # one bad request fails alone
+                decoded.append(e)
+        t1 = time.time_ns()
+        ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
+        flags = dict(
+            zip(ok, self.post.flagged([decoded[i] for i in ok], [params[i] for i in ok]), strict=True)
+        )
+        out: list[bytes | BaseException] = []
+        for i, (image, p, refs) in enumerate(zip(decoded, params, ingredients, strict=True)):
+            if isinstance(image, BaseException):
+                out.append(image)
+                continue
+            try:
+                data = encode_image(self.post.pixels(image, p, flags[i]), p.output_format, self.options)
+                out.append(self.post.file(data, p, refs))
+            except Exception as e:  # moderated, or a failing step: this request only
                 out.append(e)
+            telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
+            telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
         return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
@@ -131,7 +142,11 @@ class Codec(Stage):
     ) -> list[FinishResult | BaseException]:
         self.batch_sizes = (self.batch_sizes + [len(latents)])[-1000:]
         start = time.time_ns()
-        files = await self.run(self._decode, latents, params)
+        ingredients = [[]] * len(params)
+        if self.post.signer is not None:  # an edit's references become its C2PA ingredients
+            ingredients = [[await self.storage.get(k) for k in p.input_keys] for p in params]
+            ingredients = [[b for b in refs if b is not None] for refs in ingredients]
+        files = await self.run(self._decode, latents, params, ingredients)
         metrics.stage_batch("decode", len(latents), (time.time_ns() - start) / 1e9)
 
         async def upload(z: Tensor, data, p: FinishParams) -> FinishResult | BaseException:

@@ -24,7 +24,15 @@ from deployments.auth import ANONYMOUS, KeyRing
 from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
 from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key
 from deployments.options import ActorOptions, DeploymentOptions
-from deployments.payloads import DenoiseParams, FinishParams, FinishResult, JobCancelled
+from deployments.payloads import (
+    ContentModerated,
+    DenoiseParams,
+    FinishParams,
+    FinishResult,
+    JobCancelled,
+    RequestModerated,
+)
+from deployments.postprocess import SafetyOptions
 from deployments.storage import StorageOptions, open_storage
 from deployments.webhooks import deliver, is_private_target
 from klein.config import ModelSpec
@@ -85,10 +93,13 @@ class Ingress:
         price: Price,
         keys: KeyRing | None = None,
         tracing: telemetry.TelemetryOptions | None = None,
+        safety: SafetyOptions | None = None,
     ):
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "Ingress")
         self.embedder, self.transformer, self.codec = embedder, transformer, codec
         self.keys = keys or KeyRing()
+        self.safety = safety or SafetyOptions()
+        self.prompt_filter = self.safety.prompt_filter()
         self.spec, self.model_id, self.options, self.price = spec, model_id, options, price
         self.storage_options = storage
         self.storage = open_storage(storage)
@@ -174,6 +185,13 @@ class Ingress:
             trace=trace,
         )
         job.cost = cost(self.price, job.output_mp, job.input_mp)
+        if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
+            job.status, job.error = Status.REQUEST_MODERATED, "the prompt contains a blocked term"
+            job.finished_at = time.time()
+            log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
+            await self.jobs.finish(job)
+            self._finished(job)
+            return job, False
         for k, (_, data, _) in enumerate(images):
             key = f"inputs/{job.id}/{k}"
             await self.storage.put(key, data)
@@ -236,6 +254,18 @@ class Ingress:
                 await self._record_usage(job)  # no Ready without its usage record
             except JobCancelled:
                 job.status, job.error = Status.CANCELLED, "cancelled by the client"
+            except RequestModerated:
+                job.status, job.error = (
+                    Status.REQUEST_MODERATED,
+                    "an input image was flagged by the safety filter",
+                )
+                for key in job.request.input_keys:
+                    await self.storage.delete(key)
+            except ContentModerated:
+                job.status, job.error = (
+                    Status.CONTENT_MODERATED,
+                    "the generated image was flagged by the safety filter",
+                )
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
                 log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempts, type(e).__name__, e,
                             extra={"job_id": job.id})  # fmt: skip
@@ -263,6 +293,9 @@ class Ingress:
         images = [await self.storage.get(k) for k in r.input_keys]
         if any(b is None for b in images):
             raise RuntimeError(f"job {job.id}: an input image is missing from storage")
+        moderate_inputs = images and self.safety.classifier is not None and self.safety.check_inputs
+        if moderate_inputs and any(await self.codec.moderate.remote(images, r.safety_tolerance)):
+            raise RequestModerated(job.id)  # before any generation
         cfg = r.guidance is not None and r.guidance > 1.0
         trace = telemetry.carrier() or None  # the job span's context, for every stage
         refs_shape = tuple(map(tuple, r.ref_shapes))
@@ -274,8 +307,9 @@ class Ingress:
         refs = self.codec.encode.remote(images, trace) if images else None
         latents = self.transformer.denoise.remote(params, ctx, neg, refs)
         finish = FinishParams(
-            job.id, job.output_key, r.output_format, r.prompt, job.model, r.seed, return_bytes, trace
-        )
+            job.id, job.output_key, r.output_format, r.prompt, job.model, r.seed, return_bytes, trace,
+            r.safety_tolerance, tuple(r.input_keys),
+        )  # fmt: skip
         return await self.codec.finish.remote(latents, finish)
 
     async def _record_usage(self, job: JobRecord) -> None:

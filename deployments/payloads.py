@@ -37,6 +37,8 @@ class FinishParams:
     seed: int
     return_bytes: bool = False  # the sync API answers with the image itself (b64_json)
     trace: dict[str, str] | None = None
+    safety_tolerance: int = 2
+    input_keys: tuple[str, ...] = ()  # reference images: C2PA ingredients of an edit
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,11 @@ class FinishResult:
 
 class JobCancelled(Exception):
     """The job was cancelled while a stage was working on it."""
+
+
+class ContentModerated(Exception):
+    """The generated image was flagged by the safety classifier: nothing is stored or billed."""
+
+
+class RequestModerated(Exception):
+    """The prompt or an input image was flagged before any generation."""

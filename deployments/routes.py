@@ -208,7 +208,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             idempotency_key=idempotency_key, trace=trace,
             body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest(),
         )  # fmt: skip
-        if not replayed:
+        if not replayed and not job.status.terminal:
             ingress.start(job, fresh=True)
         return SubmitResponse(
             id=job.id,
@@ -249,7 +249,11 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             )
             jobs.append(job)
         b64 = body.response_format == "b64_json"
-        runs = [asyncio.ensure_future(ingress.run(job, return_bytes=b64, fresh=True)) for job in jobs]
+
+        async def run(job):
+            return None if job.status.terminal else await ingress.run(job, return_bytes=b64, fresh=True)
+
+        runs = [asyncio.ensure_future(run(job)) for job in jobs]
         try:
             results = await asyncio.wait_for(asyncio.gather(*runs), opts.sync_timeout_s)
         except (asyncio.CancelledError, TimeoutError) as e:  # client gone or too slow: stop the work
@@ -261,6 +265,13 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                 {"error": {"message": f"no result within {opts.sync_timeout_s:g} s; use the async API for long jobs",
                            "type": "timeout", "job_ids": [j.id for j in jobs]}}, status_code=504)  # fmt: skip
         failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
+        moderated = [j for j in failed if j.status in (Status.REQUEST_MODERATED, Status.CONTENT_MODERATED)]
+        if moderated:
+            return JSONResponse(
+                {"error": {"message": f"{moderated[0].status.value}: {moderated[0].error}", "type": "invalid_request_error",
+                           "code": "content_policy_violation", "job_ids": [j.id for j in moderated]}},
+                status_code=400,
+            )  # fmt: skip
         if failed:
             job = failed[0]
             return JSONResponse(

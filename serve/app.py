@@ -32,6 +32,12 @@ def build_app(settings: Settings) -> Application:
             "require_api_keys is set but no API keys are configured (KLEIN_API_KEYS / KLEIN_API_KEYS_FILE)"
         )
     log.info("building %s (%s) with %s storage", model_id, source.spec.name, storage.backend)
+    if settings.safety.classifier is None:
+        log.warning("no safety classifier configured: outputs and inputs will not be moderated")
+    if settings.safety.require_classifier and settings.safety.classifier is None:
+        raise ValueError("safety.require_classifier is set but safety.classifier is not configured")
+    if not (settings.provenance.c2pa_cert_chain and settings.provenance.c2pa_key):
+        log.warning("C2PA signing is off: set KLEIN_C2PA_CERT_CHAIN and KLEIN_C2PA_KEY to sign outputs")
 
     def deployment(cls, name, options):
         return serve.deployment(cls, name=name, **options.deployment.serve_options())
@@ -46,8 +52,8 @@ def build_app(settings: Settings) -> Application:
     return ingress.bind(
         embedder.bind(source, settings.text_embedder, tracing),
         transformer.bind(source, settings.transformer_stage, storage, tracing),
-        codec.bind(source, settings.codec, storage, (), tracing),
-        source.spec, model_id, settings.ingress, storage, price, keys, tracing,
+        codec.bind(source, settings.codec, storage, settings.safety, settings.provenance, tracing),
+        source.spec, model_id, settings.ingress, storage, price, keys, tracing, settings.safety,
     )  # fmt: skip
 
 

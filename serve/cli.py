@@ -4,6 +4,7 @@
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
                    --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
     klein serve [--preset NAME | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
+    klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
 
 Bad flags exit with status 2 and a message naming the flag and its bound.
 """
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     s.set_defaults(subparser=s)
+
+    v = sub.add_parser("verify", help="check an image's C2PA manifest and invisible watermark")
+    v.add_argument("image", type=Path, help="PNG, JPEG or WebP file")
+    v.add_argument("--trust-anchor", type=Path, metavar="PEM", help="CA certificate(s) to trust")
+    v.add_argument("--watermark-bits", default=None, metavar="BITS", help="expected 48-bit payload")
+    v.set_defaults(subparser=v)
     return parser
 
 
@@ -137,6 +144,52 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _verify(args, parser: argparse.ArgumentParser) -> int:
+    """Exit 0 when the image carries a valid manifest or the watermark, 1 when it carries neither."""
+    from PIL import Image, UnidentifiedImageError
+
+    from klein.provenance import BFL_WATERMARK_BITS, decode_watermark, hamming, parse_bits, read_manifest
+
+    if not args.image.is_file():
+        parser.error(f"image: {args.image} does not exist")
+    try:
+        expected = parse_bits(args.watermark_bits or BFL_WATERMARK_BITS)
+    except ValueError as e:
+        parser.error(f"--watermark-bits: {e}")
+    data = args.image.read_bytes()
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        parser.error(f"image: cannot read {args.image}: {e}")
+    mime = Image.MIME.get(image.format, "application/octet-stream")
+    anchor = args.trust_anchor.read_bytes() if args.trust_anchor else None
+    state, manifest = read_manifest(data, mime, anchor)
+    print(f"C2PA: {state}")
+    if manifest:
+        print(f"  title: {manifest.get('title')}")
+        gen = manifest.get("claim_generator_info") or [{}]
+        print(f"  claim generator: {gen[0].get('name')} {gen[0].get('version', '')}".rstrip())
+        sig = manifest.get("signature_info") or {}
+        print(f"  signed by: {sig.get('issuer')} ({sig.get('alg')}) at {sig.get('time', 'no timestamp')}")
+        for assertion in manifest.get("assertions", []):
+            if assertion.get("label", "").startswith("c2pa.actions"):
+                for a in assertion["data"]["actions"]:
+                    model = (a.get("parameters") or {}).get("model", "")
+                    print(f"  action: {a['action']} {a.get('digitalSourceType', '')} {model}".rstrip())
+        print(f"  ingredients: {len(manifest.get('ingredients', []))}")
+    bits = decode_watermark(image)
+    if bits is None:
+        print("watermark: image smaller than 256 px, none can be carried")
+        mark = False
+    else:
+        distance = hamming(bits, expected)
+        mark = distance <= 2
+        verdict = "present" if mark else "absent"
+        print(f"watermark: {verdict} ({distance} of 48 bits differ from the expected payload)")
+    return 0 if mark or (manifest and state in ("Valid", "Trusted")) else 1
+
+
 def _progress(total: int):
     if not sys.stderr.isatty():
         return None
@@ -158,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args, args.subparser)
+    if args.command == "verify":
+        return _verify(args, args.subparser)
     if args.command == "serve":
         from serve.run import serve_forever
 

@@ -17,6 +17,7 @@ from deployments.auth import KeyRing, parse_keys
 from deployments.codec import CodecOptions
 from deployments.ingress import IngressOptions
 from deployments.metering import DEFAULT_PRICES, Price
+from deployments.postprocess import ProvenanceOptions, SafetyOptions
 from deployments.storage import StorageOptions
 from deployments.telemetry import TelemetryOptions
 from deployments.text_embedder import TextEmbedderOptions
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     codec: CodecOptions = Field(default_factory=CodecOptions)
     prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     telemetry: TelemetryOptions = Field(default_factory=TelemetryOptions)
+    safety: SafetyOptions = Field(default_factory=SafetyOptions)
+    provenance: ProvenanceOptions = Field(default_factory=ProvenanceOptions)
+    c2pa_cert_chain: Path | None = Field(
+        None, description="PEM chain for C2PA signing (KLEIN_C2PA_CERT_CHAIN)"
+    )
+    c2pa_key: Path | None = Field(None, description="PEM private key for C2PA signing (KLEIN_C2PA_KEY)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -69,6 +76,10 @@ class Settings(BaseSettings):
             self.preset = "tiny"
         if self.webhook_allow_private:
             self.ingress.webhook_allow_private = True
+        if self.c2pa_cert_chain is not None:
+            self.provenance.c2pa_cert_chain = self.c2pa_cert_chain
+        if self.c2pa_key is not None:
+            self.provenance.c2pa_key = self.c2pa_key
         return self
 
     def key_ring(self) -> KeyRing:

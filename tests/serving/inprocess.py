@@ -61,7 +61,7 @@ def _fresh_batch_queues() -> None:
         fn.set_max_batch_size.__self__._queue = None
 
 
-def build(root, keys=None, **ingress) -> Ingress:
+def build(root, keys=None, safety=None, provenance=None, **ingress) -> Ingress:
     _fresh_batch_queues()
     source = ModelSource.preset("tiny")
     storage = StorageOptions(root=root)
@@ -69,7 +69,7 @@ def build(root, keys=None, **ingress) -> Ingress:
     transformer = FakeHandle(
         FlowTransformer(source, FlowTransformerOptions(cancel_check_interval_s=0), storage)
     )
-    codec = FakeHandle(Codec(source, CodecOptions(), storage))
+    codec = FakeHandle(Codec(source, CodecOptions(), storage, safety, provenance))
     options = IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress)
     return Ingress(
         embedder,
@@ -81,4 +81,6 @@ def build(root, keys=None, **ingress) -> Ingress:
         storage,
         Price(first_mp=1.4, per_mp=0.1),
         keys,
+        None,
+        safety,
     )

@@ -28,6 +28,8 @@ def test_serve_config_is_valid(path):
         assert settings.storage.backend == "s3" and settings.preset.startswith("klein-")
         gpus = {d.name: d.ray_actor_options.num_gpus or 0 for d in app.deployments}
         assert gpus["FlowTransformer"] > 0 and gpus["Ingress"] == 0
+        assert settings.safety.require_classifier and settings.safety.classifier is not None
+        assert settings.require_api_keys
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):

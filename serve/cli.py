@@ -5,6 +5,7 @@
                    --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
     klein serve [--preset NAME | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
+    klein loadtest --host URL [--users N --spawn-rate R --run-time 60s --shape ramp|burst|soak|drain] [--out DIR]
 
 Bad flags exit with status 2 and a message naming the flag and its bound.
 """
@@ -69,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     s.set_defaults(subparser=s)
+
+    lt = sub.add_parser(
+        "loadtest", help="run Locust headless against a running service; write CSV, HTML, summary"
+    )
+    lt.add_argument("--host", required=True, help="service base URL, e.g. http://127.0.0.1:8000")
+    lt.add_argument("--users", type=int, default=8, help="concurrent users (peak users with --shape)")
+    lt.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second")
+    lt.add_argument("--run-time", default="60s", help="how long, e.g. 30s, 5m (the run stops then)")
+    lt.add_argument(
+        "--shape", choices=["ramp", "burst", "soak", "drain"], help="load shape over the run time"
+    )
+    lt.add_argument("--out", type=Path, default=Path("loadtest-out"), metavar="DIR", help="reports folder")
+    lt.add_argument("--sizes", help="WxH,... (default 512x512 to 2 MP)")
+    lt.set_defaults(subparser=lt)
 
     v = sub.add_parser("verify", help="check an image's C2PA manifest and invisible watermark")
     v.add_argument("image", type=Path, help="PNG, JPEG or WebP file")
@@ -144,6 +159,30 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _loadtest(args, parser: argparse.ArgumentParser) -> int:
+    import os
+
+    from serve import loadtest
+
+    if not args.host.startswith(("http://", "https://")):
+        parser.error(f"--host: must be an http(s) URL, got {args.host!r}")
+    if args.users < 1:
+        parser.error(f"--users: must be at least 1, got {args.users}")
+    if args.spawn_rate <= 0:
+        parser.error(f"--spawn-rate: must be positive, got {args.spawn_rate}")
+    try:
+        seconds = loadtest._seconds(args.run_time)
+    except ValueError as e:
+        parser.error(f"--run-time: {e}")
+    if not 1 <= seconds <= 24 * 3600:
+        parser.error(f"--run-time: must be between 1 s and 24 h, got {args.run_time}")
+    extra = {"KLEIN_SIZES": args.sizes} if args.sizes else {}
+    summary = loadtest.run(args.host, args.out, args.users, args.spawn_rate, args.run_time, args.shape,
+                           os.environ.get("KLEIN_API_KEY"), extra)  # fmt: skip
+    print((args.out / "summary.md").read_text())
+    return 0 if summary["images"] > 0 else 1
+
+
 def _verify(args, parser: argparse.ArgumentParser) -> int:
     """Exit 0 when the image carries a valid manifest or the watermark, 1 when it carries neither."""
     from PIL import Image, UnidentifiedImageError
@@ -211,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return _generate(args, args.subparser)
+    if args.command == "loadtest":
+        return _loadtest(args, args.subparser)
     if args.command == "verify":
         return _verify(args, args.subparser)
     if args.command == "serve":

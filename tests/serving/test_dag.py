@@ -275,3 +275,41 @@ def test_prometheus_metrics(app):
             ln.startswith("ray_klein_stage_seconds_sum{") and f'stage="{stage}"' in ln for ln in lines
         ), stage
     assert any(ln.startswith("ray_serve_") for ln in lines)  # Serve's own: queues, per-deployment latency
+
+
+def test_loadtest_runner_against_the_service(app, tmp_path):
+    """`klein loadtest` for a few seconds against the tiny service; its figures agree with the
+    service's own records (usage) and with each other."""
+    from datetime import UTC, datetime
+
+    from serve.loadtest import run
+
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+
+    def usage_jobs() -> int:
+        return app.http.get("/v1/usage", params={"start": today, "end": today}).json()["total"]["jobs"]
+
+    before = usage_jobs()
+    env = {"KLEIN_SIZES": "64x64,64x128", "KLEIN_EDIT_SHARE": "0.2", "KLEIN_JOB_DEADLINE_S": "60"}
+    s = run(
+        app.url,
+        tmp_path / "lt",
+        users=3,
+        spawn_rate=3,
+        run_time="8s",
+        shape=None,
+        api_key=None,
+        extra_env=env,
+    )
+    after = usage_jobs()
+    assert s["images"] > 0 and s["errors_by_kind"] == {}
+    assert s["images"] <= after - before  # every image the clients got is a billed Ready job
+    assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"], rel=1e-2)
+    assert 64 * 64 / 1e6 * s["images"] <= s["megapixels"] <= 64 * 128 / 1e6 * s["images"] + 1e-9
+    lat = s["job_latency_s"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert (s["http_429"], s["http_503"]) == (0, 0)
+    for name in ("locust_stats.csv", "report.html", "summary.json", "summary.md"):
+        assert (tmp_path / "lt" / name).exists(), name
+    stats = (tmp_path / "lt" / "locust_stats.csv").read_text()
+    assert "JOB" in stats and "poll" in stats  # end-to-end job latency is its own entry

@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from serve.loadtest import LOCUSTFILE, _seconds, markdown, percentile, summarize
 
+_PROBE = """
+import json, runpy, sys
+shape_at = runpy.run_path(sys.argv[1])["shape_at"]
+calls = json.loads(sys.argv[2])
+out = []
+for args in calls:
+    try:
+        out.append(shape_at(*args))
+    except ValueError as e:
+        out.append("ValueError: " + str(e))
+print(json.dumps(out))
+"""
 
-def _locustfile():
-    spec = importlib.util.spec_from_file_location("klein_locustfile", LOCUSTFILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def _shapes(*calls):
+    # Importing locust monkey-patches the whole process with gevent, which deadlocks the Ray threads other
+    # tests leave running in this process; the locustfile is exercised in a child interpreter instead.
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(LOCUSTFILE), json.dumps(calls)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_shapes():
-    shape_at = _locustfile().shape_at
-    assert [shape_at("ramp", t, 10, 100)[0] for t in (0, 50, 99)] == [1, 5, 10]
-    assert shape_at("burst", 10, 10, 100)[0] == 1 and shape_at("burst", 50, 10, 100)[0] == 10
-    assert shape_at("soak", 80, 10, 100)[0] == 10
-    assert shape_at("drain", 20, 10, 100)[0] == 10 and shape_at("drain", 70, 10, 100)[0] == 0
-    assert all(shape_at(s, 100, 10, 100) is None for s in ("ramp", "burst", "soak", "drain"))
-    with pytest.raises(ValueError, match="KLEIN_SHAPE"):
-        shape_at("zigzag", 1, 10, 100)
+    ramp = _shapes(*[("ramp", t, 10, 100) for t in (0, 50, 99)])
+    assert [r[0] for r in ramp] == [1, 5, 10]
+    burst, burst_peak, soak, drain, drained = _shapes(
+        ("burst", 10, 10, 100),
+        ("burst", 50, 10, 100),
+        ("soak", 80, 10, 100),
+        ("drain", 20, 10, 100),
+        ("drain", 70, 10, 100),
+    )
+    assert (burst[0], burst_peak[0], soak[0], drain[0], drained[0]) == (1, 10, 10, 10, 0)
+    ends = _shapes(*[(s, 100, 10, 100) for s in ("ramp", "burst", "soak", "drain")])
+    assert ends == [None] * 4
+    (bad,) = _shapes(("zigzag", 1, 10, 100))
+    assert bad.startswith("ValueError") and "KLEIN_SHAPE" in bad
 
 
 def test_summary(tmp_path: Path):

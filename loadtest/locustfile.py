@@ -4,7 +4,8 @@ requests, over a mix of sizes (512^2 to 2 MP), edits with 1-4 references and rep
     locust -f loadtest/locustfile.py --host http://HOST:8000 [-u 16 -r 4 -t 5m | KLEIN_SHAPE=ramp]
 
 Environment: KLEIN_API_KEY (sent as x-key and Bearer), KLEIN_MODEL (default: the first of
-GET /v1/models), KLEIN_SIZES ("WxH,..."), KLEIN_EDIT_SHARE (0.3), KLEIN_SYNC_SHARE (weight of sync
+GET /v1/models), KLEIN_SIZES ("WxH,..."), KLEIN_REFERENCE_SIZES (of the generated reference
+images, "WxH,..."; 256^2 to 1 MP), KLEIN_EDIT_SHARE (0.3), KLEIN_SYNC_SHARE (weight of sync
 users, 1 vs 3 async), KLEIN_REPEAT_SHARE (0.5: prompts drawn from a small pool), KLEIN_JOB_DEADLINE_S
 (300), KLEIN_SHAPE (ramp | burst | soak | drain, with KLEIN_PEAK_USERS and KLEIN_DURATION_S),
 KLEIN_STATS_FILE (JSON written at the end: completed images, megapixels, job latencies, errors by
@@ -26,9 +27,14 @@ from collections import Counter
 
 from locust import HttpUser, LoadTestShape, between, events, task
 
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, s.split("x"))) for s in text.split(",")]
+
+
 API_KEY = os.environ.get("KLEIN_API_KEY", "")
-SIZES = [tuple(map(int, s.split("x"))) for s in os.environ.get(
-    "KLEIN_SIZES", "512x512,768x768,1024x1024,1024x768,1408x1408,1920x1088").split(",")]  # fmt: skip
+SIZES = _sizes(os.environ.get("KLEIN_SIZES", "512x512,768x768,1024x1024,1024x768,1408x1408,1920x1088"))
+REFERENCE_SIZES = _sizes(os.environ.get("KLEIN_REFERENCE_SIZES", "256x256,512x384,768x768,1024x1024"))
 EDIT_SHARE = float(os.environ.get("KLEIN_EDIT_SHARE", "0.3"))
 REPEAT_SHARE = float(os.environ.get("KLEIN_REPEAT_SHARE", "0.5"))
 DEADLINE_S = float(os.environ.get("KLEIN_JOB_DEADLINE_S", "300"))
@@ -48,6 +54,8 @@ class Stats:
     job_latencies: list[float] = []
     errors: Counter = Counter()
     status: Counter = Counter()
+    requests = 0  # HTTP requests and their failures, counted here: Locust's final CSV can be written
+    request_failures = 0  # before the last users finish within --stop-timeout
     started = time.time()
 
     @classmethod
@@ -64,6 +72,15 @@ class Stats:
                 cls.job_latencies.append(latency)
 
 
+@events.request.add_listener
+def _request(request_type, exception=None, **_):
+    if request_type == "JOB":
+        return
+    with Stats.lock:
+        Stats.requests += 1
+        Stats.request_failures += exception is not None
+
+
 @events.test_start.add_listener
 def _start(environment, **_):
     Stats.started = time.time()
@@ -77,7 +94,8 @@ def _stop(environment, **_):
     with Stats.lock:
         data = {"started": Stats.started, "stopped": time.time(), "images": Stats.images,
                 "megapixels": Stats.megapixels, "job_latencies": Stats.job_latencies,
-                "errors": dict(Stats.errors), "status": dict(Stats.status)}  # fmt: skip
+                "errors": dict(Stats.errors), "status": dict(Stats.status), "requests": Stats.requests,
+                "request_failures": Stats.request_failures}  # fmt: skip
     with open(path, "w") as f:
         json.dump(data, f)
 
@@ -86,7 +104,7 @@ def _reference(seed: int) -> str:
     from PIL import Image
 
     rng = random.Random(seed)
-    w, h = rng.choice([(256, 256), (512, 384), (768, 768), (1024, 1024)])
+    w, h = rng.choice(REFERENCE_SIZES)
     img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
     for _ in range(12):
         x, y = rng.randrange(w), rng.randrange(h)

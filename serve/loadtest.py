@@ -26,9 +26,9 @@ def summarize(stats: dict, csv_prefix: Path) -> dict:
     elapsed = max(stats["stopped"] - stats["started"], 1e-9)
     lat = stats["job_latencies"]
     errors = dict(stats["errors"])
-    requests = failures = 0
+    requests, failures = stats.get("requests"), stats.get("request_failures")
     stats_csv = Path(f"{csv_prefix}_stats.csv")
-    if stats_csv.exists():
+    if requests is None and stats_csv.exists():  # an older stats file: Locust's CSV (may miss the tail)
         for row in csv.DictReader(stats_csv.open()):
             if row["Name"] == "Aggregated":
                 requests, failures = int(row["Request Count"]), int(row["Failure Count"])
@@ -46,8 +46,8 @@ def summarize(stats: dict, csv_prefix: Path) -> dict:
         "errors_by_kind": errors,
         "http_429": errors.get("HTTP 429", 0),
         "http_503": errors.get("HTTP 503", 0),
-        "requests": requests,
-        "request_failures": failures,
+        "requests": requests or 0,
+        "request_failures": failures or 0,
     }
 
 

@@ -17,6 +17,9 @@ from klein.request import MAX_PROMPT_CHARS, MAX_SEED
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
+# What klein.image.to_rgb turns into 8-bit RGB (16-bit greyscale scaled, alpha dropped, CMYK converted).
+PIXEL_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I;16",
+               "I;16L", "I;16B", "I;16N", "I", "F"}  # fmt: skip
 
 
 class FieldError(ValueError):
@@ -173,7 +176,13 @@ def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int)
                 raise FieldError(
                     field, f"image is {w}x{h}; at most {max_pixels / 1e6:g} MP are accepted", 413
                 )
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1 and image.format != "MPO":  # MPO: a camera JPEG whose first frame is the photo
+                kind = "multi-page" if image.format == "TIFF" else "animated"
+                raise FieldError(field, f"{kind} images ({frames} frames) are not accepted; send one frame")
             image.load()
+            if image.mode not in PIXEL_MODES:
+                raise FieldError(field, f"unsupported pixel mode {image.mode}")
     except FieldError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

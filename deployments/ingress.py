@@ -49,6 +49,9 @@ class IngressOptions(BaseModel):
     )
     public_url: str | None = Field(None, description="base URL clients reach us at; default: the request's")
     max_body_mb: int = Field(64, ge=1, description="largest request body accepted (413 beyond)")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call from browsers (CORS); none by default"
+    )
     max_input_image_mb: int = Field(20, ge=1, description="largest input image file")
     max_input_image_pixels: int = Field(
         40_000_000, ge=4096, description="largest input image before resizing"

@@ -11,6 +11,7 @@ import time
 from datetime import date
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -44,6 +45,75 @@ def _field_error(e: FieldError) -> JSONResponse:
     )
 
 
+def _validation_error(e: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without echoing the input back: it can be megabytes, or text that cannot be
+    encoded as UTF-8 (an unpaired surrogate), which would turn a 422 into a 500."""
+    detail = [
+        {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+        | ({"ctx": {k: str(v)[:200] for k, v in err["ctx"].items()}} if err.get("ctx") else {})
+        for err in e.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _json_error(status: int, detail: str, headers: dict | None = None) -> Response:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+class BodyGuard:
+    """ASGI middleware in front of every route: the body cap holds for chunked uploads too (the
+    body is read here, up to the cap, before any route sees it: 413 beyond), and request bodies
+    must have the content type their route parses (415 otherwise)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    FORM = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+    @classmethod
+    def expected_types(cls, method: str, path: str) -> tuple[str, ...]:
+        if method != "POST":
+            return ()
+        return cls.FORM if path.rstrip("/") == "/v1/images/edits" else ("application/json",)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit_mb = self.max_bytes // 2**20
+        too_large = _json_error(413, f"request body must be at most {limit_mb} MB")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        expected = self.expected_types(scope["method"], scope["path"])
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if expected and ctype not in expected:
+            msg = f"Content-Type must be {' or '.join(expected)}, got {ctype or 'none'}"
+            return await _json_error(415, msg)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notifications
+
+        return await self.app(scope, replay, send)
+
+
 def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads best here
     app = FastAPI(
         title="klein-serve",
@@ -57,6 +127,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
     max_image_bytes = opts.max_input_image_mb * 2**20
 
     app.add_exception_handler(FieldError, lambda _req, e: _field_error(e))
+    app.add_exception_handler(RequestValidationError, lambda _req, e: _validation_error(e))
     app.add_exception_handler(
         TooManyJobs,
         lambda _req, e: JSONResponse(
@@ -82,14 +153,15 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             )  # fmt: skip
         return kid
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > opts.max_body_mb * 2**20:
-            return JSONResponse(
-                {"detail": f"request body must be at most {opts.max_body_mb} MB"}, status_code=413
-            )
-        return await call_next(request)
+    app.add_middleware(BodyGuard, max_bytes=opts.max_body_mb * 2**20)
+    if opts.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=opts.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "x-key", "content-type", "idempotency-key", "traceparent"],
+            max_age=600,
+        )  # fmt: skip
 
     def incoming_trace(request: Request) -> dict[str, str] | None:
         """The caller's W3C trace context, if it sent one: the job joins the caller's trace."""

@@ -10,11 +10,24 @@ from torch import Tensor
 
 from klein.request import reference_size
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB. PIL's own convert clips 16-bit greyscale to 255 (a white
+    image); here it is scaled. Alpha is dropped (as diffusers does); CMYK, palette, greyscale and
+    1-bit images convert as PIL converts them."""
+    if image.mode in HIGH_BIT_MODES:
+        a = np.asarray(image, dtype=np.float64)
+        a = a * 255.0 if image.mode == "F" else a / 257.0  # F: [0, 1] floats; I/I;16: 16-bit samples
+        image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
 
 def prepare_reference(image: Image.Image, max_pixels: int, multiple: int) -> Tensor:
     """RGB, downscaled to at most `max_pixels` (LANCZOS), centre-cropped to a multiple of
     `multiple`, as a (1, 3, H, W) float32 tensor in [-1, 1]."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if w * h > max_pixels:
         scaled = reference_size(w, h, max_pixels, 1)

@@ -6,6 +6,7 @@ Every rejection is an `InvalidRequest` naming the field and the bound it broke.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -49,6 +50,14 @@ def reference_size(width: int, height: int, max_pixels: int, multiple: int) -> t
     return width // multiple * multiple, height // multiple * multiple
 
 
+def check_text(text: str, field: str) -> None:
+    """Printable text only: control characters (tab and newlines aside) and unpaired surrogates
+    (which cannot be encoded as UTF-8) are refused, naming the first one and where it is."""
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Cs") and ch not in "\t\n\r":
+            raise InvalidRequest(field, f"control character U+{ord(ch):04X} at position {i} is not allowed")
+
+
 def check_reference(image: Image.Image, field: str) -> None:
     w, h = image.size
     if min(w, h) < MIN_REFERENCE_SIDE:
@@ -67,6 +76,7 @@ def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
         raise InvalidRequest(
             "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(req.prompt)}"
         )
+    check_text(req.prompt, "prompt")
     if len(req.references) > spec.max_references:
         raise InvalidRequest(
             "references", f"at most {spec.max_references} reference images, got {len(req.references)}"

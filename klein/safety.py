@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from klein.image import to_rgb
+
 THRESHOLDS = (0.2, 0.5, 0.85, 0.92, 0.97, 0.995)
 DEFAULT_TOLERANCE = 2
 
@@ -51,9 +53,7 @@ class NSFWClassifier:
         """P(nsfw) per image."""
         if not images:
             return []
-        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(
-            self.device
-        )
+        inputs = self.processor(images=[to_rgb(im) for im in images], return_tensors="pt").to(self.device)
         probs = self.model(**inputs).logits.float().softmax(-1)
         return probs[:, self.nsfw].tolist()
 

@@ -39,7 +39,9 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="text prompt")
-    input_image: str | None = Field(None, description="reference image: base64 or a data: URI")
+    input_image: str | None = Field(
+        None, description="reference image: base64, a data: URI, or an http(s) URL where fetching is on"
+    )
     input_image_2: str | None = Field(None, description="second reference image")
     input_image_3: str | None = Field(None, description="third reference image")
     input_image_4: str | None = Field(None, description="fourth reference image")
@@ -150,7 +152,7 @@ def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int)
     checked before any pixel is decoded (no decompression bombs)."""
     if isinstance(data, str):
         if data.startswith(("http://", "https://")):
-            raise FieldError(field, "URLs are not accepted; send the image as base64 or a data URI")
+            raise FieldError(field, "URLs are not accepted here (fetching is off); send base64 or a data URI")
         if data.startswith("data:"):
             head, _, data = data.partition(",")
             if ";base64" not in head:

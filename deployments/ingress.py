@@ -23,6 +23,7 @@ from deployments.api import FieldError
 from deployments.auth import ANONYMOUS, KeyRing
 from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
 from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key
+from deployments.netguard import is_private_target
 from deployments.options import ActorOptions, DeploymentOptions
 from deployments.payloads import (
     ContentModerated,
@@ -34,7 +35,7 @@ from deployments.payloads import (
 )
 from deployments.postprocess import SafetyOptions
 from deployments.storage import StorageOptions, open_storage
-from deployments.webhooks import deliver, is_private_target
+from deployments.webhooks import deliver
 from klein.config import ModelSpec
 from klein.request import GenerationRequest, InvalidRequest, reference_size, validate
 
@@ -66,6 +67,11 @@ class IngressOptions(BaseModel):
     sync_timeout_s: float = Field(300.0, gt=0, description="OpenAI-style requests give up after this")
     webhook_attempts: int = Field(5, ge=1)
     webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
+    fetch_input_urls: bool = Field(False, description="accept http(s) URLs as input images (fetched here)")
+    fetch_allow_private: bool = Field(
+        False, description="allow input-image URLs on private/loopback addresses"
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="time cap for fetching one input image")
 
 
 REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
@@ -347,7 +353,10 @@ class Ingress:
         if not r.webhook_url:
             return
         payload = {"id": job.id, "status": job.status.value, "result": self.result_payload(job, sample=None)}
-        asyncio.create_task(deliver(r.webhook_url, payload, r.webhook_secret, self.options.webhook_attempts))
+        asyncio.create_task(
+            deliver(r.webhook_url, payload, r.webhook_secret, self.options.webhook_attempts,
+                    allow_private=self.options.webhook_allow_private)
+        )  # fmt: skip
 
     def result_payload(self, job: JobRecord, sample: str | None) -> dict | None:
         if job.status is not Status.READY or job.result is None:

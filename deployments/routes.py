@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from deployments import metrics, telemetry
+from deployments import metrics, netguard, telemetry
 from deployments.api import (
     FieldError,
     GenerateRequest,
@@ -163,6 +163,14 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             max_age=600,
         )  # fmt: skip
 
+    async def fetch_image(field: str, url: str) -> bytes:
+        try:
+            return await netguard.fetch(url, max_image_bytes, opts.fetch_timeout_s, opts.fetch_allow_private)
+        except netguard.TargetRefused as e:
+            if e.too_large:
+                raise FieldError(field, f"image must be at most {opts.max_input_image_mb} MB", 413) from None
+            raise FieldError(field, f"cannot use this URL: {e}") from None
+
     def incoming_trace(request: Request) -> dict[str, str] | None:
         """The caller's W3C trace context, if it sent one: the job joins the caller's trace."""
         ctx = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
@@ -268,6 +276,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             )
         images = []
         for field, data in body.images():
+            if data.startswith(("http://", "https://")) and opts.fetch_input_urls:
+                data = await fetch_image(field, data)
             raw, image = decode_image(data, field, max_image_bytes, opts.max_input_image_pixels)
             images.append((field, raw, image))
         with telemetry.span("submit", incoming_trace(request), model=model):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
-from urllib.parse import urlsplit
 
 import httpx
+
+from deployments.netguard import TargetRefused, pinned
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Klein-Signature"
@@ -22,20 +21,6 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def is_private_target(url: str) -> bool:
-    """True when the URL's host resolves to a loopback, private, link-local or reserved address."""
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return True  # unresolvable: refuse
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            return True
-    return False
-
-
 async def deliver(
     url: str,
     payload: dict,
@@ -43,18 +28,23 @@ async def deliver(
     attempts: int = 5,
     backoff_s: float = 1.0,
     timeout_s: float = 10.0,
+    allow_private: bool = False,
 ) -> bool:
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json"}
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
         for i in range(attempts):
             try:
-                r = await client.post(url, content=body, headers=headers)
+                address, host, extensions = pinned(url, allow_private)  # checked again at each delivery
+                r = await client.post(address, content=body, headers=headers | host, extensions=extensions)
                 if r.status_code < 300:
                     return True
                 log.warning("webhook %s for job %s: HTTP %s", url, payload.get("id"), r.status_code)
+            except TargetRefused as e:
+                log.warning("webhook %s for job %s: refused: %s", url, payload.get("id"), e)
+                return False
             except httpx.HTTPError as e:
                 log.warning("webhook %s for job %s: %s", url, payload.get("id"), e)
             if i + 1 < attempts:

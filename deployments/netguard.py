@@ -1,0 +1,110 @@
+"""Outbound HTTP on a user's behalf (input-image URLs, webhooks) without becoming a proxy into our
+own network: the host is resolved once, every address it resolves to must be public (unless
+private targets are allowed), and the connection goes to that checked address — a second DNS
+answer cannot swap in an internal one. Redirects are followed by hand and checked the same way;
+bodies are capped in bytes and the whole exchange in time."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+
+class TargetRefused(ValueError):
+    """The URL may not be fetched (scheme, address, size, time or HTTP status); the message says why."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Anything but a public unicast address: private, loopback, link-local (cloud metadata),
+    shared (CGNAT), reserved, unspecified and multicast; IPv4-mapped IPv6 judged as IPv4."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def resolve(url: str, allow_private: bool = False) -> tuple[str, str]:
+    """(host, checked IP address) for an http(s) URL; TargetRefused when it may not be reached."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused("only http and https URLs with a host are allowed")
+    if parts.username or parts.password:
+        raise TargetRefused("URLs with credentials are not allowed")
+    host = parts.hostname
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)  # fmt: skip
+    except OSError:
+        raise TargetRefused(f"cannot resolve host {host!r}") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses:
+        raise TargetRefused(f"cannot resolve host {host!r}")
+    if not allow_private and any(_forbidden(ip) for ip in addresses):
+        raise TargetRefused("must not point to a private, loopback or link-local address")
+    return host, str(addresses[0])
+
+
+def is_private_target(url: str) -> bool:
+    """True when the URL may not be reached without allowing private targets."""
+    try:
+        resolve(url)
+    except TargetRefused:
+        return True
+    return False
+
+
+def pinned(url: str, allow_private: bool) -> tuple[str, dict, dict]:
+    """(URL with the checked IP as host, Host header, httpx extensions keeping TLS on the name)."""
+    host, ip = resolve(url, allow_private)
+    parts = urlsplit(url)
+    netloc = f"[{ip}]" if ":" in ip else ip
+    if parts.port:
+        netloc += f":{parts.port}"
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), headers, extensions
+
+
+async def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False,
+                max_redirects: int = 3) -> bytes:  # fmt: skip
+    """GET `url` (following up to `max_redirects` checked redirects): the body, at most `max_bytes`."""
+
+    async def go() -> bytes:
+        target = url
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+            for _ in range(max_redirects + 1):
+                address, headers, extensions = pinned(target, allow_private)
+                request = client.build_request("GET", address, headers=headers, extensions=extensions)
+                response = await client.send(request, stream=True)
+                try:
+                    if response.is_redirect and "location" in response.headers:
+                        target = urljoin(target, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise TargetRefused(f"HTTP {response.status_code} from the URL")
+                    length = response.headers.get("content-length", "")
+                    if length.isdigit() and int(length) > max_bytes:
+                        raise TargetRefused(f"larger than {max_bytes} bytes", too_large=True)
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise TargetRefused(f"larger than {max_bytes} bytes", too_large=True)
+                    return bytes(body)
+                finally:
+                    await response.aclose()
+        raise TargetRefused(f"more than {max_redirects} redirects")
+
+    try:
+        return await asyncio.wait_for(go(), timeout_s)
+    except TimeoutError:
+        raise TargetRefused(f"no complete answer within {timeout_s:g} s") from None
+    except httpx.HTTPError as e:
+        raise TargetRefused(f"cannot fetch: {type(e).__name__}") from None

@@ -59,8 +59,17 @@ class IngressOptions(BaseModel):
     )
     max_images_per_request: int = Field(4, ge=1, le=16, description="OpenAI `n` upper bound")
     max_jobs_in_flight: int = Field(24, ge=1, description="per API key, like BFL; 429 beyond")
-    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429")
+    max_running_jobs: int = Field(
+        256, ge=1, description="jobs one ingress replica runs at once (async and sync); 503 beyond"
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
     job_lease_s: float = Field(600.0, gt=0, description="a Pending job older than this is run again")
+    job_deadline_s: float = Field(
+        3600.0, gt=0, description="a job not finished this long after submission ends in Error"
+    )
+    request_storage_retry_s: float = Field(
+        5.0, ge=0, description="storage retries while a client waits (polls); 503 + Retry-After after"
+    )
     max_attempts: int = Field(3, ge=1, description="runs of a job before it ends in Error")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
     reaper_interval_s: float = Field(15.0, gt=0, description="how often abandoned jobs are looked for")
@@ -83,6 +92,22 @@ class TooManyJobs(Exception):
     def __init__(self, limit: int):
         super().__init__(f"at most {limit} jobs in flight per API key; retry when one finishes")
         self.limit = limit
+
+
+class Overloaded(Exception):
+    """This replica runs its maximum of jobs, or a stage's queue is full (HTTP 503 + Retry-After)."""
+
+
+def is_backpressure(e: BaseException) -> bool:
+    """A stage refused the call because its queue is full (Serve's BackPressureError, possibly
+    wrapped when it came through a chained response)."""
+    from ray.serve.exceptions import BackPressureError
+
+    while e is not None:
+        if isinstance(e, BackPressureError) or type(e).__name__ == "BackPressureError":
+            return True
+        e = e.__cause__
+    return False
 
 
 class IdempotencyConflict(Exception):
@@ -114,6 +139,7 @@ class Ingress:
         self.storage = open_storage(storage)
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
+        self._active = 0  # jobs being run by this replica, async and sync
         self._reaper: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
@@ -152,6 +178,8 @@ class Ingress:
             job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
             if existing is not None:
                 return existing, True
+        if self._active >= self.options.max_running_jobs:
+            raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
         if await self.jobs.in_flight(key_id) >= self.options.max_jobs_in_flight:
             raise TooManyJobs(self.options.max_jobs_in_flight)
         if webhook_url and not self.options.webhook_allow_private and is_private_target(webhook_url):
@@ -234,19 +262,34 @@ class Ingress:
 
     def start(self, job: JobRecord, fresh: bool = False) -> asyncio.Task:
         """Run a job in the background of this replica (the async API)."""
-        task = asyncio.create_task(self.run(job, fresh=fresh))
+        self._active += 1  # counted from now: a burst of submissions sees these jobs before they start
+        task = asyncio.create_task(self._run(job, False, fresh, False))
         self._running[job.id] = task
-        task.add_done_callback(lambda _: self._running.pop(job.id, None))
+
+        def done(_):
+            self._running.pop(job.id, None)
+            self._active -= 1
+
+        task.add_done_callback(done)
         return task
 
     # --- running ---
 
     async def run(
-        self, job: JobRecord, return_bytes: bool = False, fresh: bool = False
+        self, job: JobRecord, return_bytes: bool = False, fresh: bool = False, shed: bool = False
     ) -> FinishResult | None:
         """Run a job to a terminal status (retrying stage failures) and record it. A `fresh` job
-        was just created here with its lease: its first attempt skips one write and one read."""
-        result = None
+        was just created here with its lease: its first attempt skips one write and one read.
+        A full stage queue is waited out (an accepted async job is never dropped for load) unless
+        `shed`: then the job ends without charge and Overloaded is raised for the waiting caller."""
+        self._active += 1
+        try:
+            return await self._run(job, return_bytes, fresh, shed)
+        finally:
+            self._active -= 1
+
+    async def _run(self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool) -> FinishResult | None:
+        result, waits, overloaded = None, 0, False
         while True:
             job.attempts += 1
             job.status, job.started_at = Status.PENDING, job.started_at or time.time()
@@ -276,8 +319,24 @@ class Ingress:
                     "the generated image was flagged by the safety filter",
                 )
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
+                late = time.time() - job.created_at > self.options.job_deadline_s
+                if is_backpressure(e) and not late:
+                    if shed:
+                        job.status, job.error = Status.ERROR, "the service is overloaded; retry later"
+                        overloaded = True
+                        break
+                    job.attempts -= 1  # not the job's fault: wait for room without using up an attempt
+                    waits += 1
+                    await asyncio.sleep(min(self.options.retry_backoff_s * 2**waits, 5.0))
+                    continue
                 log.warning("job %s attempt %d failed: %s: %s", job.id, job.attempts, type(e).__name__, e,
                             extra={"job_id": job.id})  # fmt: skip
+                if late:
+                    job.status, job.error = (
+                        Status.ERROR,
+                        f"not finished within {self.options.job_deadline_s:g} s",
+                    )
+                    break
                 if job.attempts < self.options.max_attempts and not await self.jobs.cancel_requested(job.id):
                     await asyncio.sleep(self.options.retry_backoff_s * 2 ** (job.attempts - 1))
                     continue
@@ -293,6 +352,8 @@ class Ingress:
             job.finished_at = time.time()
         await self.jobs.finish(job)
         self._finished(job)
+        if overloaded:
+            raise Overloaded("a stage's queue is full")
         return result if job.status is Status.READY else None
 
     async def _pipeline(self, job: JobRecord, return_bytes: bool, check_cancel: bool = True) -> FinishResult:
@@ -416,5 +477,10 @@ class Ingress:
         return restarted
 
     async def check_health(self) -> None:
+        """Healthy while the event loop answers. Storage is checked and complained about, not
+        failed on: a restart cannot fix an unreachable bucket, and would drop the jobs in flight."""
         self.ensure_reaper()
-        await asyncio.to_thread(self.storage.check)
+        try:
+            await asyncio.to_thread(self.storage.check)
+        except Exception as e:
+            log.warning("storage is unreachable: %s", e)

@@ -17,7 +17,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from deployments.storage import Storage
+from deployments.storage import Storage, StorageError
 
 
 class Status(StrEnum):
@@ -101,19 +101,19 @@ class JobStore:
         job.updated_at = time.time()
         await self.storage.put(f"jobs/{job.id}.json", job.model_dump_json().encode(), "application/json")
 
-    async def get(self, job_id: str) -> JobRecord | None:
+    async def get(self, job_id: str, retry_s: float | None = None) -> JobRecord | None:
         if not job_id.isalnum() or len(job_id) > 64:
             return None
-        for attempt in range(3):
-            raw = await self.storage.get(f"jobs/{job_id}.json")
+        for attempt in range(6):
+            raw = await self.storage.get(f"jobs/{job_id}.json", retry_s=retry_s)
             if raw is None:
                 return None
             try:
                 return JobRecord.model_validate_json(raw)
             except ValueError:  # a non-atomic S3-compatible server served a half-written object
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(0.05)
+                if attempt == 5:
+                    raise StorageError(f"job record {job_id} is unreadable") from None
+                await asyncio.sleep(0.05 * 2**attempt)
         return None
 
     async def finish(self, job: JobRecord) -> None:

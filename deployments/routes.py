@@ -28,10 +28,10 @@ from deployments.api import (
     parse_size,
 )
 from deployments.auth import ANONYMOUS, presented_key
-from deployments.ingress import IdempotencyConflict, TooManyJobs
+from deployments.ingress import IdempotencyConflict, Overloaded, TooManyJobs
 from deployments.jobs import Status
 from deployments.metering import summarize
-from deployments.storage import LocalStorage, check_key
+from deployments.storage import LocalStorage, StorageError, check_key
 
 log = logging.getLogger(__name__)
 OPENAI_FIELDS = {"width": "size", "height": "size", "references": "image"}
@@ -134,6 +134,13 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             {"detail": str(e)}, 429, headers={"Retry-After": str(opts.retry_after_s)}
         ),
     )
+    busy = {"Retry-After": str(opts.retry_after_s)}
+    app.add_exception_handler(
+        Overloaded, lambda _req, e: _json_error(503, f"overloaded: {e}; retry later", busy)
+    )
+    app.add_exception_handler(
+        StorageError, lambda _req, e: _json_error(503, "storage is unavailable; retry later", busy)
+    )
     app.add_exception_handler(
         IdempotencyConflict,
         lambda _req, e: JSONResponse(
@@ -213,7 +220,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
     async def get_result(
         request: Request, id: str = Query(..., max_length=64), key_id: str = Depends(caller)
     ):
-        job = await ingress.jobs.get(id)
+        job = await ingress.jobs.get(id, retry_s=opts.request_storage_retry_s)
         if job is None or job.key_id != key_id:  # another key's job does not exist for this caller
             return ResultResponse(id=id, status=Status.NOT_FOUND.value)
         sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
@@ -333,15 +340,17 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         b64 = body.response_format == "b64_json"
 
         async def run(job):
-            return None if job.status.terminal else await ingress.run(job, return_bytes=b64, fresh=True)
+            if job.status.terminal:
+                return None
+            return await ingress.run(job, return_bytes=b64, fresh=True, shed=True)
 
         runs = [asyncio.ensure_future(run(job)) for job in jobs]
         try:
             results = await asyncio.wait_for(asyncio.gather(*runs), opts.sync_timeout_s)
-        except (asyncio.CancelledError, TimeoutError) as e:  # client gone or too slow: stop the work
+        except (asyncio.CancelledError, TimeoutError, Overloaded) as e:  # client gone, too slow, or no room
             for job in jobs:
                 await asyncio.shield(ingress.cancel(job.id))
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(e, asyncio.CancelledError | Overloaded):
                 raise
             return JSONResponse(
                 {"error": {"message": f"no result within {opts.sync_timeout_s:g} s; use the async API for long jobs",

@@ -54,6 +54,9 @@ class StorageOptions(BaseModel):
     signing_key: SecretStr | None = Field(
         None, description="local backend: HMAC key for result links; default: one kept in the root directory"
     )
+    retry_s: float = Field(
+        60.0, ge=0, description="how long a failing operation is retried (backoff 0.2 s doubling to 5 s)"
+    )
 
 
 def check_key(key: str) -> str:
@@ -63,7 +66,11 @@ def check_key(key: str) -> str:
 
 
 class Storage(ABC):
-    """Async facade; implementations run blocking I/O in a thread."""
+    """Async facade; implementations run blocking I/O in a thread. Backend failures are retried
+    with exponential backoff for up to `retry_s` (an S3 outage stalls work instead of failing it);
+    a caller on a request path can ask for a shorter budget."""
+
+    retry_s: float = 60.0
 
     @abstractmethod
     def _put(self, key: str, data: bytes, content_type: str) -> None: ...
@@ -85,17 +92,32 @@ class Storage(ABC):
     def check(self) -> None:
         """Raise StorageError if the backend cannot be reached."""
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        await asyncio.to_thread(self._put, check_key(key), data, content_type)
+    async def _retrying(self, retry_s: float | None, fn, *args):
+        budget = self.retry_s if retry_s is None else retry_s
+        deadline, delay = time.monotonic() + budget, 0.2
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except StorageError as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("storage %s(%s) failed, retrying in %.1f s: %s", fn.__name__.strip("_"),
+                            args[0], delay, e)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    async def get(self, key: str) -> bytes | None:
-        return await asyncio.to_thread(self._get, check_key(key))
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream",
+                  retry_s: float | None = None) -> None:  # fmt: skip
+        await self._retrying(retry_s, self._put, check_key(key), data, content_type)
 
-    async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self._delete, check_key(key))
+    async def get(self, key: str, retry_s: float | None = None) -> bytes | None:
+        return await self._retrying(retry_s, self._get, check_key(key))
 
-    async def list(self, prefix: str) -> list[str]:
-        return await asyncio.to_thread(self._list, check_key(prefix.rstrip("/")) + "/")
+    async def delete(self, key: str, retry_s: float | None = None) -> None:
+        await self._retrying(retry_s, self._delete, check_key(key))
+
+    async def list(self, prefix: str, retry_s: float | None = None) -> list[str]:
+        return await self._retrying(retry_s, self._list, check_key(prefix.rstrip("/")) + "/")
 
 
 class LocalStorage(Storage):
@@ -121,10 +143,14 @@ class LocalStorage(Storage):
 
     def _put(self, key, data, content_type):
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: readers see the old or the new object, never half of one
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: readers see the old or the new object, never half of one
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"local put {key} failed: {e}") from e
 
     def _get(self, key):
         try:
@@ -241,5 +267,8 @@ class S3Storage(Storage):
 
 def open_storage(o: StorageOptions) -> Storage:
     if o.backend == "s3":
-        return S3Storage(o)
-    return LocalStorage(o.root, o.signing_key.get_secret_value().encode() if o.signing_key else None)
+        storage = S3Storage(o)
+    else:
+        storage = LocalStorage(o.root, o.signing_key.get_secret_value().encode() if o.signing_key else None)
+    storage.retry_s = o.retry_s
+    return storage

@@ -290,7 +290,8 @@ def test_loadtest_runner_against_the_service(app, tmp_path):
         return app.http.get("/v1/usage", params={"start": today, "end": today}).json()["total"]["jobs"]
 
     before = usage_jobs()
-    env = {"KLEIN_SIZES": "64x64,64x128", "KLEIN_EDIT_SHARE": "0.2", "KLEIN_JOB_DEADLINE_S": "60"}
+    env = {"KLEIN_SIZES": "64x64,64x128", "KLEIN_EDIT_SHARE": "0.2", "KLEIN_JOB_DEADLINE_S": "60",
+           "KLEIN_REFERENCE_SIZES": "64x64,96x80"}  # fmt: skip
     s = run(
         app.url,
         tmp_path / "lt",
@@ -302,7 +303,8 @@ def test_loadtest_runner_against_the_service(app, tmp_path):
         extra_env=env,
     )
     after = usage_jobs()
-    assert s["images"] > 0 and s["errors_by_kind"] == {}
+    assert s["images"] > 0 and s["errors_by_kind"] == {} and s["request_failures"] == 0
+    assert s["requests"] > s["images"] and sum(s["jobs_by_status"].values()) == s["images"]
     assert s["images"] <= after - before  # every image the clients got is a billed Ready job
     assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"], rel=1e-2)
     assert 64 * 64 / 1e6 * s["images"] <= s["megapixels"] <= 64 * 128 / 1e6 * s["images"] + 1e-9

@@ -1,0 +1,164 @@
+"""Overload and storage outages at the ingress (real stage classes, fake handles): full stage
+queues are waited out for accepted async jobs and answered 503 + Retry-After for waiting sync
+callers; a replica at its job cap refuses new work with 503; storage failures are retried with
+backoff and, past the budget, answered 503 — never a 500, never a lost or double-billed job."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from deployments.jobs import Status
+from deployments.storage import StorageError
+from tests.serving.inprocess import build
+
+MODEL = "/v1/flux-2-klein-tiny"
+
+
+def _full() -> BackPressureError:
+    return BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+
+async def _usage(ingress) -> list:
+    return await ingress.storage.list("usage")
+
+
+def _client(ingress) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=ingress.__serve_build_asgi_app__())
+    return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
+
+
+def test_full_stage_queues(tmp_path):
+    ingress = build(tmp_path / "data", retry_after_s=3)
+
+    async def go():
+        async with _client(ingress) as c:
+            # async: accepted, then the full queue is waited out without using up attempts
+            ingress.transformer.fail_next["denoise"] = [_full()] * 4  # more than max_attempts (3)
+            r = await c.post(MODEL, json={"prompt": "wait for room", "width": 64, "height": 64})
+            assert r.status_code == 200
+            await asyncio.gather(*list(ingress._running.values()))
+            job = await ingress.jobs.get(r.json()["id"])
+            assert job.status is Status.READY and job.attempts == 1, job
+            assert len(await _usage(ingress)) == 1
+
+            # sync: the caller is told to come back; the job ends unbilled
+            ingress.codec.fail_next["finish"] = [_full()]
+            r = await c.post("/v1/images/generations", json={"prompt": "now", "size": "64x64"})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "3", r.text
+            assert "overloaded" in r.json()["detail"]
+            assert len(await _usage(ingress)) == 1
+            assert await ingress.jobs.pending() == []  # the shed job is terminal, not left Pending
+
+            # and afterwards the service serves normally
+            r = await c.post("/v1/images/generations", json={"prompt": "again", "size": "64x64"})
+            assert r.status_code == 200, r.text
+            assert len(await _usage(ingress)) == 2
+
+    asyncio.run(go())
+
+
+def test_running_job_cap(tmp_path):
+    ingress = build(tmp_path / "data", max_running_jobs=2)
+
+    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+
+    async def held(*args):  # the transformer waits for the gate: both jobs stay running
+        await gate.wait()
+        return await denoise(*args)
+
+    ingress.transformer.obj.denoise = held
+
+    async def go():
+        async with _client(ingress) as c:
+            body = {"prompt": "x", "width": 64, "height": 64}
+            accepted = [await c.post(MODEL, json=body) for _ in range(2)]
+            assert [r.status_code for r in accepted] == [200, 200]
+            r = await c.post(MODEL, json=body)  # both still running on this replica
+            assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+            r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+            assert r.status_code == 503
+            gate.set()
+            await asyncio.gather(*list(ingress._running.values()))
+            for a in accepted:
+                assert (await ingress.jobs.get(a.json()["id"])).status is Status.READY
+            assert (await c.post(MODEL, json=body)).status_code == 200  # room again
+            await asyncio.gather(*list(ingress._running.values()))
+
+    asyncio.run(go())
+
+
+class Flaky:
+    """Wraps a storage backend's blocking calls: fail the next `n` of them with StorageError."""
+
+    def __init__(self, storage):
+        self.n = 0
+        for name in ("_put", "_get", "_list", "_delete"):
+            setattr(storage, name, self._wrap(getattr(storage, name)))
+
+    def _wrap(self, fn):
+        def call(*args):
+            if self.n:
+                self.n -= 1
+                raise StorageError("connection refused")
+            return fn(*args)
+
+        call.__name__ = fn.__name__
+        return call
+
+
+def test_storage_outages_are_retried_then_503(tmp_path):
+    ingress = build(tmp_path / "data", request_storage_retry_s=0.5)
+    flaky = Flaky(ingress.storage)
+
+    async def go():
+        async with _client(ingress) as c:
+            flaky.n = 3  # a short outage while submitting and running: retried, nothing lost
+            r = await c.post(MODEL, json={"prompt": "x", "width": 64, "height": 64})
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+            await asyncio.gather(*list(ingress._running.values()))
+            flaky.n = 1  # a poll retries within its short budget (0.2 s here)
+            res = (await c.get("/v1/get_result", params={"id": job_id})).json()
+            assert res["status"] == "Ready"
+            flaky.n = 10**6  # storage down for longer than a poll may wait: 503, not 500
+            r = await c.get("/v1/get_result", params={"id": job_id})
+            assert r.status_code == 503 and "Retry-After" in r.headers and "storage" in r.text
+            flaky.n = 0
+            assert (await c.get("/v1/get_result", params={"id": job_id})).json()["status"] == "Ready"
+            assert len(await _usage(ingress)) == 1
+
+    asyncio.run(go())
+
+
+def test_jobs_past_their_deadline_end_in_error(tmp_path):
+    ingress = build(tmp_path / "data", job_deadline_s=0.3)
+    ingress.options.retry_backoff_s = 0.05  # waits of 0.1, 0.2, 0.4 s for room
+
+    async def go():
+        ingress.transformer.fail_next["denoise"] = [_full()] * 100  # never room
+        job, _ = await ingress.submit(prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
+                                      safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        assert await ingress.run(job) is None
+        stored = await ingress.jobs.get(job.id)
+        assert stored.status is Status.ERROR and "within 0.3 s" in stored.error
+        assert await _usage(ingress) == []
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_backpressure_is_recognised_through_chained_responses(wrapped):
+    from deployments.ingress import is_backpressure
+
+    e = _full()
+    if wrapped:
+        try:
+            raise RuntimeError("chained argument failed") from e
+        except RuntimeError as outer:
+            e = outer
+    assert is_backpressure(e)
+    assert not is_backpressure(RuntimeError("other"))

@@ -119,13 +119,11 @@ class Codec(Stage):
                 decoded.append(e)
         t1 = time.time_ns()
         ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
-        flags = dict(
-            zip(ok, self.post.flagged([decoded[i] for i in ok], [params[i] for i in ok]), strict=True)
-        )
+        flags = dict(zip(ok, self._flags([decoded[i] for i in ok], [params[i] for i in ok]), strict=True))
         out: list[bytes | BaseException] = []
         for i, (image, p, refs) in enumerate(zip(decoded, params, ingredients, strict=True)):
-            if isinstance(image, BaseException):
-                out.append(image)
+            if isinstance(image, BaseException) or isinstance(flags[i], BaseException):
+                out.append(image if isinstance(image, BaseException) else flags[i])
                 continue
             try:
                 data = encode_image(self.post.pixels(image, p, flags[i]), p.output_format, self.options)
@@ -134,6 +132,22 @@ class Codec(Stage):
                 out.append(e)
             telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
+        return out
+
+    def _flags(self, images: list[Image.Image], params: list[FinishParams]) -> list[bool | BaseException]:
+        """The classifier's verdicts in one forward; if that fails, one image at a time (the culprit
+        gets its exception, the others their verdicts)."""
+        try:
+            return list(self.post.flagged(images, params))
+        except Exception:
+            if len(images) == 1:
+                raise
+        out: list[bool | BaseException] = []
+        for image, p in zip(images, params, strict=True):
+            try:
+                out += self.post.flagged([image], [p])
+            except Exception as e:
+                out.append(e)
         return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)

@@ -60,3 +60,23 @@ class Stage:
                 raise RuntimeError(f"{type(self).__name__}: device {self.device} computes wrong results")
 
         await asyncio.get_running_loop().run_in_executor(self._worker, probe)
+
+
+async def isolating(run_batch, items: list, what: str) -> list:
+    """`run_batch(items)` -> one result per item; when the batch fails as a whole, its items are
+    run again one by one, so a poisoned request (or one that tips the batch out of memory) fails
+    alone and its batch-mates still get their results. Failures come back as exception objects."""
+    try:
+        return list(await run_batch(items))
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+        log.warning("%s: a batch of %d failed (%s: %s); running its requests one by one",
+                    what, len(items), type(e).__name__, e)  # fmt: skip
+    out: list = []
+    for item in items:
+        try:
+            out += await run_batch([item])
+        except Exception as e:
+            out.append(e)
+    return out

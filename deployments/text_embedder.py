@@ -11,7 +11,7 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import Placement, Stage
+from deployments.stage import Placement, Stage, isolating
 from klein import ModelSource
 
 
@@ -34,8 +34,8 @@ class TextEmbedder(Stage):
         self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
         self.hits = self.misses = 0
         self.batch_sizes: list[int] = []  # prompts per call, most recent last
-        self.embed.set_max_batch_size(options.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self._embed_batch.set_max_batch_size(options.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
     def _remember(self, prompt: str, emb: Tensor) -> None:
         size = emb.numel() * emb.element_size()
@@ -63,11 +63,24 @@ class TextEmbedder(Stage):
                 self._remember(p, out[p])
         return [out[p] for p in prompts]
 
+    async def embed(self, prompt: str, trace: dict | None = None) -> Tensor:
+        """One prompt's embedding; calls are batched across requests."""
+        out = await self._embed_batch(prompt, trace)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def embed(self, prompts: list[str], traces: list[dict | None]) -> list[Tensor]:
+    async def _embed_batch(
+        self, prompts: list[str], traces: list[dict | None]
+    ) -> list[Tensor | BaseException]:
         self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
         start = time.time_ns()
-        out = await self.run(self.embed_now, prompts)
+
+        async def run(batch: list[str]) -> list[Tensor]:
+            return await self.run(self.embed_now, batch)
+
+        out = await isolating(run, prompts, "embed")
         telemetry.record("embed", traces, start, batch_size=len(prompts))
         metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
         return out

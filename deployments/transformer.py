@@ -21,7 +21,7 @@ from deployments import metrics, telemetry
 from deployments.jobs import JobStore
 from deployments.options import DeploymentOptions
 from deployments.payloads import DenoiseParams, JobCancelled
-from deployments.stage import Placement, Stage
+from deployments.stage import Placement, Stage, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.pipeline import References
@@ -92,11 +92,8 @@ class FlowTransformer(Stage):
         for i, item in enumerate(items):
             groups.setdefault(item.params.group, []).append(i)
         results: list[Tensor | BaseException | None] = [None] * len(items)
-        for idx in groups.values():
-            try:
-                outs = await self._run_group([items[i] for i in idx])
-            except Exception as e:  # a failing group fails alone; its batch-mates in other groups go on
-                outs = [e] * len(idx)
+        for idx in groups.values():  # a failing group fails alone, and within it only the culprit
+            outs = await isolating(self._run_group, [items[i] for i in idx], "denoise")
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
         return results

@@ -57,7 +57,7 @@ class FakeHandle:
 def _fresh_batch_queues() -> None:
     """@serve.batch keeps one queue per decorated function, bound to the first event loop that
     used it (one replica per process in Serve); each test runs its own loop."""
-    for fn in (TextEmbedder.embed, FlowTransformer._batched, Codec._finish_batch):
+    for fn in (TextEmbedder._embed_batch, FlowTransformer._batched, Codec._finish_batch):
         fn.set_max_batch_size.__self__._queue = None
 
 

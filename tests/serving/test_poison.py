@@ -1,0 +1,96 @@
+"""A poisoned request — one that makes its stage raise — fails alone: each stage (text embedder,
+flow transformer, codec's classifier) falls back to one-by-one when a batch fails, so the poisoned
+job ends in Error and its batch-mates end Ready with the images they would have had alone."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.jobs import Status
+from tests.serving.inprocess import build
+
+
+async def _jobs(ingress, specs):
+    jobs = []
+    for prompt, seed in specs:
+        job, _ = await ingress.submit(prompt=prompt, width=64, height=64, seed=seed, steps=None, guidance=None,
+                                      safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        jobs.append(job)
+    return jobs
+
+
+async def _image(ingress, job_id):
+    job = await ingress.jobs.get(job_id)
+    return np.asarray(Image.open(io.BytesIO(await ingress.storage.get(job.result.key))))
+
+
+def _poison(ingress, stage: str, batches: list[int]):
+    """Make `stage` raise for any batch that holds the poisoned request; record batch sizes tried."""
+    if stage == "embed":
+        te = ingress.embedder.obj
+        te._embed_batch.set_batch_wait_timeout_s(0.2)
+        real = te.embedder
+
+        def embedder(prompts):
+            batches.append(len(prompts))
+            if any("POISON" in p for p in prompts):
+                raise RuntimeError("tokenizer choked")
+            return real(prompts)
+
+        te.embedder = embedder
+    elif stage == "denoise":
+        ft = ingress.transformer.obj
+        ft._batched.set_batch_wait_timeout_s(0.5)
+        real = ft._run_group
+
+        async def run_group(items):
+            batches.append(len(items))
+            if any(it.params.seed == 666 for it in items):
+                raise RuntimeError("NaNs in the latents")
+            return await real(items)
+
+        ft._run_group = run_group
+    else:
+        codec = ingress.codec.obj
+        codec._finish_batch.set_batch_wait_timeout_s(0.5)
+        real = codec.post.flagged
+
+        def flagged(images, params):
+            batches.append(len(images))
+            if any(p.seed == 666 for p in params):
+                raise RuntimeError("classifier failed on this image")
+            return real(images, params)
+
+        codec.post.flagged = flagged
+
+
+@pytest.mark.parametrize("stage", ["embed", "denoise", "codec"])
+def test_poisoned_request_fails_alone(tmp_path, stage):
+    clean = build(tmp_path / "clean")
+    ingress = build(tmp_path / "data")
+    batches: list[int] = []
+    _poison(ingress, stage, batches)
+    poison = ("POISON the well", 7) if stage == "embed" else ("a fox", 666)
+    specs = [("a fox", 1), poison, ("a hare", 2), ("a lynx", 3)]
+
+    async def go():
+        jobs = await _jobs(ingress, specs)
+        await asyncio.gather(*(ingress.run(j) for j in jobs))
+        statuses = [(await ingress.jobs.get(j.id)).status for j in jobs]
+        assert statuses == [Status.READY, Status.ERROR, Status.READY, Status.READY], statuses
+        assert max(batches) > 1, batches  # the poisoned request did share a batch
+        usage = await ingress.storage.list("usage")
+        assert len(usage) == 3 and not any(jobs[1].id in k for k in usage)  # the failure is not billed
+        # batch-mates got exactly the images they get alone
+        ref = await _jobs(clean, [specs[0], specs[3]])
+        for j in ref:
+            await clean.run(j)
+        assert np.array_equal(await _image(ingress, jobs[0].id), await _image(clean, ref[0].id))
+        assert np.array_equal(await _image(ingress, jobs[3].id), await _image(clean, ref[1].id))
+
+    asyncio.run(go())

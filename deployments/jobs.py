@@ -102,7 +102,7 @@ class JobStore:
         await self.storage.put(f"jobs/{job.id}.json", job.model_dump_json().encode(), "application/json")
 
     async def get(self, job_id: str, retry_s: float | None = None) -> JobRecord | None:
-        if not job_id.isalnum() or len(job_id) > 64:
+        if not (job_id.isascii() and job_id.isalnum()) or len(job_id) > 64:  # ids are ASCII hex
             return None
         for attempt in range(6):
             raw = await self.storage.get(f"jobs/{job_id}.json", retry_s=retry_s)

@@ -45,6 +45,37 @@ def _field_error(e: FieldError) -> JSONResponse:
     )
 
 
+def _documented(*codes: int) -> dict:
+    """OpenAPI entries for the error answers a route gives besides 200 and 422."""
+    what = {
+        400: "malformed body, or the request was moderated (OpenAI routes)",
+        401: "missing or unknown API key",
+        404: "unknown model or job",
+        409: "Idempotency-Key reused with another body, or the job already finished",
+        413: "body or input image over its cap",
+        415: "wrong Content-Type",
+        422: "a field out of its bounds: `detail[].loc` names it, `msg` says the bound",
+        429: "too many jobs in flight for this key (Retry-After)",
+        500: "the job failed after its retries (OpenAI routes)",
+        503: "overloaded, or storage unavailable (Retry-After)",
+        504: "no result within sync_timeout_s (OpenAI routes)",
+    }
+    return {code: {"description": what[code]} for code in codes}
+
+
+def _edit_form_schema() -> dict:
+    """The multipart form of POST /v1/images/edits (read by hand, so FastAPI cannot infer it)."""
+    form = ImagesRequest.model_json_schema()
+    form["properties"] = {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 4,
+                  "description": "1-4 reference images (also accepted as image[])"},
+        **form["properties"],
+    }  # fmt: skip
+    form["required"] = ["image", *form.get("required", [])]
+    form.pop("title", None)
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
 def _validation_error(e: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 without echoing the input back: it can be megabytes, or text that cannot be
     encoded as UTF-8 (an unpaired surrogate), which would turn a 422 into a 500."""
@@ -216,7 +247,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
 
     # --- BFL-compatible async API ---
 
-    @app.get("/v1/get_result", response_model=ResultResponse, response_model_exclude_none=True)
+    @app.get("/v1/get_result", response_model=ResultResponse, response_model_exclude_none=True,
+             responses=_documented(401, 503))  # fmt: skip
     async def get_result(
         request: Request, id: str = Query(..., max_length=64), key_id: str = Depends(caller)
     ):
@@ -235,7 +267,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             output_mp=job.output_mp,
         )
 
-    @app.delete("/v1/jobs/{job_id}")
+    @app.delete("/v1/jobs/{job_id}", status_code=202, responses=_documented(401, 404, 409, 503))
     async def cancel(job_id: str, key_id: str = Depends(caller)):
         job = await ingress.jobs.get(job_id)
         if job is None or job.key_id != key_id:
@@ -247,7 +279,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             {"id": job_id, "status": job.status.value, "cancel_requested": True}, status_code=202
         )
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", responses=_documented(401, 503))
     async def usage(
         start: date = Query(..., description="first day, YYYY-MM-DD (UTC, by submission)"),
         end: date = Query(..., description="last day, inclusive"),
@@ -269,7 +301,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             "total": total[0] if total else {"jobs": 0, "input_mp": 0.0, "output_mp": 0.0, "cost": 0.0},
         }
 
-    @app.post("/v1/{model}", response_model=SubmitResponse)
+    @app.post("/v1/{model}", response_model=SubmitResponse,
+              responses=_documented(400, 401, 404, 409, 413, 415, 429, 503))  # fmt: skip
     async def submit(
         model: str,
         body: GenerateRequest,
@@ -389,11 +422,14 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             },
         )
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=_documented(400, 401, 404, 413, 415, 429, 500, 503, 504))  # fmt: skip
     async def generations(body: ImagesRequest, request: Request, key_id: str = Depends(caller)):
         return await openai_images(request, body, [], key_id)
 
-    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+              responses=_documented(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
+              openapi_extra=_edit_form_schema())  # fmt: skip
     async def edits(request: Request, key_id: str = Depends(caller)):
         form = await request.form()
         unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)

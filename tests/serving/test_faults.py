@@ -1,0 +1,149 @@
+"""Faults under load on the real DAG (local Ray, real HTTP, rclone S3): a replica of every stage and
+the ingress killed while jobs run, and the S3 server stopped for a while. Every accepted async
+job ends Ready or Error (none stays Pending), nothing is billed twice or without its image, and
+sync callers get an answer (an image or a clean error) rather than a hung connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from deployments.storage import StorageOptions, open_storage
+
+MODEL = "flux-2-klein-tiny"
+TERMINAL = {"Ready", "Error", "Cancelled", "Content Moderated", "Request Moderated"}
+
+
+def _poll(url: str, job_id: str, timeout: float) -> dict:
+    """Poll through outages: 5xx and dropped connections are retried until the deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/v1/get_result", params={"id": job_id}, timeout=30)
+            if r.status_code == 200:
+                last = r.json()
+                if last["status"] in TERMINAL:
+                    return last
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} not terminal after {timeout} s: {last}")
+
+
+def _storage(s3):
+    return open_storage(StorageOptions(**s3.options()))
+
+
+def _usage_by_job(s3) -> dict[str, list[dict]]:
+    storage = _storage(s3)
+
+    async def go():
+        out: dict[str, list[dict]] = {}
+        for key in await storage.list("usage"):
+            record = json.loads(await storage.get(key))
+            out.setdefault(record["job_id"], []).append(record)
+        return out
+
+    return asyncio.run(go())
+
+
+def _kill(ray, deployment: str) -> None:
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if deployment in a["name"]:  # SERVE_REPLICA::klein#<deployment>#<id>
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+
+
+def _load(url: str, stop: threading.Event, accepted: list, rejected: list, sync: list) -> None:
+    """Async submissions and sync requests until `stop`: what was accepted, refused, answered."""
+    client = httpx.Client(base_url=url, timeout=120)
+    i = 0
+    while not stop.is_set():
+        i += 1
+        try:
+            if i % 4 == 0:
+                r = client.post("/v1/images/generations", json={"prompt": f"sync {i}", "size": "64x64",
+                                                                 "response_format": "b64_json"})  # fmt: skip
+                sync.append((time.monotonic(), r.status_code, r.headers.get("content-type", "")))
+            else:
+                body = {"prompt": f"load {i % 5}", "width": 128, "height": 128, "steps": 8, "seed": i}
+                r = client.post(f"/v1/{MODEL}", json=body)
+                if r.status_code == 200:
+                    accepted.append(r.json()["id"])
+                else:
+                    rejected.append(r.status_code)
+        except httpx.HTTPError as e:  # the ingress died under this request: not accepted
+            rejected.append(type(e).__name__)
+        time.sleep(0.05)
+
+
+def test_killing_every_stage_and_the_ingress_under_load(app, s3, ray_local):
+    import ray
+
+    stop, accepted, rejected, sync = threading.Event(), [], [], []
+    with ThreadPoolExecutor(3) as pool:
+        workers = [pool.submit(_load, app.url, stop, accepted, rejected, sync) for _ in range(3)]
+        time.sleep(3)
+        for deployment in ("TextEmbedder", "FlowTransformer", "Codec", "Ingress"):
+            killed_at = time.monotonic()
+            _kill(ray, deployment)
+            time.sleep(4)
+        time.sleep(3)
+        stop.set()
+        for w in workers:
+            w.result()
+    assert len(accepted) >= 10, (accepted, rejected)
+    results = {job_id: _poll(app.url, job_id, timeout=240) for job_id in accepted}
+    statuses = [r["status"] for r in results.values()]
+    assert set(statuses) <= {"Ready", "Error"}, statuses
+    assert statuses.count("Ready") >= len(statuses) // 2, statuses  # retries and the reaper saved most
+    usage = _usage_by_job(s3)
+    for job_id, res in results.items():
+        records = usage.get(job_id, [])
+        assert len(records) == (1 if res["status"] == "Ready" else 0), (job_id, res["status"], records)
+    # Sync callers always got an HTTP answer: an image, or our JSON error. The one exception is a
+    # request inside the ingress replica that was killed: Serve's proxy answers it 500 text/plain.
+    assert sync and all(code == 200 or ctype.startswith("application/json") or (code == 500 and t >= killed_at)
+                        for t, code, ctype in sync), sync  # fmt: skip
+    print(f"faults: {len(accepted)} async jobs accepted ({statuses.count('Ready')} Ready, "
+          f"{statuses.count('Error')} Error), {len(rejected)} submissions refused, "
+          f"sync answers {sorted(c for _, c, _ in sync)}")  # fmt: skip
+    r = app.http.post("/v1/images/generations", json={"prompt": "after", "size": "64x64"})
+    assert r.status_code == 200, r.text  # and it serves normally afterwards
+
+
+def test_s3_outage_under_load(app, s3):
+    client = httpx.Client(base_url=app.url, timeout=120)
+    body = {"width": 128, "height": 128, "steps": 6}
+    first = [client.post(f"/v1/{MODEL}", json={**body, "prompt": f"outage {i}", "seed": i}).json()["id"]
+             for i in range(6)]  # fmt: skip
+    time.sleep(0.5)
+    s3.stop()
+    outage_start = time.monotonic()
+    try:
+        with ThreadPoolExecutor(1) as pool:  # a submission while storage is down waits, then lands
+            late = pool.submit(client.post, f"/v1/{MODEL}", json={**body, "prompt": "during", "seed": 99})
+            time.sleep(1.0)
+            r = client.get("/v1/get_result", params={"id": first[0]})  # a poll answers 503, not 500
+            assert r.status_code == 503 and "Retry-After" in r.headers, (r.status_code, r.text[:200])
+            time.sleep(max(0.0, 8.0 - (time.monotonic() - outage_start)))
+            s3.start()
+            r = late.result()
+    finally:
+        if s3.proc is None:
+            s3.start()
+    assert r.status_code == 200, r.text
+    ids = first + [r.json()["id"]]
+    results = {i: _poll(app.url, i, timeout=180) for i in ids}
+    assert all(res["status"] == "Ready" for res in results.values()), results
+    usage = _usage_by_job(s3)
+    storage = _storage(s3)
+    for job_id in results:
+        assert len(usage.get(job_id, [])) == 1
+        key = json.loads(asyncio.run(storage.get(f"jobs/{job_id}.json")))["result"]["key"]
+        assert asyncio.run(storage.get(key)), key  # no usage record without its image

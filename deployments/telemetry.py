@@ -75,9 +75,24 @@ class _JsonLinesExporter:
         return True
 
 
+def route_logs() -> None:
+    """Send klein's own loggers (`deployments.*`: job transitions, retries, refusals) to the
+    replica's Serve log handlers, at Serve's level (INFO unless configured): without this, Python's
+    default WARNING threshold drops them and Serve's files never see them. Idempotent."""
+    serve_logger, ours = logging.getLogger("ray.serve"), logging.getLogger("deployments")
+    if ours.handlers or not serve_logger.handlers:
+        return
+    for handler in serve_logger.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(serve_logger.level or logging.INFO)
+    ours.propagate = False
+
+
 def setup(options: TelemetryOptions, component: str) -> None:
-    """Install a tracer provider for this process (once); no-op when traces are off."""
+    """Route logs to Serve's handlers, and install a tracer provider for this process (once);
+    no tracer when traces are off."""
     global _CONFIGURED
+    route_logs()
     if options.traces == "off":
         return
     with _LOCK:

@@ -201,6 +201,15 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             max_age=600,
         )  # fmt: skip
 
+    decoding = asyncio.Semaphore(4)  # a 40 MP image is ~120 MB decoded: bound how many at once
+
+    async def decode(data: str | bytes, field: str):
+        """Decode off the event loop (a large image takes a while), a few at a time."""
+        async with decoding:
+            return await asyncio.to_thread(
+                decode_image, data, field, max_image_bytes, opts.max_input_image_pixels
+            )
+
     async def fetch_image(field: str, url: str) -> bytes:
         try:
             return await netguard.fetch(url, max_image_bytes, opts.fetch_timeout_s, opts.fetch_allow_private)
@@ -318,7 +327,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         for field, data in body.images():
             if data.startswith(("http://", "https://")) and opts.fetch_input_urls:
                 data = await fetch_image(field, data)
-            raw, image = decode_image(data, field, max_image_bytes, opts.max_input_image_pixels)
+            raw, image = await decode(data, field)
             images.append((field, raw, image))
         with telemetry.span("submit", incoming_trace(request), model=model):
             trace = telemetry.carrier() or None
@@ -446,9 +455,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         for upload in uploads:
             if isinstance(upload, str):
                 raise FieldError("image", "must be a file upload")
-            raw, image = decode_image(
-                await upload.read(), "image", max_image_bytes, opts.max_input_image_pixels
-            )
+            raw, image = await decode(await upload.read(), "image")
             images.append(("image", raw, image))
         try:
             body = ImagesRequest(**{k: v for k, v in form.items() if k not in ("image", "image[]")})

@@ -293,14 +293,13 @@ class Ingress:
         while True:
             job.attempts += 1
             job.status, job.started_at = Status.PENDING, job.started_at or time.time()
-            if not (fresh and job.attempts == 1):
+            first = fresh and job.attempts == 1 and waits == 0  # the record was just written with its lease
+            if not first:  # renew the lease (also while waiting for room: no reaper may take the job)
                 job.lease_until = time.time() + self.options.job_lease_s
                 await self.jobs.save(job)
             try:
                 with telemetry.span("job", job.trace, job_id=job.id, attempt=job.attempts, model=job.model):
-                    pipeline = self._pipeline(
-                        job, return_bytes, check_cancel=not (fresh and job.attempts == 1)
-                    )
+                    pipeline = self._pipeline(job, return_bytes, check_cancel=not first)
                     result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
                 job.finished_at = time.time()
                 await self._record_usage(job)  # no Ready without its usage record

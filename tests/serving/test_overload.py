@@ -162,3 +162,24 @@ def test_backpressure_is_recognised_through_chained_responses(wrapped):
             e = outer
     assert is_backpressure(e)
     assert not is_backpressure(RuntimeError("other"))
+
+
+def test_a_job_waiting_for_room_can_be_cancelled_and_keeps_its_lease(tmp_path):
+    ingress = build(tmp_path / "data")
+    ingress.options.retry_backoff_s = 0.01
+
+    async def go():
+        ingress.transformer.fail_next["denoise"] = [_full()] * 3
+        job, _ = await ingress.submit(prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
+                                      safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        lease = job.lease_until
+        task = asyncio.create_task(ingress.run(job, fresh=True))
+        while len(ingress.transformer.fail_next["denoise"]) > 1:  # it is waiting for room now
+            await asyncio.sleep(0.005)
+        assert (await ingress.jobs.get(job.id)).lease_until > lease  # renewed while it waits
+        await ingress.cancel(job.id)
+        assert await task is None
+        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
+        assert await _usage(ingress) == []
+
+    asyncio.run(go())

@@ -182,7 +182,11 @@ class Ingress:
             raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
         if await self.jobs.in_flight(key_id) >= self.options.max_jobs_in_flight:
             raise TooManyJobs(self.options.max_jobs_in_flight)
-        if webhook_url and not self.options.webhook_allow_private and is_private_target(webhook_url):
+        if (
+            webhook_url
+            and not self.options.webhook_allow_private
+            and await asyncio.to_thread(is_private_target, webhook_url)
+        ):  # DNS off the event loop
             raise FieldError("webhook_url", "must not point to a private, loopback or link-local address")
         seed = secrets.randbelow(2**32) if seed is None else seed
         try:

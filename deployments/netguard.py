@@ -80,7 +80,7 @@ async def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool 
         target = url
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
             for _ in range(max_redirects + 1):
-                address, headers, extensions = pinned(target, allow_private)
+                address, headers, extensions = await asyncio.to_thread(pinned, target, allow_private)  # DNS
                 request = client.build_request("GET", address, headers=headers, extensions=extensions)
                 response = await client.send(request, stream=True)
                 try:

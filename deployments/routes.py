@@ -46,7 +46,7 @@ def _field_error(e: FieldError) -> JSONResponse:
 
 
 def _documented(*codes: int) -> dict:
-    """OpenAPI entries for the error answers a route gives besides 200 and 422."""
+    """OpenAPI entries for a route's error answers (FastAPI adds 422 itself where it parses the body)."""
     what = {
         400: "malformed body, or the request was moderated (OpenAI routes)",
         401: "missing or unknown API key",

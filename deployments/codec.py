@@ -10,7 +10,7 @@ import time
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 from torch import Tensor
 
@@ -18,7 +18,7 @@ from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
-from deployments.stage import Placement, Stage
+from deployments.stage import Stage, StageOptions, isolated
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.image import to_pil
@@ -28,13 +28,9 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"
 
 
-class CodecOptions(BaseModel):
+class CodecOptions(StageOptions):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
-    placement: Placement = Field(default_factory=Placement)
     max_batch_size: int = Field(4, ge=1, description="images decoded per batch")
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
-    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
@@ -119,7 +115,11 @@ class Codec(Stage):
                 decoded.append(e)
         t1 = time.time_ns()
         ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
-        flags = dict(zip(ok, self._flags([decoded[i] for i in ok], [params[i] for i in ok]), strict=True))
+
+        def classify(batch: list[int]) -> list[bool]:  # one forward; one by one if that fails
+            return self.post.flagged([decoded[i] for i in batch], [params[i] for i in batch])
+
+        flags = dict(zip(ok, isolated(classify, ok, "classify"), strict=True))
         out: list[bytes | BaseException] = []
         for i, (image, p, refs) in enumerate(zip(decoded, params, ingredients, strict=True)):
             if isinstance(image, BaseException) or isinstance(flags[i], BaseException):
@@ -132,22 +132,6 @@ class Codec(Stage):
                 out.append(e)
             telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
-        return out
-
-    def _flags(self, images: list[Image.Image], params: list[FinishParams]) -> list[bool | BaseException]:
-        """The classifier's verdicts in one forward; if that fails, one image at a time (the culprit
-        gets its exception, the others their verdicts)."""
-        try:
-            return list(self.post.flagged(images, params))
-        except Exception:
-            if len(images) == 1:
-                raise
-        out: list[bool | BaseException] = []
-        for image, p in zip(images, params, strict=True):
-            try:
-                out += self.post.flagged([image], [p])
-            except Exception as e:
-                out.append(e)
         return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)

@@ -32,6 +32,15 @@ class Placement(BaseModel):
         return torch.device(device), dtype
 
 
+class StageOptions(BaseModel):
+    """What every model stage's options share; each adds its Serve defaults and batch bound."""
+
+    placement: Placement = Field(default_factory=Placement)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
+    )
+
+
 class Stage:
     """Base of the model stages: `run` executes tensor work on the stage's worker thread."""
 
@@ -62,17 +71,38 @@ class Stage:
         await asyncio.get_running_loop().run_in_executor(self._worker, probe)
 
 
-async def isolating(run_batch, items: list, what: str) -> list:
+def _one_by_one(what: str, items: list, error: Exception) -> None:
+    log.warning("%s: a batch of %d failed (%s: %s); running its requests one by one",
+                what, len(items), type(error).__name__, error)  # fmt: skip
+
+
+def isolated(run_batch, items: list, what: str) -> list:
     """`run_batch(items)` -> one result per item; when the batch fails as a whole, its items are
     run again one by one, so a poisoned request (or one that tips the batch out of memory) fails
     alone and its batch-mates still get their results. Failures come back as exception objects."""
+    try:
+        return list(run_batch(items))
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+        _one_by_one(what, items, e)
+    out: list = []
+    for item in items:
+        try:
+            out += run_batch([item])
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+async def isolating(run_batch, items: list, what: str) -> list:
+    """`isolated` for a coroutine `run_batch` (the transformer's steps interleave cancel checks)."""
     try:
         return list(await run_batch(items))
     except Exception as e:
         if len(items) == 1:
             return [e]
-        log.warning("%s: a batch of %d failed (%s: %s); running its requests one by one",
-                    what, len(items), type(e).__name__, e)  # fmt: skip
+        _one_by_one(what, items, e)
     out: list = []
     for item in items:
         try:

@@ -204,7 +204,7 @@ class S3Storage(Storage):
         config = Config(
             s3={"addressing_style": "path" if o.path_style else "virtual"},
             signature_version="s3v4",
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": 2, "mode": "standard"},  # one quick retry; outages: Storage._retrying
             connect_timeout=5,
             read_timeout=30,
         )

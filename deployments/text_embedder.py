@@ -5,23 +5,19 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import Placement, Stage, isolating
+from deployments.stage import Stage, StageOptions, isolated
 from klein import ModelSource
 
 
-class TextEmbedderOptions(BaseModel):
+class TextEmbedderOptions(StageOptions):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=32))
-    placement: Placement = Field(default_factory=Placement)
     max_batch_size: int = Field(8, ge=1, description="prompts per forward")
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
-    )
     cache_mb: int = Field(256, ge=0, description="LRU cache of embeddings by prompt, in MB (0: off)")
 
 
@@ -77,10 +73,7 @@ class TextEmbedder(Stage):
         self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
         start = time.time_ns()
 
-        async def run(batch: list[str]) -> list[Tensor]:
-            return await self.run(self.embed_now, batch)
-
-        out = await isolating(run, prompts, "embed")
+        out = await self.run(isolated, self.embed_now, prompts, "embed")
         telemetry.record("embed", traces, start, batch_size=len(prompts))
         metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
         return out

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 from torch import Tensor
 
@@ -21,21 +21,17 @@ from deployments import metrics, telemetry
 from deployments.jobs import JobStore
 from deployments.options import DeploymentOptions
 from deployments.payloads import DenoiseParams, JobCancelled
-from deployments.stage import Placement, Stage, isolating
+from deployments.stage import Stage, StageOptions, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.pipeline import References
 from klein.sampler import sample, unpack
 
 
-class FlowTransformerOptions(BaseModel):
+class FlowTransformerOptions(StageOptions):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
-    placement: Placement = Field(default_factory=Placement)
     max_batch_tokens: int = Field(
         32768, ge=1, description="image + reference tokens per batch (1 MP = 4096); at least one full request"
-    )
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
     )
     cancel_check_interval_s: float = Field(
         1.0, ge=0, description="how often running jobs are checked for cancel"

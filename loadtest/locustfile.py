@@ -123,13 +123,14 @@ def _prompt() -> str:
     return f"{random.choice(PROMPT_POOL)}, variation {random.randrange(10**9)}"
 
 
-def _classify(response) -> str:
+def _failed(response) -> bool:
+    """Not a 200: counted by kind (429 and 503 apart; 0 is a dropped connection) and marked failed."""
     code = response.status_code
-    if code in (429, 503):
-        return f"HTTP {code}"
-    if code == 0:
-        return "connection"
-    return f"HTTP {code}"
+    if code == 200:
+        return False
+    Stats.error("connection" if code == 0 else f"HTTP {code}")
+    response.failure(f"HTTP {code}")
+    return True
 
 
 class KleinUser(HttpUser):
@@ -163,9 +164,7 @@ class AsyncUser(KleinUser):
         t0 = time.perf_counter()
         with self.client.post(f"/v1/{self.model}", json=body, headers=HEADERS, name=f"submit {kind}",
                               catch_response=True) as r:  # fmt: skip
-            if r.status_code != 200:
-                Stats.error(_classify(r))
-                r.failure(f"HTTP {r.status_code}")
+            if _failed(r):
                 return
             job = r.json()
         delay, deadline = 0.2, time.monotonic() + DEADLINE_S
@@ -178,9 +177,7 @@ class AsyncUser(KleinUser):
             delay = min(delay * 1.5, 2.0)
             with self.client.get(f"/v1/get_result?id={job['id']}", headers=HEADERS, name="poll",
                                  catch_response=True) as p:  # fmt: skip
-                if p.status_code != 200:
-                    Stats.error(_classify(p))
-                    p.failure(f"HTTP {p.status_code}")
+                if _failed(p):
                     continue
                 res = p.json()
             if res["status"] == "Pending":
@@ -219,9 +216,7 @@ class SyncUser(KleinUser):
         t0 = time.perf_counter()
         with self.client.post("/v1/images/generations", json=body, headers=HEADERS, name="sync generate",
                               catch_response=True) as r:  # fmt: skip
-            if r.status_code != 200:
-                Stats.error(_classify(r))
-                r.failure(f"HTTP {r.status_code}")
+            if _failed(r):
                 return
             data = r.json()
         with Stats.lock:

@@ -140,6 +140,7 @@ class Ingress:
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
         self._active = 0  # jobs being run by this replica, async and sync
+        self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
         self._reaper: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
@@ -238,6 +239,8 @@ class Ingress:
             await self.storage.put(key, data)
             job.request.input_keys.append(key)
         await self.jobs.create(job)
+        if images:
+            self._inputs[job.id] = [data for _, data, _ in images]
         if idempotency_key is not None:
             record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
             await self.storage.put(
@@ -293,6 +296,28 @@ class Ingress:
             self._active -= 1
 
     async def _run(self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool) -> FinishResult | None:
+        try:
+            return await self._attempts(job, return_bytes, fresh, shed)
+        finally:
+            self._inputs.pop(job.id, None)
+
+    async def discard(self, job: JobRecord) -> None:
+        """End a job that was submitted but will not be run (its request failed after submitting it):
+        Cancelled, unbilled, and no longer pending for the reaper to pick up."""
+        if job.status.terminal:
+            return
+        job.status, job.error, job.finished_at = (
+            Status.CANCELLED,
+            "not run: the request was refused",
+            time.time(),
+        )
+        self._inputs.pop(job.id, None)
+        await self.jobs.finish(job)
+        self._finished(job)
+
+    async def _attempts(
+        self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool
+    ) -> FinishResult | None:
         result, waits, overloaded = None, 0, False
         while True:
             job.attempts += 1
@@ -363,7 +388,7 @@ class Ingress:
         if check_cancel and await self.jobs.cancel_requested(job.id):  # the transformer checks between steps
             raise JobCancelled(job.id)
         r = job.request
-        images = [await self.storage.get(k) for k in r.input_keys]
+        images = self._inputs.get(job.id) or list(await asyncio.gather(*map(self.storage.get, r.input_keys)))
         if any(b is None for b in images):
             raise RuntimeError(f"job {job.id}: an input image is missing from storage")
         moderate_inputs = images and self.safety.classifier is not None and self.safety.check_inputs

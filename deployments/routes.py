@@ -363,22 +363,27 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         with telemetry.span("submit", incoming_trace(request), model=ingress.model_id, n=body.n):
             trace = telemetry.carrier() or None
         jobs = []
-        for i in range(body.n):
-            job, _ = await ingress.submit(
-                prompt=body.prompt,
-                width=width,
-                height=height,
-                seed=None if body.seed is None else (body.seed + i) % 2**63,
-                steps=body.steps,
-                guidance=body.guidance,
-                safety_tolerance=body.safety_tolerance,
-                output_format=body.output_format,
-                images=images,
-                fields=OPENAI_FIELDS,
-                key_id=key_id,
-                trace=trace,
-            )
-            jobs.append(job)
+        try:
+            for i in range(body.n):
+                job, _ = await ingress.submit(
+                    prompt=body.prompt,
+                    width=width,
+                    height=height,
+                    seed=None if body.seed is None else (body.seed + i) % 2**63,
+                    steps=body.steps,
+                    guidance=body.guidance,
+                    safety_tolerance=body.safety_tolerance,
+                    output_format=body.output_format,
+                    images=images,
+                    fields=OPENAI_FIELDS,
+                    key_id=key_id,
+                    trace=trace,
+                )
+                jobs.append(job)
+        except Exception:  # refused part-way (limits, overload): the jobs already made must not run later
+            for job in jobs:
+                await ingress.discard(job)
+            raise
         b64 = body.response_format == "b64_json"
 
         async def run(job):

@@ -183,3 +183,19 @@ def test_a_job_waiting_for_room_can_be_cancelled_and_keeps_its_lease(tmp_path):
         assert await _usage(ingress) == []
 
     asyncio.run(go())
+
+
+def test_a_sync_request_refused_part_way_leaves_no_job_behind(tmp_path):
+    """n=2 with room for one job in flight: the first job was already made when the second was
+    refused (429); it must not stay Pending for the reaper to run and bill later."""
+    ingress = build(tmp_path / "data", max_jobs_in_flight=1)
+
+    async def go():
+        async with _client(ingress) as c:
+            r = await c.post("/v1/images/generations", json={"prompt": "two", "size": "64x64", "n": 2})
+            assert r.status_code == 429 and "Retry-After" in r.headers, r.text
+            assert await ingress.jobs.pending() == [] and await _usage(ingress) == []
+            assert await ingress.reap() == 0
+            assert ingress._inputs == {}
+
+    asyncio.run(go())

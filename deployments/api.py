@@ -107,7 +107,9 @@ class ImagesRequest(BaseModel):
 
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, description="a served model id (GET /v1/models)")
-    n: int = Field(1, ge=1, le=4, description="images to generate (seeds seed, seed+1, ...)")
+    n: int = Field(
+        1, ge=1, description="images to generate (seeds seed, seed+1, ...); at most max_images_per_request"
+    )
     size: str = Field(
         "auto", description="'WxH' (multiples of 16, 64-2048) or 'auto' (1024x1024, or the first image's)"
     )

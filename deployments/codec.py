@@ -15,6 +15,7 @@ from ray import serve
 from torch import Tensor
 
 from deployments import metrics, telemetry
+from deployments.jobs import CONTENT_TYPES
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
@@ -24,7 +25,6 @@ from klein import ModelSource
 from klein.image import to_pil
 from klein.pipeline import References, encode_references
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"
 
 

@@ -22,7 +22,7 @@ from deployments import metrics, telemetry
 from deployments.api import FieldError
 from deployments.auth import ANONYMOUS, KeyRing
 from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
-from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key
+from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key, usage_prefix
 from deployments.netguard import is_private_target
 from deployments.options import ActorOptions, DeploymentOptions
 from deployments.payloads import (
@@ -83,9 +83,6 @@ class IngressOptions(BaseModel):
     fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="time cap for fetching one input image")
 
 
-REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
-
-
 class TooManyJobs(Exception):
     """The calling key already has its maximum of jobs in flight (HTTP 429)."""
 
@@ -140,7 +137,10 @@ class Ingress:
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
         self._active = 0  # jobs being run by this replica, async and sync
-        self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
+        self._inputs: dict[str, list[bytes]] = {}
+        self._deliveries: set[asyncio.Task] = (
+            set()
+        )  # webhook tasks, referenced until done  # input images of jobs submitted here: no read-back
         self._reaper: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
@@ -298,6 +298,12 @@ class Ingress:
     async def _run(self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool) -> FinishResult | None:
         try:
             return await self._attempts(job, return_bytes, fresh, shed)
+        except asyncio.CancelledError:  # a sync caller went away or timed out: end the job, don't leave it
+            if not job.status.terminal:  # Pending for the reaper (and the key's in-flight count)
+                job.status, job.error, job.finished_at = Status.CANCELLED, "the caller went away", time.time()
+                await asyncio.shield(self.jobs.finish(job))
+                self._finished(job)
+            raise
         finally:
             self._inputs.pop(job.id, None)
 
@@ -378,7 +384,7 @@ class Ingress:
             break
         if job.status is not Status.READY:
             job.finished_at = time.time()
-        await self.jobs.finish(job)
+        await asyncio.shield(self.jobs.finish(job))  # a caller going away now must not undo the record
         self._finished(job)
         if overloaded:
             raise Overloaded("a stage's queue is full")
@@ -423,11 +429,9 @@ class Ingress:
     async def usage(self, key_id: str, start: str, end: str) -> list[UsageRecord]:
         """The key's usage records for jobs submitted on days start..end (inclusive, UTC)."""
         first, last = date.fromisoformat(start), date.fromisoformat(end)
-        keys = []
-        for n in range((last - first).days + 1):
-            day = (first + timedelta(days=n)).strftime("%Y/%m/%d")
-            keys += await self.storage.list(f"usage/{key_id}/{day}")
-        raws = await asyncio.gather(*(self.storage.get(k) for k in keys))
+        days = [(first + timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
+        listed = await asyncio.gather(*(self.storage.list(usage_prefix(key_id, day)) for day in days))
+        raws = await asyncio.gather(*(self.storage.get(k) for keys in listed for k in keys))
         return [UsageRecord.model_validate_json(r) for r in raws if r is not None]
 
     def _finished(self, job: JobRecord) -> None:
@@ -442,10 +446,12 @@ class Ingress:
         if not r.webhook_url:
             return
         payload = {"id": job.id, "status": job.status.value, "result": self.result_payload(job, sample=None)}
-        asyncio.create_task(
+        task = asyncio.create_task(
             deliver(r.webhook_url, payload, r.webhook_secret, self.options.webhook_attempts,
                     allow_private=self.options.webhook_allow_private)
         )  # fmt: skip
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     def result_payload(self, job: JobRecord, sample: str | None) -> dict | None:
         if job.status is not Status.READY or job.result is None:

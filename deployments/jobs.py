@@ -2,7 +2,7 @@
 
 Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{key_id}/{id}` marks a
 job that has not reached a terminal status (the reaper scans only these; a key's count of them is
-its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{k}.png` keeps reference images so a job can be run again; outputs go to
+its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{k}` keeps reference images so a job can be run again; outputs go to
 `images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a key fixed at submission so every attempt writes the same
 object.
 """
@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from deployments.auth import ANONYMOUS
 from deployments.storage import Storage, StorageError
 
 
@@ -35,6 +36,7 @@ class Status(StrEnum):
 
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class JobRequest(BaseModel):
@@ -63,7 +65,7 @@ class JobResult(BaseModel):
 class JobRecord(BaseModel):
     id: str
     model: str
-    key_id: str = "anonymous"  # the API key's public id: the job's owner
+    key_id: str = ANONYMOUS  # the API key's public id: the job's owner
     status: Status = Status.PENDING
     request: JobRequest
     created_at: float = Field(default_factory=time.time)
@@ -114,7 +116,6 @@ class JobStore:
                 if attempt == 5:
                     raise StorageError(f"job record {job_id} is unreadable") from None
                 await asyncio.sleep(0.05 * 2**attempt)
-        return None
 
     async def finish(self, job: JobRecord) -> None:
         """Save a terminal record, then drop the pending marker (in this order: never lost)."""

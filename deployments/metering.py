@@ -42,9 +42,14 @@ class UsageRecord(BaseModel):
     finished_at: float
 
 
+def usage_prefix(key_id: str, day: str) -> str:
+    """Where a key's usage records for one day (YYYY-MM-DD) live."""
+    return f"usage/{key_id}/{day.replace('-', '/')}"
+
+
 def usage_key(key_id: str, day: str, job_id: str) -> str:
     """One object per Ready job at a key fixed by the job: re-runs overwrite it, never add one."""
-    return f"usage/{key_id}/{day.replace('-', '/')}/{job_id}.json"
+    return f"{usage_prefix(key_id, day)}/{job_id}.json"
 
 
 def summarize(records: list[UsageRecord], group_by: str) -> list[dict]:

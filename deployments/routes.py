@@ -29,12 +29,13 @@ from deployments.api import (
 )
 from deployments.auth import ANONYMOUS, presented_key
 from deployments.ingress import IdempotencyConflict, Overloaded, TooManyJobs
-from deployments.jobs import Status
+from deployments.jobs import CONTENT_TYPES, EXTENSIONS, Status
 from deployments.metering import summarize
 from deployments.storage import LocalStorage, StorageError, check_key
 
 log = logging.getLogger(__name__)
 OPENAI_FIELDS = {"width": "size", "height": "size", "references": "image"}
+FILE_TYPES = {EXTENSIONS[f]: CONTENT_TYPES[f] for f in EXTENSIONS}  # extension -> media type
 EDIT_FORM_FIELDS = set(ImagesRequest.model_fields) | {"image", "image[]", "mask"}
 
 
@@ -278,7 +279,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
 
     @app.delete("/v1/jobs/{job_id}", status_code=202, responses=_documented(401, 404, 409, 503))
     async def cancel(job_id: str, key_id: str = Depends(caller)):
-        job = await ingress.jobs.get(job_id)
+        job = await ingress.jobs.get(job_id, retry_s=opts.request_storage_retry_s)
         if job is None or job.key_id != key_id:
             return JSONResponse({"id": job_id, "status": Status.NOT_FOUND.value}, status_code=404)
         if job.status.terminal:
@@ -337,7 +338,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
             webhook_secret=body.webhook_secret, fields={"references": "input_image"}, key_id=key_id,
             idempotency_key=idempotency_key, trace=trace,
-            body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest(),
+            body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest()
+            if idempotency_key is not None else "",
         )  # fmt: skip
         if not replayed and not job.status.terminal:
             ingress.start(job, fresh=True)
@@ -485,10 +487,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             return JSONResponse({"detail": "not found"}, status_code=404)
         if data is None:
             return JSONResponse({"detail": "not found"}, status_code=404)
-        ext = key.rsplit(".", 1)[-1]
-        media = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}.get(
-            ext, "application/octet-stream"
-        )
+        media = FILE_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
         return Response(data, media_type=media)
 
     return app

@@ -15,7 +15,6 @@ import yaml
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "local-cpu.yaml"
-APP_NAME = "klein"
 
 
 def load_config(path: Path, preset=None, weights=None, host=None, port=None):

@@ -8,7 +8,6 @@ config can name the bucket while the credentials come from the environment (a Se
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,11 +40,6 @@ class Settings(BaseSettings):
     vae: Path | None = Field(None, description="BFL ae.safetensors")
     text_encoder: Path | None = Field(None, description="Qwen3 folder")
     model_id: str | None = Field(None, description="API model id (default flux-2-<preset>)")
-
-    host: str = Field("127.0.0.1", description="HTTP bind address")
-    port: int = Field(8000, ge=1, le=65535)
-    request_timeout_s: float = Field(600.0, gt=0, description="HTTP proxy timeout (408 beyond)")
-    app_name: str = Field("klein", description="Serve application name")
 
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (KLEIN_API_KEYS)")
     api_keys_file: Path | None = Field(
@@ -99,6 +93,3 @@ class Settings(BaseSettings):
         if model_id not in self.prices:
             raise ValueError(f"no price for model {model_id!r}; set prices.{model_id} (KLEIN_PRICES)")
         return self.prices[model_id]
-
-
-Device = Literal["cpu", "cuda"]

@@ -199,3 +199,27 @@ def test_a_sync_request_refused_part_way_leaves_no_job_behind(tmp_path):
             assert ingress._inputs == {}
 
     asyncio.run(go())
+
+
+def test_a_sync_request_that_times_out_ends_its_job(tmp_path):
+    """504 after sync_timeout_s: the job is Cancelled at once, not left Pending (holding the key's
+    in-flight slot until the reaper ran it again)."""
+    ingress = build(tmp_path / "data", sync_timeout_s=0.5)
+    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+
+    async def held(*args):
+        await gate.wait()
+        return await denoise(*args)
+
+    ingress.transformer.obj.denoise = held
+
+    async def go():
+        async with _client(ingress) as c:
+            r = await c.post("/v1/images/generations", json={"prompt": "slow", "size": "64x64"})
+            assert r.status_code == 504, r.text
+            job = await ingress.jobs.get(r.json()["error"]["job_ids"][0])
+            assert job.status is Status.CANCELLED and await ingress.jobs.pending() == []
+            assert await ingress.jobs.in_flight(job.key_id) == 0 and await _usage(ingress) == []
+        gate.set()
+
+    asyncio.run(go())

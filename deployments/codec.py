@@ -72,7 +72,6 @@ class Codec(Stage):
         self.storage = open_storage(storage)
         self.options = options
         self.post = PostProcessor(safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device)
-        self.batch_sizes: list[int] = []  # images per decode batch, most recent last
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -98,9 +97,6 @@ class Codec(Stage):
         if isinstance(out, BaseException):
             raise out
         return out
-
-    async def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}
 
     def _decode(
         self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
@@ -138,7 +134,7 @@ class Codec(Stage):
     async def _finish_batch(
         self, latents: list[Tensor], params: list[FinishParams]
     ) -> list[FinishResult | BaseException]:
-        self.batch_sizes = (self.batch_sizes + [len(latents)])[-1000:]
+        self.batch_sizes.append(len(latents))
         start = time.time_ns()
         ingredients = [[]] * len(params)
         if self.post.signer is not None:  # an edit's references become its C2PA ingredients

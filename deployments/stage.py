@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -48,6 +49,10 @@ class Stage:
         self.device, self.dtype = placement.resolve()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=type(self).__name__)
         self._failures = 0
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # requests per batch, most recent last
+
+    async def stats(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes)}
 
     async def run(self, fn, *args):
         try:

@@ -8,6 +8,7 @@ default, whose "presigned" URLs are HMAC-signed links served by the ingress). Ke
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -124,15 +125,24 @@ class LocalStorage(Storage):
     def __init__(self, root: Path, signing_key: bytes | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._signing_key = signing_key or self._shared_key()
+        self._given_key = signing_key
 
-    def _shared_key(self) -> bytes:
-        """One key per storage root, shared by every replica that mounts it."""
+    @functools.cached_property
+    def _signing_key(self) -> bytes:
+        """The configured key, else one per storage root shared by every replica that mounts it:
+        made on first use (only the ingress signs links), and whoever links it first wins."""
+        if self._given_key:
+            return self._given_key
         path = self.root / ".signing-key"
         if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}")
+            tmp = path.with_name(f".signing-key.{os.getpid()}.{secrets.token_hex(4)}")
             tmp.write_bytes(secrets.token_bytes(32))
-            os.replace(tmp, path) if not path.exists() else tmp.unlink()
+            try:
+                os.link(tmp, path)  # atomic, and fails if another replica got there first
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         return path.read_bytes()
 
     def _path(self, key: str) -> Path:

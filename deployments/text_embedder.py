@@ -29,7 +29,6 @@ class TextEmbedder(Stage):
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
         self.hits = self.misses = 0
-        self.batch_sizes: list[int] = []  # prompts per call, most recent last
         self._embed_batch.set_max_batch_size(options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -70,7 +69,7 @@ class TextEmbedder(Stage):
     async def _embed_batch(
         self, prompts: list[str], traces: list[dict | None]
     ) -> list[Tensor | BaseException]:
-        self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
+        self.batch_sizes.append(len(prompts))
         start = time.time_ns()
 
         out = await self.run(isolated, self.embed_now, prompts, "embed")
@@ -79,10 +78,6 @@ class TextEmbedder(Stage):
         return out
 
     async def stats(self) -> dict:
-        return {
-            "cache_entries": len(self.cache),
-            "cache_bytes": self.cache_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "batch_sizes": list(self.batch_sizes),
-        }
+        cache = {"cache_entries": len(self.cache), "cache_bytes": self.cache_bytes, "hits": self.hits,
+                 "misses": self.misses}  # fmt: skip
+        return await super().stats() | cache

@@ -65,7 +65,6 @@ class FlowTransformer(Stage):
         self.model = source.load_transformer(self.device, self.dtype)
         self.jobs = JobStore(open_storage(storage))
         self.options = options
-        self.batch_sizes: list[int] = []  # requests per model batch, most recent last (observability)
         self._batched.set_max_batch_size(options.max_batch_tokens)
         self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -96,7 +95,7 @@ class FlowTransformer(Stage):
 
     async def _run_group(self, items: list[_Item]) -> list[Tensor | BaseException]:
         p = items[0].params
-        self.batch_sizes = (self.batch_sizes + [len(items)])[-1000:]
+        self.batch_sizes.append(len(items))
         cfg = p.guidance is not None
         refs = items[0].refs
         steps = sample(
@@ -137,6 +136,3 @@ class FlowTransformer(Stage):
             JobCancelled(it.params.job_id) if it.params.job_id in cancelled else latents[i].clone()
             for i, it in enumerate(items)
         ]
-
-    async def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}

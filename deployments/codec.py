@@ -19,7 +19,7 @@ from deployments.jobs import CONTENT_TYPES
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
-from deployments.stage import Stage, StageOptions, isolated
+from deployments.stage import Stage, StageOptions, gated, isolated
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.image import to_pil
@@ -68,10 +68,12 @@ class Codec(Stage):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "Codec")
         self.spec = source.spec
-        self.vae = source.load_vae(self.device, self.dtype)
+        self.vae = self.on_worker(source.load_vae, self.device, self.dtype)
         self.storage = open_storage(storage)
         self.options = options
-        self.post = PostProcessor(safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device)
+        self.post = self.on_worker(
+            PostProcessor, safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device
+        )
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -93,6 +95,7 @@ class Codec(Stage):
         return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance))
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
+        await self.when_free()
         out = await self._finish_batch(latents, params)
         if isinstance(out, BaseException):
             raise out
@@ -131,6 +134,7 @@ class Codec(Stage):
         return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
+    @gated
     async def _finish_batch(
         self, latents: list[Tensor], params: list[FinishParams]
     ) -> list[FinishResult | BaseException]:

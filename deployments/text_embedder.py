@@ -11,7 +11,7 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import Stage, StageOptions, isolated
+from deployments.stage import Stage, StageOptions, gated, isolated
 from klein import ModelSource
 
 
@@ -25,7 +25,7 @@ class TextEmbedder(Stage):
     def __init__(self, source: ModelSource, options: TextEmbedderOptions, tracing=None):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "TextEmbedder")
-        self.embedder = source.load_text_embedder(self.device, self.dtype)
+        self.embedder = self.on_worker(source.load_text_embedder, self.device, self.dtype)
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
         self.hits = self.misses = 0
@@ -60,12 +60,14 @@ class TextEmbedder(Stage):
 
     async def embed(self, prompt: str, trace: dict | None = None) -> Tensor:
         """One prompt's embedding; calls are batched across requests."""
+        await self.when_free()
         out = await self._embed_batch(prompt, trace)
         if isinstance(out, BaseException):
             raise out
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    @gated
     async def _embed_batch(
         self, prompts: list[str], traces: list[dict | None]
     ) -> list[Tensor | BaseException]:

@@ -21,7 +21,7 @@ from deployments import metrics, telemetry
 from deployments.jobs import JobStore
 from deployments.options import DeploymentOptions
 from deployments.payloads import DenoiseParams, JobCancelled
-from deployments.stage import Stage, StageOptions, isolating
+from deployments.stage import Stage, StageOptions, gated, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.pipeline import References
@@ -62,7 +62,7 @@ class FlowTransformer(Stage):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
-        self.model = source.load_transformer(self.device, self.dtype)
+        self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
         self.jobs = JobStore(open_storage(storage))
         self.options = options
         self._batched.set_max_batch_size(options.max_batch_tokens)
@@ -76,12 +76,14 @@ class FlowTransformer(Stage):
             raise ValueError(
                 f"request has {params.tokens} tokens, over max_batch_tokens {self.options.max_batch_tokens}"
             )
+        await self.when_free()
         out = await self._batched(_Item(params, ctx, neg, refs))
         if isinstance(out, BaseException):
             raise out
         return out
 
     @serve.batch(max_batch_size=32768, batch_wait_timeout_s=0.0, batch_size_fn=_tokens)
+    @gated
     async def _batched(self, items: list[_Item]) -> list[Tensor | BaseException]:
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
@@ -93,12 +95,11 @@ class FlowTransformer(Stage):
                 results[i] = out
         return results
 
-    async def _run_group(self, items: list[_Item]) -> list[Tensor | BaseException]:
-        p = items[0].params
-        self.batch_sizes.append(len(items))
+    def _start(self, items: list[_Item]):
+        """The batch's sampling generator (its inputs stacked here, on the worker thread)."""
+        p, refs = items[0].params, items[0].refs
         cfg = p.guidance is not None
-        refs = items[0].refs
-        steps = sample(
+        return sample(
             self.model,
             torch.stack([it.ctx for it in items]),
             [it.params.seed for it in items],
@@ -113,6 +114,15 @@ class FlowTransformer(Stage):
             ref_shapes=refs.shapes if refs is not None else (),
             pixels_per_token=self.spec.multiple,
         )
+
+    def _latents(self, img: Tensor, p: DenoiseParams) -> list[Tensor]:
+        m = self.spec.multiple
+        return [z.clone() for z in unpack(img, p.height // m, p.width // m).cpu().unbind(0)]
+
+    async def _run_group(self, items: list[_Item]) -> list[Tensor | BaseException]:
+        p = items[0].params
+        self.batch_sizes.append(len(items))
+        steps = await self.run(self._start, items)
         cancelled: set[str] = set()
         last_check = time.monotonic()
         start = time.time_ns()
@@ -126,13 +136,12 @@ class FlowTransformer(Stage):
                 cancelled = {j for j, flag in zip(ids, flags, strict=True) if flag}
                 if len(cancelled) == len(items):
                     break
-        m = self.spec.multiple
-        latents = unpack(img, p.height // m, p.width // m).cpu()
+        latents = await self.run(self._latents, img, p)
         telemetry.record(
             "denoise", [it.params.trace for it in items], start, batch_size=len(items), steps=p.steps
         )
         metrics.stage_batch("denoise", len(items), (time.time_ns() - start) / 1e9)
         return [
-            JobCancelled(it.params.job_id) if it.params.job_id in cancelled else latents[i].clone()
-            for i, it in enumerate(items)
+            JobCancelled(it.params.job_id) if it.params.job_id in cancelled else z
+            for z, it in zip(latents, items, strict=True)
         ]

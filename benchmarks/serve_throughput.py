@@ -1,7 +1,7 @@
 """Served DAG vs the in-process Pipeline, and the DAG with batching on vs off (tiny preset, CPU).
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
-        [--modes inprocess batched unbatched noop]
+        [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
 
 For each mode: a closed loop of `concurrency` clients, each sending one request after another for
 `--seconds`; requests/s and p50/p95 latency. The served modes use real HTTP against the OpenAI-
@@ -9,6 +9,11 @@ compatible sync endpoint (b64_json: the response carries the image, so the laten
 whole pipeline including the upload to storage). "unbatched" caps every stage at one request per
 batch. The in-process mode calls Pipeline.generate from `concurrency` threads. "noop" is the
 same Serve topology with stages that do nothing: the floor of Ray Serve's own per-request cost.
+
+Threads: each served stage uses `--threads` intra-op threads (1, as serve/configs/local-cpu.yaml:
+three stages share the cores) and its replicas run with OMP_WAIT_POLICY=PASSIVE, as `klein serve`
+sets; the in-process baseline gets `--inprocess-threads` (all cores) and OpenMP's default policy,
+its fastest setting here (PASSIVE costs small ops a thread wake-up each).
 """
 
 from __future__ import annotations
@@ -30,22 +35,27 @@ def summarize(name: str, c: int, latencies: list[float], seconds: float) -> None
           f"   ({len(lat)} requests)", flush=True)  # fmt: skip
 
 
-def run_inprocess(size: int, concurrency: list[int], seconds: float) -> None:
+def run_inprocess(size: int, concurrency: list[int], seconds: float, threads: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from klein import GenerationRequest, ModelSource, Pipeline
 
-    torch.set_num_threads(2)
-    pipe = Pipeline(ModelSource.preset("tiny"))
-    lock = threading.Lock()  # one model, one caller at a time (as a replica's worker thread)
-    pipe.generate([GenerationRequest("warm up", size, size, 0)])
+    # One thread does all torch work, as in a stage replica (a second thread entering OpenMP regions
+    # gets its own team, which halves the speed on 2 cores); clients queue for it.
+    worker = ThreadPoolExecutor(1)
+    torch.set_num_threads(threads)
+    pipe = worker.submit(Pipeline, ModelSource.preset("tiny")).result()
+    for _ in range(3):
+        worker.submit(pipe.generate, [GenerationRequest("warm up", size, size, 0)]).result()
 
     def client(i: int, stop: float, latencies: list[float]) -> None:
         n = 0
         while time.monotonic() < stop:
             t0 = time.perf_counter()
-            with lock:
-                pipe.generate([GenerationRequest(f"prompt {i} {n}", size, size, i * 1000 + n)])
+            req = GenerationRequest(f"prompt {i} {n}", size, size, i * 1000 + n)
+            worker.submit(pipe.generate, [req]).result()
             latencies.append(time.perf_counter() - t0)
             n += 1
 
@@ -57,6 +67,7 @@ def run_inprocess(size: int, concurrency: list[int], seconds: float) -> None:
         [t.start() for t in threads]
         [t.join() for t in threads]
         summarize("inprocess", c, latencies, time.monotonic() - t0)
+    worker.shutdown()
 
 
 async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float], float, int]:
@@ -86,7 +97,7 @@ async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float]
         return latencies, time.monotonic() - t0, errors
 
 
-def run_served(mode: str, size: int, concurrency: list[int], seconds: float) -> None:
+def run_served(mode: str, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
     import ray
     from ray import serve
 
@@ -95,7 +106,7 @@ def run_served(mode: str, size: int, concurrency: list[int], seconds: float) -> 
 
     batched = mode == "batched"
     stage = {"deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 64},
-             "placement": {"torch_threads": 2}}  # fmt: skip
+             "placement": {"torch_threads": threads}}  # fmt: skip
     one = (size // 16) ** 2
     settings = Settings(
         preset="tiny",
@@ -107,7 +118,8 @@ def run_served(mode: str, size: int, concurrency: list[int], seconds: float) -> 
         },
         codec={**stage, "max_batch_size": 16 if batched else 1},
         ingress={
-            "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 512}
+            "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 512},
+            "max_jobs_in_flight": 1024,  # one anonymous caller: its per-key cap would answer 429
         },
     )
     port = 8700 + (1 if batched else 2)
@@ -171,15 +183,19 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched", "noop"])
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per served stage")
+    ap.add_argument("--inprocess-threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `klein serve` sets for its replicas
-    print(f"tiny preset, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs")
+    print(f"tiny preset, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
+          f"{args.threads} thread(s) per stage, {args.inprocess_threads} in-process")  # fmt: skip
     for mode in args.modes:
         if mode == "inprocess":
-            run_inprocess(args.size, args.concurrency, args.seconds)
+            run_inprocess(args.size, args.concurrency, args.seconds, args.inprocess_threads)
             continue
         import ray
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the replicas' setting under `klein serve`
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  object_store_memory=512 * 2**20)  # fmt: skip
@@ -187,7 +203,7 @@ def main():
             run_noop(args.concurrency, args.seconds)
             ray.shutdown()
         else:
-            run_served(mode, args.size, args.concurrency, args.seconds)
+            run_served(mode, args.size, args.concurrency, args.seconds, args.threads)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
         [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
+        [--preset tiny] [--device cpu|cuda]
+
+On a GPU: `--preset klein-4b --device cuda --size 1024` serves the real architecture with random
+weights (no checkpoint needed), the three stages sharing the GPU.
 
 For each mode: a closed loop of `concurrency` clients, each sending one request after another for
 `--seconds`; requests/s and p50/p95 latency. The served modes use real HTTP against the OpenAI-
@@ -35,18 +39,28 @@ def summarize(name: str, c: int, latencies: list[float], seconds: float) -> None
           f"   ({len(lat)} requests)", flush=True)  # fmt: skip
 
 
-def run_inprocess(size: int, concurrency: list[int], seconds: float, threads: int) -> None:
+def source(preset: str):
+    """The preset's own weights where it has them (tiny), else its architecture with random ones."""
+    from klein import ModelSource
+
+    if ModelSource.preset_spec(preset).random_seed is not None:
+        return ModelSource.preset(preset)
+    return ModelSource.random_weights(preset)
+
+
+def run_inprocess(args, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from klein import GenerationRequest, ModelSource, Pipeline
+    from klein import GenerationRequest, Pipeline
 
     # One thread does all torch work, as in a stage replica (a second thread entering OpenMP regions
     # gets its own team, which halves the speed on 2 cores); clients queue for it.
     worker = ThreadPoolExecutor(1)
     torch.set_num_threads(threads)
-    pipe = worker.submit(Pipeline, ModelSource.preset("tiny")).result()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    pipe = worker.submit(Pipeline, source(args.preset), args.device, dtype).result()
     for _ in range(3):
         worker.submit(pipe.generate, [GenerationRequest("warm up", size, size, 0)]).result()
 
@@ -68,6 +82,9 @@ def run_inprocess(size: int, concurrency: list[int], seconds: float, threads: in
         [t.join() for t in threads]
         summarize("inprocess", c, latencies, time.monotonic() - t0)
     worker.shutdown()
+    pipe = None  # noqa: F841 (frees the model before the served modes load theirs)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the served stages need the memory next
 
 
 async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float], float, int]:
@@ -97,19 +114,23 @@ async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float]
         return latencies, time.monotonic() - t0, errors
 
 
-def run_served(mode: str, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
+def run_served(args, mode: str, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
     import ray
     from ray import serve
 
+    from klein import ModelSource
     from serve.app import build_app
     from serve.settings import Settings
 
     batched = mode == "batched"
-    stage = {"deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 64},
-             "placement": {"torch_threads": threads}}  # fmt: skip
+    gpus = 0.3 if args.device == "cuda" else 0  # three stages share one GPU
+    stage = {"deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25, "num_gpus": gpus},
+                            "max_ongoing_requests": 64},
+             "placement": {"torch_threads": threads, "device": args.device}}  # fmt: skip
     one = (size // 16) ** 2
     settings = Settings(
-        preset="tiny",
+        preset=args.preset,
+        random_weights=ModelSource.preset_spec(args.preset).random_seed is None,
         storage={"root": tempfile.mkdtemp(prefix="klein-bench-")},
         text_embedder={**stage, "max_batch_size": 16 if batched else 1},
         transformer_stage={
@@ -185,13 +206,15 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched", "noop"])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per served stage")
     ap.add_argument("--inprocess-threads", type=int, default=os.cpu_count())
+    ap.add_argument("--preset", default="tiny", help="real presets run with random weights")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    print(f"tiny preset, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
+    print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
           f"{args.threads} thread(s) per stage, {args.inprocess_threads} in-process")  # fmt: skip
     for mode in args.modes:
         if mode == "inprocess":
-            run_inprocess(args.size, args.concurrency, args.seconds, args.inprocess_threads)
+            run_inprocess(args, args.size, args.concurrency, args.seconds, args.inprocess_threads)
             continue
         import ray
 
@@ -203,7 +226,7 @@ def main():
             run_noop(args.concurrency, args.seconds)
             ray.shutdown()
         else:
-            run_served(mode, args.size, args.concurrency, args.seconds, args.threads)
+            run_served(args, mode, args.size, args.concurrency, args.seconds, args.threads)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
                    --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
-    klein serve [--preset NAME | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
+    klein serve [--preset NAME [--random-weights] | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
     klein loadtest --host URL [--users N --spawn-rate R --run-time 60s --shape ramp|burst|soak|drain] [--out DIR]
 
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=sorted(PRESETS), help="model variant (default: the config's; tiny)")
     s.add_argument(
         "--weights", type=Path, metavar="DIR", help="diffusers-layout folder or folder of BFL files"
+    )
+    s.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="serve the preset's real architecture with random weights (benchmarks without a checkpoint)",
     )
     s.add_argument(
         "--config",

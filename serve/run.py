@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "local-cpu.yaml"
 
 
-def load_config(path: Path, preset=None, weights=None, host=None, port=None):
+def load_config(path: Path, preset=None, weights=None, host=None, port=None, random_weights=False):
     """The Serve config with the command line's overrides, validated by ServeDeploySchema."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -29,6 +29,10 @@ def load_config(path: Path, preset=None, weights=None, host=None, port=None):
             args.pop("preset", None)
         if preset is not None:
             args["preset"] = preset
+        if random_weights:  # the command line asks for the preset's architecture, no checkpoint
+            args["random_weights"] = True
+            for name in ("weights", "transformer", "vae", "text_encoder"):
+                args.pop(name, None)
     http = raw.setdefault("http_options", {})
     if host is not None:
         http["host"] = host
@@ -68,10 +72,12 @@ def serve_forever(args, parser) -> int:
         parser.error(f"--config: {path} does not exist")
     if args.weights is not None and not args.weights.is_dir():
         parser.error(f"--weights: weights folder {args.weights} does not exist")
+    if args.random_weights and args.weights is not None:
+        parser.error("--random-weights: give --preset, not --weights")
     if args.port is not None and not 1 <= args.port <= 65535:
         parser.error(f"--port: must be between 1 and 65535, got {args.port}")
     try:
-        config = load_config(path, args.preset, args.weights, args.host, args.port)
+        config = load_config(path, args.preset, args.weights, args.host, args.port, args.random_weights)
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
 

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     vae: Path | None = Field(None, description="BFL ae.safetensors")
     text_encoder: Path | None = Field(None, description="Qwen3 folder")
     model_id: str | None = Field(None, description="API model id (default flux-2-<preset>)")
+    random_weights: bool = Field(
+        False, description="the preset's real architecture with random weights (benchmarks; images are noise)"
+    )
 
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (KLEIN_API_KEYS)")
     api_keys_file: Path | None = Field(
@@ -68,6 +71,8 @@ class Settings(BaseSettings):
     def _one_source(self):
         if self.preset is None and not any((self.weights, self.transformer)):
             self.preset = "tiny"
+        if self.random_weights and any((self.weights, self.transformer, self.vae, self.text_encoder)):
+            raise ValueError("random_weights: give a preset, not weights")
         if self.webhook_allow_private:
             self.ingress.webhook_allow_private = True
         if self.c2pa_cert_chain is not None:
@@ -87,6 +92,8 @@ class Settings(BaseSettings):
             return ModelSource.from_paths(
                 self.weights, self.transformer, self.vae, self.text_encoder, self.preset
             )
+        if self.random_weights:
+            return ModelSource.random_weights(self.preset)
         return ModelSource.preset(self.preset)
 
     def price(self, model_id: str) -> Price:

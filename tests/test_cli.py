@@ -138,3 +138,15 @@ def test_console_script_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--random-weights", "--weights", "."], "--random-weights: give --preset, not --weights"),
+        (["--port", "70000"], "--port: must be between 1 and 65535, got 70000"),
+        (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml does not exist"),
+    ],
+)
+def test_bad_serve_flags_name_the_flag(capsys, extra, message):
+    assert message in _error(capsys, ["serve", *extra])

@@ -46,3 +46,17 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     with pytest.raises(ValueError):
         Settings(not_a_setting=1)
     assert s.model_source().spec.name == "tiny"
+
+
+def test_random_weights_serves_a_real_preset_without_a_checkpoint(tmp_path):
+    from serve.run import load_config
+
+    with pytest.raises(ValueError, match="needs weights"):
+        Settings(preset="klein-4b").model_source()
+    source = Settings(preset="klein-4b", random_weights=True).model_source()
+    assert source.spec.name == "klein-4b" and source.spec.random_seed is not None
+    with pytest.raises(ValueError, match="random_weights"):
+        Settings(preset="klein-4b", random_weights=True, weights=tmp_path)
+    config = load_config(CONFIGS[0], preset="klein-4b", random_weights=True)
+    (app,) = config.applications
+    assert Settings(**app.args).model_source().spec.name == "klein-4b"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from deployments.payloads import ContentModerated, FinishParams
 from klein.provenance import BFL_WATERMARK_BITS, C2PASigner, Watermarker, parse_bits
@@ -37,6 +37,12 @@ class SafetyOptions(BaseModel):
     )
     prompt_terms_file: Path | None = Field(None, description="one blocked term per line")
 
+    @model_validator(mode="after")
+    def _classifier_when_required(self):
+        if self.require_classifier and self.classifier is None:
+            raise ValueError("safety.classifier: required when safety.require_classifier is set")
+        return self
+
     def prompt_filter(self) -> PromptFilter:
         if self.prompt_terms_file is not None:
             return PromptFilter.from_file(self.prompt_terms_file, self.prompt_terms)
@@ -58,15 +64,19 @@ class ProvenanceOptions(BaseModel):
         parse_bits(v)
         return v
 
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.c2pa_cert_chain is None) != (self.c2pa_key is None):
+            raise ValueError("c2pa_cert_chain and c2pa_key: C2PA signing needs both (or neither)")
+        return self
+
 
 class PostProcessor:
     """Built in each Codec replica: classifier, watermark, C2PA signer, each optional."""
 
     def __init__(self, safety: SafetyOptions, provenance: ProvenanceOptions, device="cpu"):
         self.classifier = NSFWClassifier(safety.classifier, device) if safety.classifier else None
-        if self.classifier is None:
-            if safety.require_classifier:
-                raise RuntimeError("safety.require_classifier is set but no safety.classifier is configured")
+        if self.classifier is None:  # (require_classifier without one is refused by SafetyOptions)
             log.warning("NO SAFETY CLASSIFIER: outputs and inputs are not moderated (set safety.classifier)")
         self.watermark = Watermarker(provenance.watermark_bits) if provenance.watermark else None
         signer = None
@@ -77,9 +87,7 @@ class PostProcessor:
                 version=service_version(),
                 alg=provenance.c2pa_alg,
             )
-        elif provenance.c2pa_cert_chain or provenance.c2pa_key:
-            raise ValueError("C2PA signing needs both c2pa_cert_chain and c2pa_key")
-        else:
+        else:  # (one of the two without the other is refused by ProvenanceOptions)
             log.warning(
                 "C2PA signing off: outputs carry no content credentials (set KLEIN_C2PA_CERT_CHAIN, KLEIN_C2PA_KEY)"
             )

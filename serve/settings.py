@@ -79,6 +79,7 @@ class Settings(BaseSettings):
             self.provenance.c2pa_cert_chain = self.c2pa_cert_chain
         if self.c2pa_key is not None:
             self.provenance.c2pa_key = self.c2pa_key
+        self.provenance._both_or_neither()  # again, with the top-level paths (KLEIN_C2PA_*) applied
         return self
 
     def key_ring(self) -> KeyRing:

@@ -60,3 +60,25 @@ def test_random_weights_serves_a_real_preset_without_a_checkpoint(tmp_path):
     config = load_config(CONFIGS[0], preset="klein-4b", random_weights=True)
     (app,) = config.applications
     assert Settings(**app.args).model_source().spec.name == "klein-4b"
+
+
+def test_contradictory_safety_and_provenance_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="safety.classifier: required"):
+        Settings(safety={"require_classifier": True})
+    with pytest.raises(ValueError, match="c2pa_cert_chain and c2pa_key"):
+        Settings(provenance={"c2pa_key": str(tmp_path / "key.pem")})
+    with pytest.raises(ValueError, match="c2pa_cert_chain and c2pa_key"):
+        Settings(c2pa_cert_chain=tmp_path / "chain.pem")  # KLEIN_C2PA_CERT_CHAIN alone
+
+
+def test_klein_serve_refuses_a_contradictory_config_before_deploying(tmp_path, capsys):
+    from serve.cli import main
+
+    config = yaml.safe_load(CONFIGS[-1].read_text())  # local-cpu.yaml
+    config["applications"][0]["args"]["safety"] = {"require_classifier": True}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--config", str(path)])
+    assert e.value.code == 2
+    assert "safety.classifier: required" in capsys.readouterr().err

@@ -281,3 +281,18 @@ def test_sixteen_bit_references_are_scaled_not_clipped():
     assert got.shape == (96, 96, 3)
     assert np.abs(got - np.asarray(eight.convert("RGB"), dtype=int)).max() <= 1
     assert got.min() == 0 and got.max() == 255
+
+
+def test_accepted_input_images_are_checked_in_full_but_not_held_decoded():
+    """decode_image proves the whole file decodes (a truncated one is refused), then returns an
+    image opened lazily from the bytes: the ingress keeps sizes, not megapixels of pixels."""
+    from deployments.api import FieldError, decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(buf, "PNG")
+    raw, image = decode_image(buf.getvalue(), "input_image", 2**20, 10**6)
+    assert raw == buf.getvalue() and image.size == (400, 300) and image.mode == "RGB"
+    assert image._im is None  # no pixel buffer held
+    assert np.asarray(image).shape == (300, 400, 3)  # still decodable where pixels are wanted
+    with pytest.raises(FieldError, match="cannot decode image"):
+        decode_image(buf.getvalue()[: len(raw) // 2], "input_image", 2**20, 10**6)

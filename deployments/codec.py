@@ -5,6 +5,7 @@ on its own (batch invariance). Also classifies input images for the ingress (inp
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import time
 
@@ -19,7 +20,7 @@ from deployments.jobs import CONTENT_TYPES
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
-from deployments.stage import Stage, StageOptions, gated, isolated
+from deployments.stage import LRU, Stage, StageOptions, gated, isolated
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.image import to_pil
@@ -34,6 +35,9 @@ class CodecOptions(StageOptions):
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
+    reference_cache_mb: int = Field(
+        64, ge=0, description="encoded references by content, in MB: OpenAI n>1 encodes them once (0: off)"
+    )
 
 
 def encode_image(image: Image.Image, fmt: str, o: CodecOptions) -> bytes:
@@ -76,19 +80,31 @@ class Codec(Stage):
         )
         self._finish_batch.set_max_batch_size(options.max_batch_size)
         self._finish_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.references = LRU(
+            options.reference_cache_mb * 2**20, lambda r: r.tokens.numel() * r.tokens.element_size()
+        )
 
     async def encode(self, images: list[bytes], trace: dict | None = None) -> References:
-        """Reference images (encoded files, already validated by the ingress) -> packed tokens."""
+        """Reference images (encoded files, already validated by the ingress) -> packed tokens. The
+        same files encode to the same tokens: the n images of one OpenAI edit share one encoding."""
         start = time.time_ns()
+        key = hashlib.sha256(b"".join(len(b).to_bytes(8, "big") + b for b in images)).hexdigest()
 
         def work():
+            if (refs := self.references.get(key)) is not None:
+                return refs
             pil = tuple(Image.open(io.BytesIO(b)) for b in images)
             refs = encode_references(self.vae, self.spec, pil)
-            return References(refs.tokens.cpu(), refs.shapes, refs.pixels)
+            refs = References(refs.tokens.cpu(), refs.shapes, refs.pixels)
+            self.references.put(key, refs)
+            return refs
 
         out = await self.run(work)
         telemetry.record("encode", [trace], start, images=len(images))
         return out
+
+    async def stats(self) -> dict:
+        return await super().stats() | {"references": self.references.stats()}
 
     async def moderate(self, images: list[bytes], tolerance: int) -> list[bool]:
         """Input moderation for the ingress: which input images the classifier flags."""

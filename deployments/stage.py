@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -46,6 +46,38 @@ class StageOptions(BaseModel):
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
     )
+
+
+class LRU:
+    """An in-replica cache bounded by bytes (`size_of(value)`), least recently used out first."""
+
+    def __init__(self, budget_bytes: int, size_of):
+        self.budget, self.size_of = budget_bytes, size_of
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key):
+        value = self.entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        size = self.size_of(value)
+        if size > self.budget or key in self.entries:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= self.size_of(old)
+
+    def stats(self) -> dict:
+        return {"cache_entries": len(self.entries), "cache_bytes": self.bytes, "hits": self.hits,
+                "misses": self.misses}  # fmt: skip
 
 
 class Stage:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 from pydantic import Field
 from ray import serve
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import Stage, StageOptions, gated, isolated
+from deployments.stage import LRU, Stage, StageOptions, gated, isolated
 from klein import ModelSource
 
 
@@ -26,36 +25,18 @@ class TextEmbedder(Stage):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "TextEmbedder")
         self.embedder = self.on_worker(source.load_text_embedder, self.device, self.dtype)
-        self.cache: OrderedDict[str, Tensor] = OrderedDict()
-        self.cache_bytes, self.cache_budget = 0, options.cache_mb * 2**20
-        self.hits = self.misses = 0
+        self.cache = LRU(options.cache_mb * 2**20, lambda t: t.numel() * t.element_size())
         self._embed_batch.set_max_batch_size(options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
-    def _remember(self, prompt: str, emb: Tensor) -> None:
-        size = emb.numel() * emb.element_size()
-        if size > self.cache_budget:
-            return
-        self.cache[prompt] = emb
-        self.cache_bytes += size
-        while self.cache_bytes > self.cache_budget:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= old.numel() * old.element_size()
-
     def embed_now(self, prompts: list[str]) -> list[Tensor]:
         """Embeddings (512, context_dim) on the CPU, from the cache or one forward for the rest."""
-        out: dict[str, Tensor] = {}
-        for p in prompts:
-            if p in self.cache:
-                self.cache.move_to_end(p)
-                out[p] = self.cache[p]
-        todo = list(dict.fromkeys(p for p in prompts if p not in out))
-        self.hits += len(prompts) - len(todo)
-        self.misses += len(todo)
+        out = {p: emb for p in dict.fromkeys(prompts) if (emb := self.cache.get(p)) is not None}
+        todo = [p for p in dict.fromkeys(prompts) if p not in out]
         if todo:
             for p, emb in zip(todo, self.embedder(todo).cpu().unbind(0), strict=True):
                 out[p] = emb.clone()
-                self._remember(p, out[p])
+                self.cache.put(p, out[p])
         return [out[p] for p in prompts]
 
     async def embed(self, prompt: str, trace: dict | None = None) -> Tensor:
@@ -80,6 +61,4 @@ class TextEmbedder(Stage):
         return out
 
     async def stats(self) -> dict:
-        cache = {"cache_entries": len(self.cache), "cache_bytes": self.cache_bytes, "hits": self.hits,
-                 "misses": self.misses}  # fmt: skip
-        return await super().stats() | cache
+        return await super().stats() | self.cache.stats()

@@ -169,10 +169,13 @@ class Ingress:
         idempotency_key: str | None = None,
         body_hash: str = "",
         trace: dict[str, str] | None = None,
+        stored_inputs: list[str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
-        (field, file bytes, PIL image); `fields` renames klein's fields for error messages.
-        Returns (job, replayed): replayed when an Idempotency-Key named an existing job."""
+        (field, file bytes, PIL image); `fields` renames klein's fields for error messages;
+        `stored_inputs` are the storage keys of these same images when a sibling job of one request
+        (OpenAI n > 1) already stored them. Returns (job, replayed): replayed when an
+        Idempotency-Key named an existing job."""
         fields = fields or {}
         job_id = new_job_id()
         if idempotency_key is not None:
@@ -234,10 +237,13 @@ class Ingress:
             await self.jobs.finish(job)
             self._finished(job)
             return job, False
-        for k, (_, data, _) in enumerate(images):
-            key = f"inputs/{job.id}/{k}"
-            await self.storage.put(key, data)
-            job.request.input_keys.append(key)
+        if stored_inputs and len(stored_inputs) == len(images):
+            job.request.input_keys = list(stored_inputs)
+        else:
+            for k, (_, data, _) in enumerate(images):
+                key = f"inputs/{job.id}/{k}"
+                await self.storage.put(key, data)
+                job.request.input_keys.append(key)
         await self.jobs.create(job)
         if images:
             self._inputs[job.id] = [data for _, data, _ in images]

@@ -380,6 +380,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                     fields=OPENAI_FIELDS,
                     key_id=key_id,
                     trace=trace,
+                    stored_inputs=jobs[0].request.input_keys if jobs else None,  # stored once per request
                 )
                 jobs.append(job)
         except Exception:  # refused part-way (limits, overload): the jobs already made must not run later

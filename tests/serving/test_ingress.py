@@ -149,3 +149,30 @@ def test_http_api_over_asgi(ingress):
 
     asyncio.run(go())
     assert np.__name__  # numpy is used by the PIL round trips above
+
+
+def test_openai_edit_with_n_images_stores_its_references_once(ingress, tmp_path):
+    app = ingress.__serve_build_asgi_app__()
+
+    def png(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            files = [("image[]", ("a.png", png(0), "image/png")), ("image[]", ("b.png", png(1), "image/png"))]
+            r = await c.post("/v1/images/edits", data={"prompt": "x", "n": "3", "response_format": "b64_json"},
+                             files=files)  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert len(r.json()["data"]) == 3
+            jobs = [await ingress.jobs.get(j) for j in r.json()["metering"]["job_ids"]]
+        assert [j.status for j in jobs] == [Status.READY] * 3
+        keys = {tuple(j.request.input_keys) for j in jobs}
+        assert len(keys) == 1 and len(next(iter(keys))) == 2  # one stored copy, shared by the three
+        stored = [p for p in (tmp_path / "data" / "inputs").rglob("*") if p.is_file()]
+        assert len(stored) == 2
+        assert (await ingress.codec.obj.stats())["references"]["misses"] == 1  # encoded once too
+
+    asyncio.run(go())

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
         [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
-        [--preset tiny] [--device cpu|cuda]
+        [--preset tiny] [--device cpu|cuda] [--spans FILE]
 
 On a GPU: `--preset klein-4b --device cuda --size 1024` serves the real architecture with random
 weights (no checkpoint needed), the three stages sharing the GPU.
@@ -142,6 +142,9 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
             "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}, "max_ongoing_requests": 512},
             "max_jobs_in_flight": 1024,  # one anonymous caller: its per-key cap would answer 429
         },
+        telemetry={"traces": "file", "file": spans}
+        if (spans := args.spans and f"{args.spans}.{mode}")
+        else {},
     )
     port = 8700 + (1 if batched else 2)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -149,8 +152,11 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
     url = f"http://127.0.0.1:{port}"
     asyncio.run(load(url, size, 2, 3.0))  # warm up every stage
     for c in concurrency:
+        since = time.time_ns()
         latencies, elapsed, errors = asyncio.run(load(url, size, c, seconds))
         summarize(mode, c, latencies, elapsed)
+        if spans:
+            breakdown(spans, since, latencies)
         if errors:
             print(f"{'':>10} {errors} errors")
         for name in ("TextEmbedder", "FlowTransformer", "Codec"):
@@ -161,6 +167,44 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
     serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
+
+
+# A job's spans in the order a text-to-image request passes them; "job" is the ingress's own.
+PATH = ["embed", "denoise", "decode", "postprocess", "upload"]
+
+
+def breakdown(path: str, since_ns: int, latencies: list[float]) -> None:
+    """Medians of where a request's time goes, from the spans the DAG wrote (`--spans`): each
+    stage's own interval, the hops between them, and what lies outside the ingress's job span
+    (HTTP, proxy, validation, the answer). Tracing adds its own cost to what it measures."""
+    import itertools
+    import json
+    import statistics
+
+    traces: dict[str, dict[str, dict]] = {}
+    with open(path) as f:
+        for line in f:
+            span = json.loads(line)
+            traces.setdefault(span["trace_id"], {})[span["name"]] = span
+    parts: dict[str, list[float]] = {}
+    for spans in traces.values():
+        job = spans.get("job")
+        if job is None or job["start"] < since_ns or any(name not in spans for name in PATH):
+            continue
+        marks = [("ingress -> embed", job["start"])]
+        for a, b in zip(PATH, PATH[1:] + [None], strict=True):
+            marks += [(a, spans[a]["start"]), (f"{a} -> {b or 'ingress, records'}", spans[a]["end"])]
+        marks.append(("end", job["end"]))
+        for (name, t0), (_, t1) in itertools.pairwise(marks):
+            parts.setdefault(name, []).append((t1 - t0) / 1e6)
+        parts.setdefault("job span", []).append((job["end"] - job["start"]) / 1e6)
+    if not parts:
+        print(f"{'':>10} no complete traces in {path}")
+        return
+    outside = statistics.median(latencies) * 1e3 - statistics.median(parts["job span"])
+    cells = [f"{name} {statistics.median(v):.1f}" for name, v in parts.items()]
+    print(f"{'':>10} ms, medians of {len(parts['job span'])} jobs: " + ", ".join(cells)
+          + f"; outside the job span (HTTP, proxy, submit, answer) {outside:.1f}")  # fmt: skip
 
 
 def run_noop(concurrency: list[int], seconds: float) -> None:
@@ -208,6 +252,9 @@ def main():
     ap.add_argument("--inprocess-threads", type=int, default=os.cpu_count())
     ap.add_argument("--preset", default="tiny", help="real presets run with random weights")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--spans", metavar="FILE", help="trace the served modes to FILE.<mode>, print where time goes"
+    )
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "

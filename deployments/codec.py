@@ -20,7 +20,7 @@ from deployments.jobs import CONTENT_TYPES
 from deployments.options import DeploymentOptions
 from deployments.payloads import FinishParams, FinishResult
 from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
-from deployments.stage import LRU, Stage, StageOptions, gated, isolated
+from deployments.stage import LRU, Stage, StageOptions, gated, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.image import to_pil
@@ -117,10 +117,7 @@ class Codec(Stage):
             raise out
         return out
 
-    def _decode(
-        self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
-    ) -> list[bytes | BaseException]:
-        t0 = time.time_ns()
+    def _decode(self, latents: list[Tensor]) -> list[Image.Image | BaseException]:
         decoded: list[Image.Image | BaseException] = []
         for z in latents:
             try:
@@ -128,13 +125,16 @@ class Codec(Stage):
                     decoded.append(to_pil(self.vae.decode(z[None].to(self.device)))[0])
             except Exception as e:  # one bad request fails alone
                 decoded.append(e)
-        t1 = time.time_ns()
-        ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
+        return decoded
 
-        def classify(batch: list[int]) -> list[bool]:  # one forward; one by one if that fails
-            return self.post.flagged([decoded[i] for i in batch], [params[i] for i in batch])
-
-        flags = dict(zip(ok, isolated(classify, ok, "classify"), strict=True))
+    def _files(
+        self,
+        decoded: list[Image.Image | BaseException],
+        flags: dict[int, bool | BaseException],
+        params: list[FinishParams],
+        ingredients: list[list[bytes]],
+    ) -> list[bytes | BaseException]:
+        """Watermark, encode and sign each image the classifier passed."""
         out: list[bytes | BaseException] = []
         for i, (image, p, refs) in enumerate(zip(decoded, params, ingredients, strict=True)):
             if isinstance(image, BaseException) or isinstance(flags[i], BaseException):
@@ -145,9 +145,32 @@ class Codec(Stage):
                 out.append(self.post.file(data, p, refs))
             except Exception as e:  # moderated, or a failing step: this request only
                 out.append(e)
+        return out
+
+    async def _finished_files(
+        self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
+    ) -> list[bytes | BaseException]:
+        t0 = time.time_ns()
+        decoded = await self.run(self._decode, latents)
+        t1 = time.time_ns()
+        ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
+
+        def classify(batch: list[int]) -> list[bool]:  # one forward; one by one if that fails
+            return self.post.flagged([decoded[i] for i in batch], [params[i] for i in batch])
+
+        flags = await isolating(lambda batch: self.attempt(classify, batch), ok, "classify")
+        out = await self.run(self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients)
+        for p in params:
             telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
         return out
+
+    async def _ingredients(self, params: list[FinishParams]) -> list[list[bytes]]:
+        """An edit's references, its C2PA ingredients: each stored file read once per batch (the n
+        images of one OpenAI edit share theirs)."""
+        keys = list(dict.fromkeys(k for p in params for k in p.input_keys))
+        files = dict(zip(keys, await asyncio.gather(*map(self.storage.get, keys)), strict=True))
+        return [[files[k] for k in p.input_keys if files[k] is not None] for p in params]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     @gated
@@ -156,11 +179,8 @@ class Codec(Stage):
     ) -> list[FinishResult | BaseException]:
         self.batch_sizes.append(len(latents))
         start = time.time_ns()
-        ingredients = [[]] * len(params)
-        if self.post.signer is not None:  # an edit's references become its C2PA ingredients
-            ingredients = [[await self.storage.get(k) for k in p.input_keys] for p in params]
-            ingredients = [[b for b in refs if b is not None] for refs in ingredients]
-        files = await self.run(self._decode, latents, params, ingredients)
+        ingredients = await self._ingredients(params) if self.post.signer is not None else [[]] * len(params)
+        files = await self._finished_files(latents, params, ingredients)
         metrics.stage_batch("decode", len(latents), (time.time_ns() - start) / 1e9)
 
         async def upload(z: Tensor, data, p: FinishParams) -> FinishResult | BaseException:

@@ -102,9 +102,14 @@ class Stage:
     def on_worker(self, fn, *args):
         return self._worker.submit(fn, *args).result()
 
+    async def attempt(self, fn, *args):
+        """`fn` on the worker thread, outside the health bookkeeping: for the tries of `isolating`,
+        whose failures belong to a request, not to the device."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
     async def run(self, fn, *args):
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+            out = await self.attempt(fn, *args)
         except Exception:
             self._failures += 1
             raise
@@ -150,27 +155,10 @@ def _one_by_one(what: str, items: list, error: Exception) -> None:
                 what, len(items), type(error).__name__, error)  # fmt: skip
 
 
-def isolated(run_batch, items: list, what: str) -> list:
-    """`run_batch(items)` -> one result per item; when the batch fails as a whole, its items are
-    run again one by one, so a poisoned request (or one that tips the batch out of memory) fails
-    alone and its batch-mates still get their results. Failures come back as exception objects."""
-    try:
-        return list(run_batch(items))
-    except Exception as e:
-        if len(items) == 1:
-            return [e]
-        _one_by_one(what, items, e)
-    out: list = []
-    for item in items:
-        try:
-            out += run_batch([item])
-        except Exception as e:
-            out.append(e)
-    return out
-
-
 async def isolating(run_batch, items: list, what: str) -> list:
-    """`isolated` for a coroutine `run_batch` (the transformer's steps interleave cancel checks)."""
+    """`await run_batch(items)` -> one result per item; when the batch fails as a whole, its items
+    are run again one by one, so a poisoned request (or one that tips the batch out of memory) fails
+    alone and its batch-mates still get their results. Failures come back as exception objects."""
     try:
         return list(await run_batch(items))
     except Exception as e:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import LRU, Stage, StageOptions, gated, isolated
+from deployments.stage import LRU, Stage, StageOptions, gated, isolating
 from klein import ModelSource
 
 
@@ -55,7 +55,7 @@ class TextEmbedder(Stage):
         self.batch_sizes.append(len(prompts))
         start = time.time_ns()
 
-        out = await self.run(isolated, self.embed_now, prompts, "embed")
+        out = await isolating(lambda batch: self.attempt(self.embed_now, batch), prompts, "embed")
         telemetry.record("embed", traces, start, batch_size=len(prompts))
         metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
         return out

@@ -137,10 +137,8 @@ class Ingress:
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
         self._active = 0  # jobs being run by this replica, async and sync
-        self._inputs: dict[str, list[bytes]] = {}
-        self._deliveries: set[asyncio.Task] = (
-            set()
-        )  # webhook tasks, referenced until done  # input images of jobs submitted here: no read-back
+        self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
+        self._deliveries: set[asyncio.Task] = set()  # webhook tasks, referenced until done
         self._reaper: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
@@ -231,11 +229,8 @@ class Ingress:
         )
         job.cost = cost(self.price, job.output_mp, job.input_mp)
         if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
-            job.status, job.error = Status.REQUEST_MODERATED, "the prompt contains a blocked term"
-            job.finished_at = time.time()
             log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
-            await self.jobs.finish(job)
-            self._finished(job)
+            await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
             return job, False
         if stored_inputs and len(stored_inputs) == len(images):
             job.request.input_keys = list(stored_inputs)
@@ -306,9 +301,7 @@ class Ingress:
             return await self._attempts(job, return_bytes, fresh, shed)
         except asyncio.CancelledError:  # a sync caller went away or timed out: end the job, don't leave it
             if not job.status.terminal:  # Pending for the reaper (and the key's in-flight count)
-                job.status, job.error, job.finished_at = Status.CANCELLED, "the caller went away", time.time()
-                await asyncio.shield(self.jobs.finish(job))
-                self._finished(job)
+                await self._end(job, Status.CANCELLED, "the caller went away")
             raise
         finally:
             self._inputs.pop(job.id, None)
@@ -318,13 +311,15 @@ class Ingress:
         Cancelled, unbilled, and no longer pending for the reaper to pick up."""
         if job.status.terminal:
             return
-        job.status, job.error, job.finished_at = (
-            Status.CANCELLED,
-            "not run: the request was refused",
-            time.time(),
-        )
         self._inputs.pop(job.id, None)
-        await self.jobs.finish(job)
+        await self._end(job, Status.CANCELLED, "not run: the request was refused")
+
+    async def _end(self, job: JobRecord, status: Status | None = None, error: str | None = None) -> None:
+        """Record a job's terminal status (shielded: a caller going away now must not undo the
+        record), then log, meter and notify. With `status`, the job ends now with it and `error`."""
+        if status is not None:
+            job.status, job.error, job.finished_at = status, error, time.time()
+        await asyncio.shield(self.jobs.finish(job))
         self._finished(job)
 
     async def _attempts(
@@ -390,8 +385,7 @@ class Ingress:
             break
         if job.status is not Status.READY:
             job.finished_at = time.time()
-        await asyncio.shield(self.jobs.finish(job))  # a caller going away now must not undo the record
-        self._finished(job)
+        await self._end(job)
         if overloaded:
             raise Overloaded("a stage's queue is full")
         return result if job.status is Status.READY else None
@@ -504,10 +498,7 @@ class Ingress:
                 await self.storage.delete(f"pending/{key_id}/{job_id}")
             elif job.lease_until < time.time():
                 if job.attempts >= self.options.max_attempts:
-                    job.status, job.error = Status.ERROR, f"abandoned after {job.attempts} attempts"
-                    job.finished_at = time.time()
-                    await self.jobs.finish(job)
-                    self._finished(job)
+                    await self._end(job, Status.ERROR, f"abandoned after {job.attempts} attempts")
                 else:
                     log.warning(
                         "job %s: lease expired after attempt %d; running it again", job_id, job.attempts

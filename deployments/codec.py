@@ -29,6 +29,11 @@ from klein.pipeline import References, encode_references
 SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"
 
 
+def _digest(images: list[bytes]) -> str:
+    """One identity for a list of encoded files."""
+    return hashlib.sha256(b"".join(len(b).to_bytes(8, "big") + b for b in images)).hexdigest()
+
+
 class CodecOptions(StageOptions):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     max_batch_size: int = Field(4, ge=1, description="images decoded per batch")
@@ -88,7 +93,7 @@ class Codec(Stage):
         """Reference images (encoded files, already validated by the ingress) -> packed tokens. The
         same files encode to the same tokens: the n images of one OpenAI edit share one encoding."""
         start = time.time_ns()
-        key = hashlib.sha256(b"".join(len(b).to_bytes(8, "big") + b for b in images)).hexdigest()
+        key = _digest(images)
 
         def work():
             if (refs := self.references.get(key)) is not None:
@@ -99,7 +104,7 @@ class Codec(Stage):
             self.references.put(key, refs)
             return refs
 
-        out = await self.run(work)
+        out = await self.run(work, jobs=[key])
         telemetry.record("encode", [trace], start, images=len(images))
         return out
 
@@ -108,7 +113,10 @@ class Codec(Stage):
 
     async def moderate(self, images: list[bytes], tolerance: int) -> list[bool]:
         """Input moderation for the ingress: which input images the classifier flags."""
-        return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance))
+        key = _digest(images)  # names the call for the health bookkeeping
+        return await self.run(
+            lambda: self.post.moderate([open_image(b) for b in images], tolerance), jobs=[key]
+        )
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         await self.when_free()
@@ -151,7 +159,8 @@ class Codec(Stage):
         self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
     ) -> list[bytes | BaseException]:
         t0 = time.time_ns()
-        decoded = await self.run(self._decode, latents)
+        jobs = [p.job_id for p in params]
+        decoded = await self.run(self._decode, latents, jobs=jobs)
         t1 = time.time_ns()
         ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
 
@@ -159,7 +168,9 @@ class Codec(Stage):
             return self.post.flagged([decoded[i] for i in batch], [params[i] for i in batch])
 
         flags = await isolating(lambda batch: self.attempt(classify, batch), ok, "classify")
-        out = await self.run(self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients)
+        out = await self.run(
+            self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients, jobs=jobs
+        )
         for p in params:
             telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)

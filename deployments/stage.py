@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -87,7 +88,7 @@ class Stage:
     def __init__(self, placement: Placement):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=type(self).__name__)
         self.device, self.dtype = self.on_worker(placement.resolve)
-        self._failures = 0
+        self._failing: set = set()  # what the calls failing in a row served (see `run`)
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # requests per batch, most recent last
         self._between_batches = asyncio.Event()  # see `gated`
         self._between_batches.set()
@@ -107,19 +108,27 @@ class Stage:
         whose failures belong to a request, not to the device."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, jobs: Sequence[str] = ()):
+        """`fn` on the worker thread, with health bookkeeping. `jobs` names what the call serves (job
+        ids, or a content hash): the replica turns unhealthy once calls for three different jobs
+        failed in a row, so one poisoned request that the ingress retries (the same job failing
+        again and again) is not taken for a broken device. A call for several jobs that fails counts
+        for none of them: `isolating` runs them again one by one and those runs are judged."""
         try:
             out = await self.attempt(fn, *args)
         except Exception:
-            self._failures += 1
+            if len(jobs) <= 1:
+                self._failing.add(jobs[0] if jobs else object())  # an unnamed call counts on its own
             raise
-        self._failures = 0
+        self._failing.clear()
         return out
 
     async def check_health(self) -> None:
-        """The device still computes, and the last batches did not all fail."""
-        if self._failures >= 3:
-            raise RuntimeError(f"{type(self).__name__}: the last {self._failures} batches failed")
+        """The device still computes, and calls for different jobs do not keep failing."""
+        if len(self._failing) >= 3:
+            raise RuntimeError(
+                f"{type(self).__name__}: the last calls for {len(self._failing)} different jobs failed"
+            )
 
         def probe():
             x = torch.ones(8, 8, device=self.device, dtype=self.dtype)

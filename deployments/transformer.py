@@ -121,22 +121,22 @@ class FlowTransformer(Stage):
 
     async def _run_group(self, items: list[_Item]) -> list[Tensor | BaseException]:
         p = items[0].params
+        jobs = [it.params.job_id for it in items]
         self.batch_sizes.append(len(items))
-        steps = await self.run(self._start, items)
+        steps = await self.run(self._start, items, jobs=jobs)
         cancelled: set[str] = set()
         last_check = time.monotonic()
         start = time.time_ns()
         img = None
         for _ in range(p.steps):
-            img = await self.run(_step, steps)
+            img = await self.run(_step, steps, jobs=jobs)
             if time.monotonic() - last_check >= self.options.cancel_check_interval_s:
                 last_check = time.monotonic()
-                ids = [it.params.job_id for it in items]
-                flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in ids))
-                cancelled = {j for j, flag in zip(ids, flags, strict=True) if flag}
+                flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in jobs))
+                cancelled = {j for j, flag in zip(jobs, flags, strict=True) if flag}
                 if len(cancelled) == len(items):
                     break
-        latents = await self.run(self._latents, img, p)
+        latents = await self.run(self._latents, img, p, jobs=jobs)
         telemetry.record(
             "denoise", [it.params.trace for it in items], start, batch_size=len(items), steps=p.steps
         )

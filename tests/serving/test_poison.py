@@ -94,3 +94,43 @@ def test_poisoned_request_fails_alone(tmp_path, stage):
         assert np.array_equal(await _image(ingress, jobs[3].id), await _image(clean, ref[1].id))
 
     asyncio.run(go())
+
+
+def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not(tmp_path):
+    """The ingress runs a failing job up to max_attempts times; that one job failing again and again
+    must not mark the transformer unhealthy (Serve would restart it, killing its other batches).
+    Calls for three different jobs failing in a row do; a success clears the count."""
+    ingress = build(tmp_path / "data")
+    ft = ingress.transformer.obj
+    real, broken = ft._start, {"all": False}
+    tries: list[int] = []
+
+    def start(items):
+        tries.append(len(items))
+        if broken["all"] or any(it.params.seed == 666 for it in items):
+            raise RuntimeError("NaNs in the latents")
+        return real(items)
+
+    ft._start = start
+
+    async def go():
+        (poisoned,) = await _jobs(ingress, [("a fox", 666)])
+        await ingress.run(poisoned)
+        assert (await ingress.jobs.get(poisoned.id)).status == Status.ERROR
+        assert tries == [1] * ingress.options.max_attempts and len(tries) >= 3
+        await ft.check_health()  # one job, however often it failed
+
+        broken["all"] = True  # now every call fails, whichever job
+        others = await _jobs(ingress, [("a hare", 2), ("a lynx", 3)])
+        for job in others:
+            await ingress.run(job)
+        with pytest.raises(RuntimeError, match="3 different jobs failed"):
+            await ft.check_health()
+
+        broken["all"] = False
+        (clean,) = await _jobs(ingress, [("an owl", 4)])
+        await ingress.run(clean)
+        assert (await ingress.jobs.get(clean.id)).status == Status.READY
+        await ft.check_health()
+
+    asyncio.run(go())

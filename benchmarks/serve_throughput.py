@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
         [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
-        [--preset tiny] [--device cpu|cuda] [--spans FILE]
+        [--preset tiny] [--device cpu|cuda] [--spans FILE] [--cpu]
 
 On a GPU: `--preset klein-4b --device cuda --size 1024` serves the real architecture with random
 weights (no checkpoint needed), the three stages sharing the GPU.
@@ -13,6 +13,8 @@ compatible sync endpoint (b64_json: the response carries the image, so the laten
 whole pipeline including the upload to storage). "unbatched" caps every stage at one request per
 batch. The in-process mode calls Pipeline.generate from `concurrency` threads. "noop" is the
 same Serve topology with stages that do nothing: the floor of Ray Serve's own per-request cost.
+`--cpu` adds, for each served point, the CPU time per request that each process spent (stages,
+ingress, proxy, Ray's own processes, the load generator): where a saturated machine's cores go.
 
 Threads: each served stage uses `--threads` intra-op threads (1, as serve/configs/local-cpu.yaml:
 three stages share the cores) and its replicas run with OMP_WAIT_POLICY=PASSIVE, as `klein serve`
@@ -114,6 +116,56 @@ async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float]
         return latencies, time.monotonic() - t0, errors
 
 
+def _process_group(proc) -> str | None:
+    """A process's role in the served DAG, from its Ray title; None for processes outside Ray."""
+    try:
+        title = " ".join(proc.cmdline()) or proc.name()
+    except Exception:
+        return None
+    if proc.pid == os.getpid():
+        return "load generator (this script)"
+    if title.startswith("ray::ServeReplica:"):
+        return title.split(":")[4].split(".")[0].split()[0]  # ray::ServeReplica:<app>:<Deployment>...
+    if title.startswith("ray::ProxyActor"):
+        return "HTTP proxy"
+    if title.startswith("ray::ServeController"):
+        return "Serve controller"
+    if any(k in title for k in ("raylet", "gcs_server")):
+        return "raylet + GCS"
+    if title.startswith("ray::") or "ray/dashboard" in title or "ray/_private" in title:
+        return "other Ray processes"
+    return None
+
+
+def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process in the DAG, by (pid, start time)."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter():
+        group = _process_group(proc)
+        if group is None:
+            continue
+        try:
+            t = proc.cpu_times()
+            out[(proc.pid, proc.create_time())] = (group, t.user + t.system)
+        except Exception:
+            continue
+    return out
+
+
+def cpu_report(before: dict, after: dict, requests: int, elapsed: float) -> None:
+    groups: dict[str, float] = {}
+    for key, (group, cpu) in after.items():
+        groups[group] = groups.get(group, 0.0) + cpu - before.get(key, (group, 0.0))[1]
+    total = sum(groups.values())
+    print(
+        f"{'':>10} CPU: {total / elapsed:.2f} cores busy, {total / max(requests, 1) * 1e3:.1f} ms per request:"
+    )
+    for group, cpu in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"{'':>12} {cpu / max(requests, 1) * 1e3:6.1f} ms  {group}")
+
+
 def run_served(args, mode: str, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
     import ray
     from ray import serve
@@ -153,8 +205,11 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
     asyncio.run(load(url, size, 2, 3.0))  # warm up every stage
     for c in concurrency:
         since = time.time_ns()
+        before = cpu_snapshot() if args.cpu else {}
         latencies, elapsed, errors = asyncio.run(load(url, size, c, seconds))
         summarize(mode, c, latencies, elapsed)
+        if args.cpu:
+            cpu_report(before, cpu_snapshot(), len(latencies), elapsed)
         if spans:
             breakdown(spans, since, latencies)
         if errors:
@@ -255,6 +310,7 @@ def main():
     ap.add_argument(
         "--spans", metavar="FILE", help="trace the served modes to FILE.<mode>, print where time goes"
     )
+    ap.add_argument("--cpu", action="store_true", help="CPU time per request of each process (served modes)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "

@@ -117,22 +117,22 @@ async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float]
 
 
 def _process_group(proc) -> str | None:
-    """A process's role in the served DAG, from its Ray title; None for processes outside Ray."""
+    """A process's role in the served DAG, from its name and Ray title; None outside Ray."""
     try:
-        title = " ".join(proc.cmdline()) or proc.name()
+        name, title = proc.name(), " ".join(proc.cmdline())
     except Exception:
         return None
     if proc.pid == os.getpid():
         return "load generator (this script)"
+    if name in ("raylet", "gcs_server"):
+        return "raylet + GCS"
     if title.startswith("ray::ServeReplica:"):
         return title.split(":")[4].split(".")[0].split()[0]  # ray::ServeReplica:<app>:<Deployment>...
     if title.startswith("ray::ProxyActor"):
         return "HTTP proxy"
     if title.startswith("ray::ServeController"):
         return "Serve controller"
-    if any(k in title for k in ("raylet", "gcs_server")):
-        return "raylet + GCS"
-    if title.startswith("ray::") or "ray/dashboard" in title or "ray/_private" in title:
+    if title.startswith("ray::") or "site-packages/ray/" in title:
         return "other Ray processes"
     return None
 

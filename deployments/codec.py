@@ -104,7 +104,7 @@ class Codec(Stage):
             self.references.put(key, refs)
             return refs
 
-        out = await self.run(work, jobs=[key])
+        out = await self.run(work, job=key)
         telemetry.record("encode", [trace], start, images=len(images))
         return out
 
@@ -114,9 +114,7 @@ class Codec(Stage):
     async def moderate(self, images: list[bytes], tolerance: int) -> list[bool]:
         """Input moderation for the ingress: which input images the classifier flags."""
         key = _digest(images)  # names the call for the health bookkeeping
-        return await self.run(
-            lambda: self.post.moderate([open_image(b) for b in images], tolerance), jobs=[key]
-        )
+        return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance), job=key)
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         await self.when_free()
@@ -159,8 +157,9 @@ class Codec(Stage):
         self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
     ) -> list[bytes | BaseException]:
         t0 = time.time_ns()
-        jobs = [p.job_id for p in params]
-        decoded = await self.run(self._decode, latents, jobs=jobs)
+        decoded = await self.attempt(self._decode, latents)
+        for im, p in zip(decoded, params, strict=True):  # each request's decode, judged for health
+            self.judge(p.job_id, not isinstance(im, BaseException))
         t1 = time.time_ns()
         ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
 
@@ -168,9 +167,7 @@ class Codec(Stage):
             return self.post.flagged([decoded[i] for i in batch], [params[i] for i in batch])
 
         flags = await isolating(lambda batch: self.attempt(classify, batch), ok, "classify")
-        out = await self.run(
-            self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients, jobs=jobs
-        )
+        out = await self.attempt(self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients)
         for p in params:
             telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)

@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
@@ -136,7 +137,8 @@ class Ingress:
         self.storage = open_storage(storage)
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
-        self._active = 0  # jobs being run by this replica, async and sync
+        self._admitted: set[str] = set()  # jobs submitted or being run here: max_running_jobs counts them
+        self._unmarked: Counter[str] = Counter()  # per key: submissions not yet in storage's pending count
         self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
         self._deliveries: set[asyncio.Task] = set()  # webhook tasks, referenced until done
         self._reaper: asyncio.Task | None = None
@@ -168,11 +170,13 @@ class Ingress:
         body_hash: str = "",
         trace: dict[str, str] | None = None,
         stored_inputs: list[str] | None = None,
+        sync: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
         (field, file bytes, PIL image); `fields` renames klein's fields for error messages;
         `stored_inputs` are the storage keys of these same images when a sibling job of one request
-        (OpenAI n > 1) already stored them. Returns (job, replayed): replayed when an
+        (OpenAI n > 1) already stored them; `sync` marks a job whose caller waits for it on its
+        connection (the reaper ends such a job instead of running it again). Returns (job, replayed): replayed when an
         Idempotency-Key named an existing job."""
         fields = fields or {}
         job_id = new_job_id()
@@ -180,9 +184,39 @@ class Ingress:
             job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
             if existing is not None:
                 return existing, True
-        if self._active >= self.options.max_running_jobs:
+        self._admit(job_id, key_id)
+        try:
+            job = await self._create(job_id, key_id, prompt, width, height, seed, steps, guidance,
+                                     safety_tolerance, output_format, images, webhook_url, webhook_secret,
+                                     fields, idempotency_key, body_hash, trace, stored_inputs, sync)  # fmt: skip
+        except BaseException:
+            self._admitted.discard(job_id)
+            raise
+        finally:
+            self._unmarked[key_id] -= 1
+            if not self._unmarked[key_id]:
+                del self._unmarked[key_id]
+        if job.status.terminal:  # moderated at submission: recorded, never run
+            self._admitted.discard(job_id)
+        return job, False
+
+    def _admit(self, job_id: str, key_id: str) -> None:
+        """Count a submission against this replica's caps before anything is awaited: checks made
+        across an await would let a burst of submissions all pass before any of them counted."""
+        if len(self._admitted) >= self.options.max_running_jobs:
             raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
-        if await self.jobs.in_flight(key_id) >= self.options.max_jobs_in_flight:
+        self._admitted.add(job_id)
+        self._unmarked[key_id] += 1
+
+    async def _create(
+        self, job_id, key_id, prompt, width, height, seed, steps, guidance, safety_tolerance, output_format,
+        images, webhook_url, webhook_secret, fields, idempotency_key, body_hash, trace, stored_inputs, sync,
+    ) -> JobRecord:  # fmt: skip
+        """The checks that need storage or DNS, validation, inputs and the job record (see submit)."""
+        pending = await self.jobs.in_flight(key_id)  # the key's jobs in storage, on every replica
+        if (
+            pending + self._unmarked[key_id] - 1 >= self.options.max_jobs_in_flight
+        ):  # + this replica's on the way
             raise TooManyJobs(self.options.max_jobs_in_flight)
         if (
             webhook_url
@@ -226,12 +260,13 @@ class Ingress:
             output_mp=megapixels(req.width * req.height),
             lease_until=time.time() + self.options.job_lease_s,
             trace=trace,
+            sync=sync,
         )
         job.cost = cost(self.price, job.output_mp, job.input_mp)
         if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
             log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
             await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
-            return job, False
+            return job
         if stored_inputs and len(stored_inputs) == len(images):
             job.request.input_keys = list(stored_inputs)
         else:
@@ -248,7 +283,7 @@ class Ingress:
                 self._idempotency_key(key_id, idempotency_key), json.dumps(record).encode()
             )
         self.ensure_reaper()
-        return job, False
+        return job
 
     @staticmethod
     def _idempotency_key(key_id: str, idempotency_key: str) -> str:
@@ -270,13 +305,13 @@ class Ingress:
 
     def start(self, job: JobRecord, fresh: bool = False) -> asyncio.Task:
         """Run a job in the background of this replica (the async API)."""
-        self._active += 1  # counted from now: a burst of submissions sees these jobs before they start
+        self._admitted.add(job.id)  # already, when submitted here; a job the reaper restarts counts now
         task = asyncio.create_task(self._run(job, False, fresh, False))
         self._running[job.id] = task
 
         def done(_):
             self._running.pop(job.id, None)
-            self._active -= 1
+            self._admitted.discard(job.id)
 
         task.add_done_callback(done)
         return task
@@ -290,11 +325,11 @@ class Ingress:
         was just created here with its lease: its first attempt skips one write and one read.
         A full stage queue is waited out (an accepted async job is never dropped for load) unless
         `shed`: then the job ends without charge and Overloaded is raised for the waiting caller."""
-        self._active += 1
+        self._admitted.add(job.id)
         try:
             return await self._run(job, return_bytes, fresh, shed)
         finally:
-            self._active -= 1
+            self._admitted.discard(job.id)
 
     async def _run(self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool) -> FinishResult | None:
         try:
@@ -309,6 +344,7 @@ class Ingress:
     async def discard(self, job: JobRecord) -> None:
         """End a job that was submitted but will not be run (its request failed after submitting it):
         Cancelled, unbilled, and no longer pending for the reaper to pick up."""
+        self._admitted.discard(job.id)
         if job.status.terminal:
             return
         self._inputs.pop(job.id, None)
@@ -391,6 +427,7 @@ class Ingress:
         return result if job.status is Status.READY else None
 
     async def _pipeline(self, job: JobRecord, return_bytes: bool, check_cancel: bool = True) -> FinishResult:
+        since = time.time()
         if check_cancel and await self.jobs.cancel_requested(job.id):  # the transformer checks between steps
             raise JobCancelled(job.id)
         r = job.request
@@ -404,7 +441,7 @@ class Ingress:
         trace = telemetry.carrier() or None  # the job span's context, for every stage
         refs_shape = tuple(map(tuple, r.ref_shapes))
         params = DenoiseParams(
-            job.id, r.width, r.height, r.seed, r.steps, r.guidance if cfg else None, refs_shape, trace
+            job.id, r.width, r.height, r.seed, r.steps, r.guidance if cfg else None, refs_shape, trace, since
         )
         ctx = self.embedder.embed.remote(r.prompt, trace)
         neg = self.embedder.embed.remote("", None) if cfg else None
@@ -486,26 +523,37 @@ class Ingress:
                 log.exception("reaper pass failed")
 
     async def reap(self) -> int:
-        """Re-run Pending jobs whose lease expired; returns how many were restarted."""
+        """Re-run this model's Pending jobs whose lease expired; returns how many were restarted.
+        One job's failure (an unreadable record) is logged and the pass goes on."""
         restarted = 0
         for key_id, job_id in await self.jobs.pending():
             if job_id in self._running:
                 continue
-            job = await self.jobs.get(job_id)
-            if job is None:
-                continue
-            if job.status.terminal:
-                await self.storage.delete(f"pending/{key_id}/{job_id}")
-            elif job.lease_until < time.time():
-                if job.attempts >= self.options.max_attempts:
-                    await self._end(job, Status.ERROR, f"abandoned after {job.attempts} attempts")
-                else:
-                    log.warning(
-                        "job %s: lease expired after attempt %d; running it again", job_id, job.attempts
-                    )
-                    self.start(job)
-                    restarted += 1
+            try:
+                restarted += await self._reap(key_id, job_id)
+            except Exception:
+                log.exception("reaper: job %s", job_id, extra={"job_id": job_id})
         return restarted
+
+    async def _reap(self, key_id: str, job_id: str) -> int:
+        job = await self.jobs.get(job_id)
+        if job is None:
+            return 0
+        if job.status.terminal:  # finished, but its pending marker was left behind
+            await self.storage.delete(f"pending/{key_id}/{job_id}")
+            return 0
+        if job.model != self.model_id or job.lease_until >= time.time():
+            return 0  # leased, or another model's: deployments of several models may share a bucket
+        if job.sync:  # its caller's connection died with its replica: a re-run would bill an unseen image
+            await self._end(job, Status.ERROR, "the replica running this request stopped; not run again")
+            return 0
+        if job.attempts >= self.options.max_attempts:
+            await self._end(job, Status.ERROR, f"abandoned after {job.attempts} attempts")
+            return 0
+        log.warning("job %s: lease expired after attempt %d; running it again", job_id, job.attempts,
+                    extra={"job_id": job_id})  # fmt: skip
+        self.start(job)
+        return 1
 
     async def check_health(self) -> None:
         """Healthy while the event loop answers. Storage is checked and complained about, not

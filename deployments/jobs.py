@@ -80,6 +80,7 @@ class JobRecord(BaseModel):
     output_mp: float = 0.0
     cost: float = 0.0
     trace: dict[str, str] | None = None  # W3C context of the submitting request: re-runs join its trace
+    sync: bool = False  # a synchronous (OpenAI) request's: its caller waits on one connection
 
     @property
     def output_key(self) -> str:

@@ -15,6 +15,7 @@ class DenoiseParams:
     guidance: float | None  # None: no CFG (distilled models, or guidance 1)
     ref_shapes: tuple[tuple[int, int], ...] = ()  # token grids (h, w) of the encoded references
     trace: dict[str, str] | None = None  # W3C carrier of the job's span
+    since: float | None = None  # when this attempt began (epoch s): cancels are checked once it waited
 
     @property
     def tokens(self) -> int:

@@ -381,11 +381,14 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                     key_id=key_id,
                     trace=trace,
                     stored_inputs=jobs[0].request.input_keys if jobs else None,  # stored once per request
+                    sync=True,
                 )
                 jobs.append(job)
-        except Exception:  # refused part-way (limits, overload): the jobs already made must not run later
+        except (
+            BaseException
+        ):  # refused part-way (limits, overload) or the caller left: the jobs made must not run
             for job in jobs:
-                await ingress.discard(job)
+                await asyncio.shield(ingress.discard(job))
             raise
         b64 = body.response_format == "b64_json"
 
@@ -397,10 +400,15 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
         runs = [asyncio.ensure_future(run(job)) for job in jobs]
         try:
             results = await asyncio.wait_for(asyncio.gather(*runs), opts.sync_timeout_s)
-        except (asyncio.CancelledError, TimeoutError, Overloaded) as e:  # client gone, too slow, or no room
+        except BaseException as e:  # client gone, too slow, no room for one of them, or a failure
+            for r in runs:  # none of the others may go on to be billed: each ends Cancelled unless done
+                r.cancel()
             for job in jobs:
-                await asyncio.shield(ingress.cancel(job.id))
-            if isinstance(e, asyncio.CancelledError | Overloaded):
+                await asyncio.shield(ingress.cancel(job.id))  # stages stop work on them
+            await asyncio.shield(asyncio.gather(*runs, return_exceptions=True))
+            for job in jobs:  # any whose run never began: ended here, unbilled, and no longer counted
+                await asyncio.shield(ingress.discard(job))
+            if not isinstance(e, TimeoutError):
                 raise
             return JSONResponse(
                 {"error": {"message": f"no result within {opts.sync_timeout_s:g} s; use the async API for long jobs",

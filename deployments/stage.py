@@ -13,7 +13,6 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -88,7 +87,7 @@ class Stage:
     def __init__(self, placement: Placement):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=type(self).__name__)
         self.device, self.dtype = self.on_worker(placement.resolve)
-        self._failing: set = set()  # what the calls failing in a row served (see `run`)
+        self._failing: set = set()  # the requests that failed since the last success (`judge`)
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # requests per batch, most recent last
         self._between_batches = asyncio.Event()  # see `gated`
         self._between_batches.set()
@@ -104,30 +103,35 @@ class Stage:
         return self._worker.submit(fn, *args).result()
 
     async def attempt(self, fn, *args):
-        """`fn` on the worker thread, outside the health bookkeeping: for the tries of `isolating`,
-        whose failures belong to a request, not to the device."""
+        """`fn` on the worker thread, outside the health bookkeeping (see `judge`)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def run(self, fn, *args, jobs: Sequence[str] = ()):
-        """`fn` on the worker thread, with health bookkeeping. `jobs` names what the call serves (job
-        ids, or a content hash): the replica turns unhealthy once calls for three different jobs
-        failed in a row, so one poisoned request that the ingress retries (the same job failing
-        again and again) is not taken for a broken device. A call for several jobs that fails counts
-        for none of them: `isolating` runs them again one by one and those runs are judged."""
+    async def run(self, fn, *args, job: str | None = None):
+        """`fn` on the worker thread, its outcome judged as one request's (`judge`)."""
         try:
             out = await self.attempt(fn, *args)
         except Exception:
-            if len(jobs) <= 1:
-                self._failing.add(jobs[0] if jobs else object())  # an unnamed call counts on its own
+            self.judge(job, False)
             raise
-        self._failing.clear()
+        self.judge(job, True)
         return out
 
+    def judge(self, job: str | None, ok: bool) -> None:
+        """Health bookkeeping, one request's outcome at a time: `job` names it (a job id, a prompt,
+        a content hash). The replica turns unhealthy once requests for three different jobs failed
+        with no success between, so one poisoned request that the ingress retries (the same job
+        failing again and again) is not taken for a broken device. A batch's outcome is judged per
+        request, after `isolating` has run a failed batch's requests one by one."""
+        if ok:
+            self._failing.clear()
+        else:
+            self._failing.add(job if job is not None else object())  # an unnamed failure counts on its own
+
     async def check_health(self) -> None:
-        """The device still computes, and calls for different jobs do not keep failing."""
+        """The device still computes, and requests for different jobs do not keep failing."""
         if len(self._failing) >= 3:
             raise RuntimeError(
-                f"{type(self).__name__}: the last calls for {len(self._failing)} different jobs failed"
+                f"{type(self).__name__}: requests for {len(self._failing)} different jobs failed in a row"
             )
 
         def probe():

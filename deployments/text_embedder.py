@@ -56,6 +56,8 @@ class TextEmbedder(Stage):
         start = time.time_ns()
 
         out = await isolating(lambda batch: self.attempt(self.embed_now, batch), prompts, "embed")
+        for prompt, emb in zip(prompts, out, strict=True):  # judged per prompt: a poisoned one fails alone
+            self.judge(prompt, not isinstance(emb, BaseException))
         telemetry.record("embed", traces, start, batch_size=len(prompts))
         metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
         return out

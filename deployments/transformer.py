@@ -9,6 +9,7 @@ its jobs were cancelled and stops a group once all of its jobs are.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein.pipeline import References
 from klein.sampler import sample, unpack
+
+log = logging.getLogger(__name__)
 
 
 class FlowTransformerOptions(StageOptions):
@@ -93,6 +96,8 @@ class FlowTransformer(Stage):
             outs = await isolating(self._run_group, [items[i] for i in idx], "denoise")
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
+                failed = isinstance(out, BaseException) and not isinstance(out, JobCancelled)
+                self.judge(items[i].params.job_id, not failed)
         return results
 
     def _start(self, items: list[_Item]):
@@ -115,6 +120,16 @@ class FlowTransformer(Stage):
             pixels_per_token=self.spec.multiple,
         )
 
+    async def _cancelled(self, jobs: list[str]) -> set[str]:
+        """The jobs cancelled by their clients; a failed check (storage unreachable) counts as none:
+        it must not fail the batch."""
+        try:
+            flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in jobs))
+        except Exception as e:
+            log.warning("denoise: cancel check failed (%s: %s); going on", type(e).__name__, e)
+            return set()
+        return {j for j, flag in zip(jobs, flags, strict=True) if flag}
+
     def _latents(self, img: Tensor, p: DenoiseParams) -> list[Tensor]:
         m = self.spec.multiple
         return [z.clone() for z in unpack(img, p.height // m, p.width // m).cpu().unbind(0)]
@@ -123,20 +138,22 @@ class FlowTransformer(Stage):
         p = items[0].params
         jobs = [it.params.job_id for it in items]
         self.batch_sizes.append(len(items))
-        steps = await self.run(self._start, items, jobs=jobs)
+        steps = await self.attempt(self._start, items)
         cancelled: set[str] = set()
-        last_check = time.monotonic()
+        # checked before the first step too once a job has waited (queued here or upstream) that long
+        last_check = min(it.params.since or time.time() for it in items)
         start = time.time_ns()
         img = None
         for _ in range(p.steps):
-            img = await self.run(_step, steps, jobs=jobs)
-            if time.monotonic() - last_check >= self.options.cancel_check_interval_s:
-                last_check = time.monotonic()
-                flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in jobs))
-                cancelled = {j for j, flag in zip(jobs, flags, strict=True) if flag}
+            if time.time() - last_check >= self.options.cancel_check_interval_s:
+                last_check = time.time()
+                cancelled = await self._cancelled(jobs)
                 if len(cancelled) == len(items):
                     break
-        latents = await self.run(self._latents, img, p, jobs=jobs)
+            img = await self.attempt(_step, steps)
+        if img is None:  # every job was cancelled before its first step
+            return [JobCancelled(it.params.job_id) for it in items]
+        latents = await self.attempt(self._latents, img, p)
         telemetry.record(
             "denoise", [it.params.trace for it in items], start, batch_size=len(items), steps=p.steps
         )

@@ -176,3 +176,68 @@ def test_openai_edit_with_n_images_stores_its_references_once(ingress, tmp_path)
         assert (await ingress.codec.obj.stats())["references"]["misses"] == 1  # encoded once too
 
     asyncio.run(go())
+
+
+def test_reaper_leaves_other_models_jobs_ends_sync_ones_and_survives_a_bad_record(ingress):
+    """Deployments of several models may share a bucket: each reaps only its own jobs. A sync job
+    whose replica died is ended, not re-run (its caller's connection is gone: nobody would get the
+    image, but it would be billed). An unreadable record does not stop the pass."""
+
+    async def expired(job, **fields):
+        for name, value in {"attempts": 1, "lease_until": time.time() - 1, **fields}.items():
+            setattr(job, name, value)
+        await ingress.jobs.save(job)
+        return job
+
+    async def go():
+        other = await expired(await _submit(ingress), model="flux-2-klein-9b")
+        sync = await expired(await _submit(ingress, sync=True))
+        mine = await expired(await _submit(ingress))
+        bad = "0" * 32  # listed first
+        await ingress.storage.put(f"pending/anonymous/{bad}", b"")
+        await ingress.storage.put(f"jobs/{bad}.json", b"{half a record")
+        assert await ingress.reap() == 1
+        await asyncio.gather(*list(ingress._running.values()))
+        assert (await ingress.jobs.get(mine.id)).status is Status.READY
+        assert (await ingress.jobs.get(other.id)).status is Status.PENDING
+        ended = await ingress.jobs.get(sync.id)
+        assert ended.status is Status.ERROR and "not run again" in ended.error
+        usage = await ingress.storage.list("usage")
+        assert len(usage) == 1 and mine.id in usage[0]
+
+    asyncio.run(go())
+
+
+def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
+    """Cancel (DELETE) while the job waits in a queue: the transformer checks before the first step
+    once a job has waited cancel_check_interval_s, so it ends Cancelled and unbilled even when its
+    denoise is shorter than the interval (a 4-step model on a GPU)."""
+    ft = ingress.transformer.obj
+    ft.options.cancel_check_interval_s = 0.5
+    gate, denoise, started = asyncio.Event(), ft.denoise, asyncio.Event()
+    steps, real = [], ft._start
+
+    async def queued(*args):
+        started.set()
+        await gate.wait()
+        return await denoise(*args)
+
+    def start(items):
+        for out in real(items):
+            steps.append(1)
+            yield out
+
+    ft.denoise, ft._start = queued, lambda items: start(items)
+
+    async def go():
+        job = await _submit(ingress)
+        task = asyncio.ensure_future(ingress.run(job))
+        await started.wait()
+        await ingress.cancel(job.id)
+        await asyncio.sleep(0.6)
+        gate.set()
+        assert await task is None
+        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
+        assert steps == [] and await ingress.storage.list("usage") == []
+
+    asyncio.run(go())

@@ -223,3 +223,63 @@ def test_a_sync_request_that_times_out_ends_its_job(tmp_path):
         gate.set()
 
     asyncio.run(go())
+
+
+def test_a_burst_from_one_key_stays_within_its_caps(tmp_path):
+    """Submissions racing each other: every check of a cap awaits storage, so without counting a
+    submission before its first await, a burst would all pass before any of them counted."""
+    ingress = build(tmp_path / "data", max_jobs_in_flight=5, max_running_jobs=8)
+
+    async def submit(i):
+        try:
+            job, _ = await ingress.submit(prompt=f"burst {i}", width=64, height=64, seed=i, steps=None,
+                                          guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+            return job
+        except Exception as e:
+            return e
+
+    async def go():
+        outs = await asyncio.gather(*(submit(i) for i in range(20)))
+        accepted = [o for o in outs if not isinstance(o, Exception)]
+        refused = {type(o).__name__ for o in outs if isinstance(o, Exception)}
+        assert len(accepted) == 5 and "TooManyJobs" in refused, (len(accepted), refused)
+        assert refused <= {"TooManyJobs", "Overloaded"}  # the replica's cap (8) refused some first
+        assert await ingress.jobs.in_flight("anonymous") == 5
+        assert ingress._admitted == {j.id for j in accepted} and ingress._unmarked == {}
+        for job in accepted:
+            await ingress.run(job)
+        assert ingress._admitted == set() and await ingress.jobs.in_flight("anonymous") == 0
+
+    asyncio.run(go())
+
+
+def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
+    """n=3 where one job finds the transformer's queue full: the caller gets 503, and its other
+    jobs are stopped and end unbilled instead of running on to Ready for nobody."""
+    ingress = build(tmp_path / "data")
+    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+    calls = []
+
+    async def held(params, *args):
+        calls.append(params.job_id)
+        if len(calls) == 2:
+            raise _full()
+        await gate.wait()
+        return await denoise(params, *args)
+
+    ingress.transformer.obj.denoise = held
+    ingress.transformer.obj.options.cancel_check_interval_s = 3600  # a short denoise never checks
+
+    async def go():
+        async with _client(ingress) as c:
+            r = await c.post("/v1/images/generations", json={"prompt": "three", "size": "64x64", "n": 3})
+            assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+        gate.set()
+        await asyncio.sleep(0.5)  # anything still running would finish now
+        records = [await ingress.jobs.get(j) for _, j in await ingress.jobs.pending()]
+        assert records == [], records
+        statuses = {(await ingress.jobs.get(j)).status for j in calls}
+        assert Status.READY not in statuses and len(calls) == 3, (statuses, calls)
+        assert await _usage(ingress) == [] and ingress._admitted == set()
+
+    asyncio.run(go())

@@ -99,17 +99,24 @@ def test_poisoned_request_fails_alone(tmp_path, stage):
 def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not(tmp_path):
     """The ingress runs a failing job up to max_attempts times; that one job failing again and again
     must not mark the transformer unhealthy (Serve would restart it, killing its other batches).
-    Calls for three different jobs failing in a row do; a success clears the count."""
+    Requests for three different jobs failing in a row do; a success clears the count. The failure
+    comes from the denoising steps, where a device fails (setting up a batch does not touch it)."""
     ingress = build(tmp_path / "data")
     ft = ingress.transformer.obj
     real, broken = ft._start, {"all": False}
     tries: list[int] = []
 
     def start(items):
+        steps, poisoned = real(items), broken["all"] or any(it.params.seed == 666 for it in items)
         tries.append(len(items))
-        if broken["all"] or any(it.params.seed == 666 for it in items):
-            raise RuntimeError("NaNs in the latents")
-        return real(items)
+
+        def failing():
+            for out in steps:
+                if poisoned:
+                    raise RuntimeError("NaNs in the latents")
+                yield out
+
+        return failing()
 
     ft._start = start
 
@@ -120,7 +127,7 @@ def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not
         assert tries == [1] * ingress.options.max_attempts and len(tries) >= 3
         await ft.check_health()  # one job, however often it failed
 
-        broken["all"] = True  # now every call fails, whichever job
+        broken["all"] = True  # now every request fails, whichever job
         others = await _jobs(ingress, [("a hare", 2), ("a lynx", 3)])
         for job in others:
             await ingress.run(job)
@@ -132,5 +139,31 @@ def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not
         await ingress.run(clean)
         assert (await ingress.jobs.get(clean.id)).status == Status.READY
         await ft.check_health()
+
+    asyncio.run(go())
+
+
+def test_a_codec_whose_decoder_fails_every_image_turns_unhealthy(tmp_path):
+    """The codec catches each image's decode failure (its batch-mates go on), so its health is
+    judged per request: three different jobs failing to decode mark it unhealthy."""
+    ingress = build(tmp_path / "data")
+    codec = ingress.codec.obj
+
+    def decode(z):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def go():
+        (first,) = await _jobs(ingress, [("a fox", 1)])
+        await ingress.run(first)
+        await codec.check_health()
+        codec.vae.decode = decode
+        jobs = await _jobs(ingress, [("a hare", 2), ("a lynx", 3), ("an owl", 4)])
+        for job in jobs[:2]:
+            await ingress.run(job)
+        await codec.check_health()  # two different jobs so far
+        await ingress.run(jobs[2])
+        assert (await ingress.jobs.get(jobs[2].id)).status == Status.ERROR
+        with pytest.raises(RuntimeError, match="3 different jobs failed"):
+            await codec.check_health()
 
     asyncio.run(go())

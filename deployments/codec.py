@@ -138,13 +138,14 @@ class Codec(Stage):
         decoded: list[Image.Image | BaseException],
         flags: dict[int, bool | BaseException],
         params: list[FinishParams],
-        ingredients: list[list[bytes]],
+        ingredients: list[list[bytes] | BaseException],
     ) -> list[bytes | BaseException]:
         """Watermark, encode and sign each image the classifier passed."""
         out: list[bytes | BaseException] = []
         for i, (image, p, refs) in enumerate(zip(decoded, params, ingredients, strict=True)):
-            if isinstance(image, BaseException) or isinstance(flags[i], BaseException):
-                out.append(image if isinstance(image, BaseException) else flags[i])
+            failed = [x for x in (image, flags.get(i), refs) if isinstance(x, BaseException)]
+            if failed:
+                out.append(failed[0])
                 continue
             try:
                 data = encode_image(self.post.pixels(image, p, flags[i]), p.output_format, self.options)
@@ -154,7 +155,10 @@ class Codec(Stage):
         return out
 
     async def _finished_files(
-        self, latents: list[Tensor], params: list[FinishParams], ingredients: list[list[bytes]]
+        self,
+        latents: list[Tensor],
+        params: list[FinishParams],
+        ingredients: list[list[bytes] | BaseException],
     ) -> list[bytes | BaseException]:
         t0 = time.time_ns()
         decoded = await self.attempt(self._decode, latents)
@@ -173,12 +177,18 @@ class Codec(Stage):
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
         return out
 
-    async def _ingredients(self, params: list[FinishParams]) -> list[list[bytes]]:
+    async def _ingredients(self, params: list[FinishParams]) -> list[list[bytes] | BaseException]:
         """An edit's references, its C2PA ingredients: each stored file read once per batch (the n
-        images of one OpenAI edit share theirs)."""
+        images of one OpenAI edit share theirs). A failed read fails only the requests that need it."""
         keys = list(dict.fromkeys(k for p in params for k in p.input_keys))
-        files = dict(zip(keys, await asyncio.gather(*map(self.storage.get, keys)), strict=True))
-        return [[files[k] for k in p.input_keys if files[k] is not None] for p in params]
+        reads = await asyncio.gather(*map(self.storage.get, keys), return_exceptions=True)
+        files = dict(zip(keys, reads, strict=True))
+        out: list[list[bytes] | BaseException] = []
+        for p in params:
+            mine = [files[k] for k in p.input_keys]
+            failed = [f for f in mine if isinstance(f, BaseException)]
+            out.append(failed[0] if failed else [f for f in mine if f is not None])
+        return out
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     @gated

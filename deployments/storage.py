@@ -248,8 +248,10 @@ class S3Storage(Storage):
         self._call(self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type)
 
     def _get(self, key):
-        r = self._call(self.client.get_object, Key=self.prefix + key)
-        return None if r is None else r["Body"].read()
+        def get_object(**kw):  # the body is read inside: a failed read is a StorageError, retried alike
+            return self.client.get_object(**kw)["Body"].read()
+
+        return self._call(get_object, Key=self.prefix + key)
 
     def _delete(self, key):
         self._call(self.client.delete_object, Key=self.prefix + key)

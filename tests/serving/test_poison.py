@@ -167,3 +167,34 @@ def test_a_codec_whose_decoder_fails_every_image_turns_unhealthy(tmp_path):
             await codec.check_health()
 
     asyncio.run(go())
+
+
+def test_an_unreadable_reference_fails_only_the_edit_that_needs_it(tmp_path):
+    """With C2PA on, the codec reads each edit's references (its ingredients) for the batch; a read
+    that fails must fail that edit alone, not its batch-mates (a text-to-image job needs none)."""
+    from deployments.payloads import FinishParams
+    from deployments.storage import StorageError
+
+    ingress = build(tmp_path / "data")
+    codec = ingress.codec.obj
+
+    def params(job, keys):
+        return FinishParams(job, f"images/{job}.png", "png", "p", "m", 1, input_keys=tuple(keys))
+
+    async def go():
+        await codec.storage.put("inputs/a/0", b"ref a")
+        await codec.storage.put("inputs/b/0", b"ref b")
+        real = codec.storage.get
+
+        async def get(key, retry_s=None):
+            if key == "inputs/b/0":
+                raise StorageError("s3 get_object failed: connection reset")
+            return await real(key, retry_s)
+
+        codec.storage.get = get
+        out = await codec._ingredients(
+            [params("a", ["inputs/a/0"]), params("b", ["inputs/b/0"]), params("c", [])]
+        )
+        assert out[0] == [b"ref a"] and isinstance(out[1], StorageError) and out[2] == []
+
+    asyncio.run(go())

@@ -74,3 +74,27 @@ def test_s3_bad_credentials_and_missing_bucket(s3):
     missing = open_storage(StorageOptions(**{**s3.options(bucket="no-such-bucket"), "create_bucket": False}))
     with pytest.raises(StorageError):
         missing.check()
+
+
+def test_s3_a_body_read_that_breaks_off_is_retried(s3):
+    """get_object can succeed and the body's read fail (a connection reset mid-stream): that is a
+    storage failure like any other, retried, not an unexpected exception that fails the caller."""
+    from botocore.exceptions import ResponseStreamingError
+
+    storage = open_storage(StorageOptions(**s3.options(bucket=f"t{int(time.time() * 1e6)}")))
+    asyncio.run(storage.put("inputs/j/0", b"reference bytes"))
+    real, broken = storage.client.get_object, [True]
+
+    class Breaks:
+        def read(self):
+            raise ResponseStreamingError(error="connection reset by peer")
+
+    def get_object(**kw):
+        if broken:
+            broken.pop()
+            return {"Body": Breaks()}
+        return real(**kw)
+
+    storage.client.get_object = get_object
+    assert asyncio.run(storage.get("inputs/j/0")) == b"reference bytes"
+    assert not broken

@@ -372,7 +372,7 @@ class Ingress:
             try:
                 with telemetry.span("job", job.trace, job_id=job.id, attempt=job.attempts, model=job.model):
                     pipeline = self._pipeline(job, return_bytes, check_cancel=not first)
-                    result = await asyncio.wait_for(pipeline, self.options.job_lease_s)
+                    result = await asyncio.wait_for(pipeline, self._run_time_left(job))
                 job.finished_at = time.time()
                 await self._record_usage(job)  # no Ready without its usage record
             except JobCancelled:
@@ -425,6 +425,13 @@ class Ingress:
         if overloaded:
             raise Overloaded("a stage's queue is full")
         return result if job.status is Status.READY else None
+
+    def _run_time_left(self, job: JobRecord) -> float:
+        """How long this attempt may run: until shortly before its lease ends, so that its failure is
+        handled and the lease renewed before any reaper may take the job (the lease started when the
+        record was written, before the inputs were stored, on a first attempt)."""
+        margin = min(30.0, self.options.job_lease_s / 10)
+        return max(job.lease_until - margin - time.time(), 0.0)
 
     async def _pipeline(self, job: JobRecord, return_bytes: bool, check_cancel: bool = True) -> FinishResult:
         since = time.time()

@@ -241,3 +241,36 @@ def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
         assert steps == [] and await ingress.storage.list("usage") == []
 
     asyncio.run(go())
+
+
+def test_an_attempt_ends_and_renews_its_lease_before_the_lease_runs_out(tmp_path):
+    """A hung attempt times out shortly before its lease ends, and the next attempt's lease is
+    written before the old one expires: no reaper elsewhere may start a second run meanwhile."""
+    ingress = build(tmp_path / "data", job_lease_s=1.0, max_attempts=2)
+    never = asyncio.Event()
+
+    async def hung(*args):
+        await never.wait()
+
+    ingress.transformer.obj.denoise = hung
+    saves, save = [], ingress.jobs.save
+
+    async def recording(job):
+        saves.append((time.time(), job.lease_until))
+        await save(job)
+
+    ingress.jobs.save = recording
+
+    async def go():
+        job = await _submit(ingress)
+        await asyncio.sleep(0.3)  # the lease runs from the record's creation (inputs are stored after)
+        await ingress.run(job, fresh=True)  # as the routes run a job they just submitted
+        assert (await ingress.jobs.get(job.id)).status is Status.ERROR
+        previous, renewed = saves[0][1], 0
+        for t, lease in saves[1:]:
+            if lease != previous:  # a renewal: written while the previous lease still held
+                assert t < previous, f"lease renewed {t - previous:.2f} s after it expired"
+                previous, renewed = lease, renewed + 1
+        assert renewed >= 1, saves
+
+    asyncio.run(go())

@@ -171,12 +171,14 @@ class Ingress:
         trace: dict[str, str] | None = None,
         stored_inputs: list[str] | None = None,
         sync: bool = False,
+        public_url: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
         (field, file bytes, PIL image); `fields` renames klein's fields for error messages;
         `stored_inputs` are the storage keys of these same images when a sibling job of one request
         (OpenAI n > 1) already stored them; `sync` marks a job whose caller waits for it on its
-        connection (the reaper ends such a job instead of running it again). Returns (job, replayed): replayed when an
+        connection (the reaper ends such a job instead of running it again); `public_url` is the base
+        URL the client reached us at, for the result link in its webhook. Returns (job, replayed): replayed when an
         Idempotency-Key named an existing job."""
         fields = fields or {}
         job_id = new_job_id()
@@ -188,7 +190,8 @@ class Ingress:
         try:
             job = await self._create(job_id, key_id, prompt, width, height, seed, steps, guidance,
                                      safety_tolerance, output_format, images, webhook_url, webhook_secret,
-                                     fields, idempotency_key, body_hash, trace, stored_inputs, sync)  # fmt: skip
+                                     fields, idempotency_key, body_hash, trace, stored_inputs, sync,
+                                     public_url)  # fmt: skip
         except BaseException:
             self._admitted.discard(job_id)
             raise
@@ -211,6 +214,7 @@ class Ingress:
     async def _create(
         self, job_id, key_id, prompt, width, height, seed, steps, guidance, safety_tolerance, output_format,
         images, webhook_url, webhook_secret, fields, idempotency_key, body_hash, trace, stored_inputs, sync,
+        public_url,
     ) -> JobRecord:  # fmt: skip
         """The checks that need storage or DNS, validation, inputs and the job record (see submit)."""
         pending = await self.jobs.in_flight(key_id)  # the key's jobs in storage, on every replica
@@ -253,6 +257,7 @@ class Ingress:
                 safety_tolerance=safety_tolerance,
                 output_format=output_format,
                 webhook_url=webhook_url,
+                public_url=public_url if webhook_url else None,
                 webhook_secret=webhook_secret,
                 ref_shapes=[(h // m, w // m) for w, h in sizes],
             ),  # fmt: skip
@@ -489,7 +494,11 @@ class Ingress:
         r = job.request
         if not r.webhook_url:
             return
-        payload = {"id": job.id, "status": job.status.value, "result": self.result_payload(job, sample=None)}
+        sample = None
+        if job.status is Status.READY and job.result is not None:  # a link the receiver can fetch
+            base = r.public_url or self.options.public_url or ""
+            sample = self.storage.url(job.result.key, base, self.storage_options.presign_expiry_s)
+        payload = {"id": job.id, "status": job.status.value, "result": self.result_payload(job, sample)}
         task = asyncio.create_task(
             deliver(r.webhook_url, payload, r.webhook_secret, self.options.webhook_attempts,
                     allow_private=self.options.webhook_allow_private)

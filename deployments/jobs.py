@@ -52,6 +52,7 @@ class JobRequest(BaseModel):
     ref_shapes: list[tuple[int, int]] = Field(default_factory=list)  # token grids after resizing
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    public_url: str | None = None  # the base URL the client reached us at: links in the webhook
 
 
 class JobResult(BaseModel):

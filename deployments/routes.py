@@ -337,6 +337,7 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             guidance=body.guidance, safety_tolerance=body.safety_tolerance, output_format=body.output_format,
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
             webhook_secret=body.webhook_secret, fields={"references": "input_image"}, key_id=key_id,
+            public_url=base_url(request),
             idempotency_key=idempotency_key, trace=trace,
             body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest()
             if idempotency_key is not None else "",

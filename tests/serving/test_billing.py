@@ -258,6 +258,9 @@ def test_signed_webhook_delivered_and_retried(ingress, receiver, monkeypatch):
             deadline = time.monotonic() + 10
             while not Receiver.received and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            sample = json.loads(Receiver.received[0][0])["result"]["sample"]
+            assert sample.startswith("http://test/")  # a link the receiver can fetch, signed
+            assert (await c.get(sample.removeprefix("http://test"))).status_code == 200
 
     asyncio.run(go())
     ((raw, headers),) = Receiver.received

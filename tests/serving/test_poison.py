@@ -198,3 +198,52 @@ def test_an_unreadable_reference_fails_only_the_edit_that_needs_it(tmp_path):
         assert out[0] == [b"ref a"] and isinstance(out[1], StorageError) and out[2] == []
 
     asyncio.run(go())
+
+
+def test_the_embedder_judges_each_prompt(tmp_path):
+    """The embedder's health counts failed prompts, one poisoned prompt once however often it is
+    retried: three different failing prompts in a row mark it unhealthy."""
+    ingress = build(tmp_path / "data")
+    te = ingress.embedder.obj
+    real, broken = te.embedder, {"all": False}
+
+    def embedder(prompts):
+        if broken["all"] or any("POISON" in p for p in prompts):
+            raise RuntimeError("tokenizer choked")
+        return real(prompts)
+
+    te.embedder = embedder
+
+    async def go():
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                await te.embed("POISON the well")
+        await te.check_health()
+        broken["all"] = True
+        for prompt in ("a hare", "a lynx"):
+            with pytest.raises(RuntimeError):
+                await te.embed(prompt)
+        with pytest.raises(RuntimeError, match="3 different jobs failed"):
+            await te.check_health()
+
+    asyncio.run(go())
+
+
+def test_a_failing_cancel_check_does_not_fail_the_denoise(tmp_path):
+    """The transformer's cancel check reads storage; when storage is down it counts as "not
+    cancelled" and the jobs go on (it must not fail the group and then each one-by-one retry)."""
+    from deployments.storage import StorageError
+
+    ingress = build(tmp_path / "data")
+
+    async def down(job_id):
+        raise StorageError("s3 get_object failed: connection refused")
+
+    ingress.transformer.obj.jobs.cancel_requested = down
+
+    async def go():
+        jobs = await _jobs(ingress, [("a fox", 1), ("a hare", 2)])
+        await asyncio.gather(*(ingress.run(j) for j in jobs))
+        assert [(await ingress.jobs.get(j.id)).status for j in jobs] == [Status.READY] * 2
+
+    asyncio.run(go())

@@ -117,11 +117,7 @@ class Codec(Stage):
         return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance), job=key)
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
-        await self.when_free()
-        out = await self._finish_batch(latents, params)
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return await self.through(self._finish_batch, latents, params)
 
     def _decode(self, latents: list[Tensor]) -> list[Image.Image | BaseException]:
         decoded: list[Image.Image | BaseException] = []
@@ -162,8 +158,7 @@ class Codec(Stage):
     ) -> list[bytes | BaseException]:
         t0 = time.time_ns()
         decoded = await self.attempt(self._decode, latents)
-        for im, p in zip(decoded, params, strict=True):  # each request's decode, judged for health
-            self.judge(p.job_id, not isinstance(im, BaseException))
+        self.judge([p.job_id for p in params], decoded)  # each request's decode, for health
         t1 = time.time_ns()
         ok = [i for i, im in enumerate(decoded) if not isinstance(im, BaseException)]
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from deployments.payloads import JobCancelled
 from klein import DTYPES
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,14 @@ class Stage:
         self._between_batches = asyncio.Event()  # see `gated`
         self._between_batches.set()
 
-    async def when_free(self) -> None:
-        """Wait until no batch runs; a stage method calls this before its @serve.batch method."""
+    async def through(self, batch_fn, *args):
+        """One request through a `gated` @serve.batch method: it waits while a batch runs (to enter
+        the next one with everything that arrived meanwhile); its failure is raised here."""
         await self._between_batches.wait()
+        out = await batch_fn(*args)
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     async def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes)}
@@ -110,22 +116,24 @@ class Stage:
         """`fn` on the worker thread, its outcome judged as one request's (`judge`)."""
         try:
             out = await self.attempt(fn, *args)
-        except Exception:
-            self.judge(job, False)
+        except Exception as e:
+            self.judge([job], [e])
             raise
-        self.judge(job, True)
+        self.judge([job], [out])
         return out
 
-    def judge(self, job: str | None, ok: bool) -> None:
-        """Health bookkeeping, one request's outcome at a time: `job` names it (a job id, a prompt,
-        a content hash). The replica turns unhealthy once requests for three different jobs failed
-        with no success between, so one poisoned request that the ingress retries (the same job
-        failing again and again) is not taken for a broken device. A batch's outcome is judged per
-        request, after `isolating` has run a failed batch's requests one by one."""
-        if ok:
-            self._failing.clear()
-        else:
-            self._failing.add(job if job is not None else object())  # an unnamed failure counts on its own
+    def judge(self, jobs: list[str | None], outcomes: list) -> None:
+        """Health bookkeeping, request by request: `jobs` name them (job ids, prompts, content
+        hashes), `outcomes` are their results or exceptions (a cancelled job did not fail). The
+        replica turns unhealthy once requests for three different jobs failed with no success
+        between, so one poisoned request that the ingress retries (the same job failing again and
+        again) is not taken for a broken device. A batch is judged per request, after `isolating`
+        has run a failed batch's requests one by one."""
+        for job, out in zip(jobs, outcomes, strict=True):
+            if not isinstance(out, BaseException) or isinstance(out, JobCancelled):
+                self._failing.clear()
+            else:
+                self._failing.add(job if job is not None else object())  # an unnamed failure counts alone
 
     async def check_health(self) -> None:
         """The device still computes, and requests for different jobs do not keep failing."""
@@ -139,12 +147,12 @@ class Stage:
             if float((x @ x).sum()) != 512.0:
                 raise RuntimeError(f"{type(self).__name__}: device {self.device} computes wrong results")
 
-        await asyncio.get_running_loop().run_in_executor(self._worker, probe)
+        await self.attempt(probe)
 
 
 def gated(batch_fn):
     """Marks a stage's @serve.batch method (put it under the decorator) as running a batch: while
-    it runs, `when_free` holds new arrivals, which then enter together as the next batch.
+    it runs, `through` holds new arrivals, which then enter together as the next batch.
 
     Ray Serve (2.60) forms a batch as soon as its queue has an item and the wait timeout passed,
     before the batch may start (one runs at a time): with no wait, a busy stage queued batches of

@@ -41,11 +41,7 @@ class TextEmbedder(Stage):
 
     async def embed(self, prompt: str, trace: dict | None = None) -> Tensor:
         """One prompt's embedding; calls are batched across requests."""
-        await self.when_free()
-        out = await self._embed_batch(prompt, trace)
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return await self.through(self._embed_batch, prompt, trace)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     @gated
@@ -56,8 +52,7 @@ class TextEmbedder(Stage):
         start = time.time_ns()
 
         out = await isolating(lambda batch: self.attempt(self.embed_now, batch), prompts, "embed")
-        for prompt, emb in zip(prompts, out, strict=True):  # judged per prompt: a poisoned one fails alone
-            self.judge(prompt, not isinstance(emb, BaseException))
+        self.judge(prompts, out)  # per prompt: a poisoned one counts once, however often retried
         telemetry.record("embed", traces, start, batch_size=len(prompts))
         metrics.stage_batch("embed", len(prompts), (time.time_ns() - start) / 1e9)
         return out

@@ -79,11 +79,7 @@ class FlowTransformer(Stage):
             raise ValueError(
                 f"request has {params.tokens} tokens, over max_batch_tokens {self.options.max_batch_tokens}"
             )
-        await self.when_free()
-        out = await self._batched(_Item(params, ctx, neg, refs))
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return await self.through(self._batched, _Item(params, ctx, neg, refs))
 
     @serve.batch(max_batch_size=32768, batch_wait_timeout_s=0.0, batch_size_fn=_tokens)
     @gated
@@ -96,8 +92,7 @@ class FlowTransformer(Stage):
             outs = await isolating(self._run_group, [items[i] for i in idx], "denoise")
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
-                failed = isinstance(out, BaseException) and not isinstance(out, JobCancelled)
-                self.judge(items[i].params.job_id, not failed)
+            self.judge([items[i].params.job_id for i in idx], outs)
         return results
 
     def _start(self, items: list[_Item]):

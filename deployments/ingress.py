@@ -9,6 +9,7 @@ lease expired (their ingress died) with the same output keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -178,20 +179,99 @@ class Ingress:
         `stored_inputs` are the storage keys of these same images when a sibling job of one request
         (OpenAI n > 1) already stored them; `sync` marks a job whose caller waits for it on its
         connection (the reaper ends such a job instead of running it again); `public_url` is the base
-        URL the client reached us at, for the result link in its webhook. Returns (job, replayed): replayed when an
-        Idempotency-Key named an existing job."""
+        URL the client reached us at, for the result link in its webhook. Returns (job, replayed):
+        replayed when an Idempotency-Key named an existing job."""
         fields = fields or {}
         job_id = new_job_id()
         if idempotency_key is not None:
             job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
             if existing is not None:
                 return existing, True
-        self._admit(job_id, key_id)
+        with self._admitting(job_id, key_id):
+            # the key's jobs in storage (every replica's), and this replica's others on their way there
+            pending = await self.jobs.in_flight(key_id) + self._unmarked[key_id] - 1
+            if pending >= self.options.max_jobs_in_flight:
+                raise TooManyJobs(self.options.max_jobs_in_flight)
+            if (
+                webhook_url
+                and not self.options.webhook_allow_private
+                and await asyncio.to_thread(is_private_target, webhook_url)
+            ):  # DNS off the event loop
+                raise FieldError("webhook_url", "must not point to a private, loopback or link-local address")
+            seed = secrets.randbelow(2**32) if seed is None else seed
+            try:
+                req = validate(
+                    self.spec,
+                    GenerationRequest(
+                        prompt, width, height, seed, steps, guidance, tuple(im for _, _, im in images)
+                    ),
+                )
+            except InvalidRequest as e:
+                name = e.field
+                if name.startswith("references["):
+                    name = images[int(name[11:-1])][0]
+                raise FieldError(fields.get(name, name), e.message) from None
+            m = self.spec.multiple
+            sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for _, _, im in images]
+            job = JobRecord(
+                id=job_id,
+                model=self.model_id,
+                key_id=key_id,
+                request=JobRequest(
+                    prompt=req.prompt,
+                    width=req.width,
+                    height=req.height,
+                    seed=req.seed,
+                    steps=req.steps,
+                    guidance=req.guidance if self.spec.sampling.cfg else None,
+                    safety_tolerance=safety_tolerance,
+                    output_format=output_format,
+                    webhook_url=webhook_url,
+                    public_url=public_url if webhook_url else None,
+                    webhook_secret=webhook_secret,
+                    ref_shapes=[(h // m, w // m) for w, h in sizes],
+                ),  # fmt: skip
+                input_mp=megapixels(sum(w * h for w, h in sizes)),
+                output_mp=megapixels(req.width * req.height),
+                lease_until=time.time() + self.options.job_lease_s,
+                trace=trace,
+                sync=sync,
+            )
+            job.cost = cost(self.price, job.output_mp, job.input_mp)
+            if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
+                log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
+                await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
+                self._admitted.discard(job.id)
+                return job, False
+            if stored_inputs and len(stored_inputs) == len(images):
+                job.request.input_keys = list(stored_inputs)
+            else:
+                for k, (_, data, _) in enumerate(images):
+                    key = f"inputs/{job.id}/{k}"
+                    await self.storage.put(key, data)
+                    job.request.input_keys.append(key)
+            await self.jobs.create(job)
+            if images:
+                self._inputs[job.id] = [data for _, data, _ in images]
+            if idempotency_key is not None:
+                record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
+                await self.storage.put(
+                    self._idempotency_key(key_id, idempotency_key), json.dumps(record).encode()
+                )
+            self.ensure_reaper()
+            return job, False
+
+    @contextlib.contextmanager
+    def _admitting(self, job_id: str, key_id: str):
+        """Count a submission against this replica's caps before anything is awaited (checks made
+        across an await would let a burst of submissions all pass before any of them counted): in
+        `_admitted` until its run ends, in `_unmarked` until its pending marker is in storage."""
+        if len(self._admitted) >= self.options.max_running_jobs:
+            raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
+        self._admitted.add(job_id)
+        self._unmarked[key_id] += 1
         try:
-            job = await self._create(job_id, key_id, prompt, width, height, seed, steps, guidance,
-                                     safety_tolerance, output_format, images, webhook_url, webhook_secret,
-                                     fields, idempotency_key, body_hash, trace, stored_inputs, sync,
-                                     public_url)  # fmt: skip
+            yield
         except BaseException:
             self._admitted.discard(job_id)
             raise
@@ -199,96 +279,6 @@ class Ingress:
             self._unmarked[key_id] -= 1
             if not self._unmarked[key_id]:
                 del self._unmarked[key_id]
-        if job.status.terminal:  # moderated at submission: recorded, never run
-            self._admitted.discard(job_id)
-        return job, False
-
-    def _admit(self, job_id: str, key_id: str) -> None:
-        """Count a submission against this replica's caps before anything is awaited: checks made
-        across an await would let a burst of submissions all pass before any of them counted."""
-        if len(self._admitted) >= self.options.max_running_jobs:
-            raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
-        self._admitted.add(job_id)
-        self._unmarked[key_id] += 1
-
-    async def _create(
-        self, job_id, key_id, prompt, width, height, seed, steps, guidance, safety_tolerance, output_format,
-        images, webhook_url, webhook_secret, fields, idempotency_key, body_hash, trace, stored_inputs, sync,
-        public_url,
-    ) -> JobRecord:  # fmt: skip
-        """The checks that need storage or DNS, validation, inputs and the job record (see submit)."""
-        pending = await self.jobs.in_flight(key_id)  # the key's jobs in storage, on every replica
-        if (
-            pending + self._unmarked[key_id] - 1 >= self.options.max_jobs_in_flight
-        ):  # + this replica's on the way
-            raise TooManyJobs(self.options.max_jobs_in_flight)
-        if (
-            webhook_url
-            and not self.options.webhook_allow_private
-            and await asyncio.to_thread(is_private_target, webhook_url)
-        ):  # DNS off the event loop
-            raise FieldError("webhook_url", "must not point to a private, loopback or link-local address")
-        seed = secrets.randbelow(2**32) if seed is None else seed
-        try:
-            req = validate(
-                self.spec,
-                GenerationRequest(
-                    prompt, width, height, seed, steps, guidance, tuple(im for _, _, im in images)
-                ),
-            )
-        except InvalidRequest as e:
-            name = e.field
-            if name.startswith("references["):
-                name = images[int(name[11:-1])][0]
-            raise FieldError(fields.get(name, name), e.message) from None
-        m = self.spec.multiple
-        sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for _, _, im in images]
-        job = JobRecord(
-            id=job_id,
-            model=self.model_id,
-            key_id=key_id,
-            request=JobRequest(
-                prompt=req.prompt,
-                width=req.width,
-                height=req.height,
-                seed=req.seed,
-                steps=req.steps,
-                guidance=req.guidance if self.spec.sampling.cfg else None,
-                safety_tolerance=safety_tolerance,
-                output_format=output_format,
-                webhook_url=webhook_url,
-                public_url=public_url if webhook_url else None,
-                webhook_secret=webhook_secret,
-                ref_shapes=[(h // m, w // m) for w, h in sizes],
-            ),  # fmt: skip
-            input_mp=megapixels(sum(w * h for w, h in sizes)),
-            output_mp=megapixels(req.width * req.height),
-            lease_until=time.time() + self.options.job_lease_s,
-            trace=trace,
-            sync=sync,
-        )
-        job.cost = cost(self.price, job.output_mp, job.input_mp)
-        if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
-            log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
-            await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
-            return job
-        if stored_inputs and len(stored_inputs) == len(images):
-            job.request.input_keys = list(stored_inputs)
-        else:
-            for k, (_, data, _) in enumerate(images):
-                key = f"inputs/{job.id}/{k}"
-                await self.storage.put(key, data)
-                job.request.input_keys.append(key)
-        await self.jobs.create(job)
-        if images:
-            self._inputs[job.id] = [data for _, data, _ in images]
-        if idempotency_key is not None:
-            record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
-            await self.storage.put(
-                self._idempotency_key(key_id, idempotency_key), json.dumps(record).encode()
-            )
-        self.ensure_reaper()
-        return job
 
     @staticmethod
     def _idempotency_key(key_id: str, idempotency_key: str) -> str:

@@ -385,9 +385,8 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
                     sync=True,
                 )
                 jobs.append(job)
-        except (
-            BaseException
-        ):  # refused part-way (limits, overload) or the caller left: the jobs made must not run
+        except BaseException:
+            # refused part-way (limits, overload) or the caller left: the jobs made must not run
             for job in jobs:
                 await asyncio.shield(ingress.discard(job))
             raise

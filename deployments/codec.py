@@ -167,8 +167,8 @@ class Codec(Stage):
 
         flags = await isolating(lambda batch: self.attempt(classify, batch), ok, "classify")
         out = await self.attempt(self._files, decoded, dict(zip(ok, flags, strict=True)), params, ingredients)
+        telemetry.record("decode", [p.trace for p in params], t0, t1, batch_size=len(latents))
         for p in params:
-            telemetry.record("decode", [p.trace], t0, t1, batch_size=len(latents))
             telemetry.record("postprocess", [p.trace], t1, format=p.output_format)
         return out
 

@@ -3,7 +3,9 @@
 Each job chains `DeploymentResponse`s (embed -> [encode refs] -> denoise -> finish), so embeddings
 and latents travel replica to replica; the ingress only ever holds the small final result. Job
 records live in storage, so any replica answers any poll, and a reaper loop re-runs jobs whose
-lease expired (their ingress died) with the same output keys.
+lease expired (their ingress died) with the same output keys. Records are written by
+compare-and-swap (deployments/jobs.py): two reapers cannot both take one job, and a runner whose
+job was taken over stops instead of overwriting the record.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import logging
 import secrets
 import time
 from collections import Counter
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 
 from pydantic import BaseModel, Field
 
 from deployments import metrics, telemetry
 from deployments.api import FieldError
 from deployments.auth import ANONYMOUS, KeyRing
-from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, new_job_id
+from deployments.jobs import JobRecord, JobRequest, JobResult, JobStore, Status, Superseded, new_job_id
 from deployments.metering import Price, UsageRecord, cost, megapixels, usage_key, usage_prefix
 from deployments.netguard import is_private_target
 from deployments.options import ActorOptions, DeploymentOptions
@@ -36,7 +38,7 @@ from deployments.payloads import (
     RequestModerated,
 )
 from deployments.postprocess import SafetyOptions
-from deployments.storage import StorageOptions, open_storage
+from deployments.storage import StorageError, StorageOptions, open_storage
 from deployments.webhooks import deliver
 from klein.config import ModelSpec
 from klein.request import GenerationRequest, InvalidRequest, reference_size, validate
@@ -111,6 +113,13 @@ def is_backpressure(e: BaseException) -> bool:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body (HTTP 409)."""
+
+
+class _Duplicate(Exception):
+    """Another submission with the same Idempotency-Key created the job first."""
+
+    def __init__(self, job: JobRecord):
+        self.job = job
 
 
 class Ingress:
@@ -236,21 +245,34 @@ class Ingress:
                 lease_until=time.time() + self.options.job_lease_s,
                 trace=trace,
                 sync=sync,
+                body_sha256=body_hash or None,
             )
             job.cost = cost(self.price, job.output_mp, job.input_mp)
             if (term := self.prompt_filter.match(req.prompt)) is not None:  # moderated: recorded, never run
                 log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
-                await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
-                self._admitted.discard(job.id)
+                try:
+                    await self._end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
+                except Superseded:  # a racing submission with the same Idempotency-Key was first
+                    return await self._twin(job, idempotency_key), True
+                finally:
+                    self._admitted.discard(job.id)
                 return job, False
-            if stored_inputs and len(stored_inputs) == len(images):
+            shared = bool(stored_inputs) and len(stored_inputs) == len(images)
+            if shared:
                 job.request.input_keys = list(stored_inputs)
             else:
+                nonce = secrets.token_hex(4)  # a racing twin's inputs (same job id) never overwrite these
                 for k, (_, data, _) in enumerate(images):
-                    key = f"inputs/{job.id}/{k}"
+                    key = f"inputs/{job.id}/{nonce}-{k}"
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
-            await self.jobs.create(job)
+            try:
+                await self.jobs.create(job)
+            except Superseded:  # a racing submission with the same Idempotency-Key was first
+                self._admitted.discard(job.id)  # (a twin submitted here adds it back when it runs)
+                if not shared:
+                    await asyncio.gather(*map(self.storage.delete, job.request.input_keys))
+                return await self._twin(job, idempotency_key), True
             if images:
                 self._inputs[job.id] = [data for _, data, _ in images]
             if idempotency_key is not None:
@@ -279,6 +301,14 @@ class Ingress:
             self._unmarked[key_id] -= 1
             if not self._unmarked[key_id]:
                 del self._unmarked[key_id]
+
+    async def _twin(self, job: JobRecord, idempotency_key: str | None) -> JobRecord:
+        """The job a racing submission with the same Idempotency-Key created first (job ids are
+        derived from the key, so only twins can collide); 409 if it was made from another body."""
+        twin = await self.jobs.get(job.id)
+        if twin is None or twin.body_sha256 != job.body_sha256:
+            raise IdempotencyConflict(idempotency_key)
+        return twin
 
     @staticmethod
     def _idempotency_key(key_id: str, idempotency_key: str) -> str:
@@ -331,8 +361,12 @@ class Ingress:
             return await self._attempts(job, return_bytes, fresh, shed)
         except asyncio.CancelledError:  # a sync caller went away or timed out: end the job, don't leave it
             if not job.status.terminal:  # Pending for the reaper (and the key's in-flight count)
-                await self._end(job, Status.CANCELLED, "the caller went away")
+                with contextlib.suppress(Superseded):
+                    await self._end(job, Status.CANCELLED, "the caller went away")
             raise
+        except Superseded:  # renewing its lease found the job taken over: the other runner has it
+            await self._taken_over(job)
+            return None
         finally:
             self._inputs.pop(job.id, None)
 
@@ -343,15 +377,21 @@ class Ingress:
         if job.status.terminal:
             return
         self._inputs.pop(job.id, None)
-        await self._end(job, Status.CANCELLED, "not run: the request was refused")
+        with contextlib.suppress(Superseded):  # another runner has it
+            await self._end(job, Status.CANCELLED, "not run: the request was refused")
 
     async def _end(self, job: JobRecord, status: Status | None = None, error: str | None = None) -> None:
         """Record a job's terminal status (shielded: a caller going away now must not undo the
         record), then log, meter and notify. With `status`, the job ends now with it and `error`."""
         if status is not None:
             job.status, job.error, job.finished_at = status, error, time.time()
-        await asyncio.shield(self.jobs.finish(job))
+        await asyncio.shield(self._finish(job))
         self._finished(job)
+
+    async def _finish(self, job: JobRecord) -> None:
+        await self.jobs.finish(job)  # Superseded unless this run still owns the job
+        if job.status is not Status.READY:  # no charge without an image: a usage record written just
+            await self._unbill(job)  # before the end (a sync caller leaving during it) is withdrawn
 
     async def _attempts(
         self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool
@@ -416,10 +456,29 @@ class Ingress:
             break
         if job.status is not Status.READY:
             job.finished_at = time.time()
-        await self._end(job)
+        try:
+            await self._end(job)
+        except Superseded:  # the record changed while this attempt ran: what is stored stands
+            await self._taken_over(job)
         if overloaded:
             raise Overloaded("a stage's queue is full")
         return result if job.status is Status.READY else None
+
+    async def _taken_over(self, job: JobRecord) -> None:
+        """This runner's copy of the record is stale (another runner took the job over, or the reaper
+        ended it): adopt the stored record, which the caller is then answered from."""
+        log.warning("job %s: its record changed under this run (taken over elsewhere); this run stops",
+                    job.id, extra={"job_id": job.id})  # fmt: skip
+        stored = await self.jobs.get(job.id)
+        if stored is not None:
+            for name in JobRecord.model_fields:
+                setattr(job, name, getattr(stored, name))
+            job._etag = stored._etag
+            if job.status.terminal and job.status is not Status.READY:
+                await self._unbill(job)  # this run may have written one after the job had ended
+
+    async def _unbill(self, job: JobRecord) -> None:
+        await self.storage.delete(usage_key(job.key_id, job.day, job.id))
 
     def _run_time_left(self, job: JobRecord) -> float:
         """How long this attempt may run: until shortly before its lease ends, so that its failure is
@@ -456,14 +515,21 @@ class Ingress:
         return await self.codec.finish.remote(latents, finish)
 
     async def _record_usage(self, job: JobRecord) -> None:
-        day = datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d")
         record = UsageRecord(
-            job_id=job.id, key_id=job.key_id, model=job.model, day=day, input_mp=job.input_mp,
+            job_id=job.id, key_id=job.key_id, model=job.model, day=job.day, input_mp=job.input_mp,
             output_mp=job.output_mp, cost=job.cost, finished_at=job.finished_at or time.time(),
         )  # fmt: skip
-        await self.storage.put(
-            usage_key(job.key_id, day, job.id), record.model_dump_json().encode(), "application/json"
-        )
+        write = asyncio.ensure_future(
+            self.storage.put(usage_key(job.key_id, job.day, job.id), record.model_dump_json().encode(),
+                             "application/json")
+        )  # fmt: skip
+        try:
+            await asyncio.shield(write)
+        except (
+            asyncio.CancelledError
+        ):  # the caller left: the write lands first, then the job's end withdraws it
+            await asyncio.wait([write])
+            raise
 
     async def usage(self, key_id: str, start: str, end: str) -> list[UsageRecord]:
         """The key's usage records for jobs submitted on days start..end (inclusive, UTC)."""
@@ -521,6 +587,8 @@ class Ingress:
             self._reaper = asyncio.create_task(self._reap_forever())
 
     async def _reap_forever(self) -> None:
+        with contextlib.suppress(StorageError):  # probed early; an S3 server without them is warned of
+            await asyncio.to_thread(self.storage.supports_conditional_writes)
         while True:
             await asyncio.sleep(self.options.reaper_interval_s)
             try:
@@ -550,12 +618,17 @@ class Ingress:
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():
             return 0  # leased, or another model's: deployments of several models may share a bucket
-        if job.sync:  # its caller's connection died with its replica: a re-run would bill an unseen image
-            await self._end(job, Status.ERROR, "the replica running this request stopped; not run again")
-            return 0
-        if job.attempts >= self.options.max_attempts:
-            await self._end(job, Status.ERROR, f"abandoned after {job.attempts} attempts")
-            return 0
+        try:  # every write below is over the version judged expired: of racing reapers, one acts
+            if job.sync:  # its caller's connection died with its replica: a re-run would bill an unseen image
+                await self._end(job, Status.ERROR, "the replica running this request stopped; not run again")
+                return 0
+            if job.attempts >= self.options.max_attempts:
+                await self._end(job, Status.ERROR, f"abandoned after {job.attempts} attempts")
+                return 0
+            job.lease_until = time.time() + self.options.job_lease_s  # claim it
+            await self.jobs.save(job)
+        except Superseded:
+            return 0  # another reaper, or the job's own runner, wrote it first
         log.warning("job %s: lease expired after attempt %d; running it again", job_id, job.attempts,
                     extra={"job_id": job_id})  # fmt: skip
         self.start(job)

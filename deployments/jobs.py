@@ -2,9 +2,14 @@
 
 Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{key_id}/{id}` marks a
 job that has not reached a terminal status (the reaper scans only these; a key's count of them is
-its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{k}` keeps reference images so a job can be run again; outputs go to
-`images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a key fixed at submission so every attempt writes the same
-object.
+its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{nonce}-{k}` keeps
+reference images so a job can be run again; outputs go to `images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a
+key fixed at submission so every attempt writes the same object.
+
+A record is only ever written over the version its writer last read or wrote (a compare-and-swap on
+the object's ETag), so a job has one runner at a time: a reaper claims an abandoned job by renewing
+its lease over the version it judged expired, and a runner whose record changed under it (another
+runner took the job over) learns so at its next write (`Superseded`) and stops.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from deployments.auth import ANONYMOUS
-from deployments.storage import Storage, StorageError
+from deployments.storage import PreconditionFailed, Storage, StorageError
 
 
 class Status(StrEnum):
@@ -82,15 +87,26 @@ class JobRecord(BaseModel):
     cost: float = 0.0
     trace: dict[str, str] | None = None  # W3C context of the submitting request: re-runs join its trace
     sync: bool = False  # a synchronous (OpenAI) request's: its caller waits on one connection
+    body_sha256: str | None = None  # of the request, when it came with an Idempotency-Key
+    _etag: str | None = PrivateAttr(None)  # the stored version this copy was read as or written as
+
+    @property
+    def day(self) -> str:
+        """The UTC day it was submitted on, YYYY-MM-DD: its usage is metered to that day."""
+        return datetime.fromtimestamp(self.created_at, UTC).strftime("%Y-%m-%d")
 
     @property
     def output_key(self) -> str:
-        day = datetime.fromtimestamp(self.created_at, UTC).strftime("%Y/%m/%d")
-        return f"images/{day}/{self.id}.{EXTENSIONS[self.request.output_format]}"
+        return f"images/{self.day.replace('-', '/')}/{self.id}.{EXTENSIONS[self.request.output_format]}"
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+class Superseded(Exception):
+    """A job record was not the version this copy of it came from: another runner has taken the job
+    over (or, for a record being created, one with its id exists). This copy must not be written."""
 
 
 class JobStore:
@@ -102,18 +118,27 @@ class JobStore:
         await self.storage.put(f"pending/{job.key_id}/{job.id}", b"", "text/plain")
 
     async def save(self, job: JobRecord) -> None:
+        """Write the record over the version `job` was read or last written as; a record never stored
+        is created, only if none with its id exists. Else Superseded, and nothing is written."""
         job.updated_at = time.time()
-        await self.storage.put(f"jobs/{job.id}.json", job.model_dump_json().encode(), "application/json")
+        data = job.model_dump_json().encode()
+        try:
+            job._etag = await self.storage.put(f"jobs/{job.id}.json", data, "application/json",
+                                               if_match=job._etag, if_none_match=job._etag is None)  # fmt: skip
+        except PreconditionFailed:
+            raise Superseded(job.id) from None
 
     async def get(self, job_id: str, retry_s: float | None = None) -> JobRecord | None:
         if not (job_id.isascii() and job_id.isalnum()) or len(job_id) > 64:  # ids are ASCII hex
             return None
         for attempt in range(6):
-            raw = await self.storage.get(f"jobs/{job_id}.json", retry_s=retry_s)
-            if raw is None:
+            found = await self.storage.get_versioned(f"jobs/{job_id}.json", retry_s=retry_s)
+            if found is None:
                 return None
             try:
-                return JobRecord.model_validate_json(raw)
+                job = JobRecord.model_validate_json(found[0])
+                job._etag = found[1]
+                return job
             except ValueError:  # a non-atomic S3-compatible server served a half-written object
                 if attempt == 5:
                     raise StorageError(f"job record {job_id} is unreadable") from None

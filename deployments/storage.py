@@ -8,6 +8,8 @@ default, whose "presigned" URLs are HMAC-signed links served by the ingress). Ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -15,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -30,6 +33,11 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$
 
 class StorageError(RuntimeError):
     """The backend failed (network, permissions, missing bucket); retryable by the caller."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write found the object not as expected: changed since it was read (`if_match`)
+    or already there (`if_none_match`). Not retried: the caller re-reads and decides."""
 
 
 class StorageOptions(BaseModel):
@@ -60,6 +68,10 @@ class StorageOptions(BaseModel):
     )
 
 
+def _etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 def check_key(key: str) -> str:
     if not isinstance(key, str) or len(key) > 512 or not _KEY.match(key) or ".." in key.split("/"):
         raise ValueError(f"invalid storage key {key!r}")
@@ -74,10 +86,15 @@ class Storage(ABC):
     retry_s: float = 60.0
 
     @abstractmethod
-    def _put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def _put(
+        self, key: str, data: bytes, content_type: str, if_match: str | None, if_none_match: bool
+    ) -> str:
+        """Write; return the new version's ETag. `if_match`: only over that version; `if_none_match`:
+        only where no object is (else PreconditionFailed)."""
 
     @abstractmethod
-    def _get(self, key: str) -> bytes | None: ...
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        """(bytes, ETag), or None where no object is."""
 
     @abstractmethod
     def _delete(self, key: str) -> None: ...
@@ -107,12 +124,42 @@ class Storage(ABC):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream",
-                  retry_s: float | None = None) -> None:  # fmt: skip
-        await self._retrying(retry_s, self._put, check_key(key), data, content_type)
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        retry_s: float | None = None,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Write an object; returns its ETag. With `if_match` (an ETag from `get_versioned` or an
+        earlier put) the write happens only if the object is still that version; with
+        `if_none_match` only if there is none. Otherwise PreconditionFailed."""
+        args = (check_key(key), data, content_type, if_match, if_none_match)
+        try:
+            return await self._retrying(retry_s, self._put, *args)
+        except PreconditionFailed:
+            # A retry of a write whose first try landed (its answer lost) fails its own condition:
+            # the object holding exactly these bytes is that write.
+            current = await self._retrying(retry_s, self._get, key)
+            if current is not None and current[0] == data:
+                return current[1]
+            raise
 
     async def get(self, key: str, retry_s: float | None = None) -> bytes | None:
+        found = await self.get_versioned(key, retry_s)
+        return None if found is None else found[0]
+
+    async def get_versioned(self, key: str, retry_s: float | None = None) -> tuple[bytes, str] | None:
+        """(bytes, ETag) of an object, or None: the ETag makes a later `put(if_match=)` a
+        compare-and-swap."""
         return await self._retrying(retry_s, self._get, check_key(key))
+
+    def supports_conditional_writes(self) -> bool:
+        """Whether this backend enforces `if_match` / `if_none_match` (blocking; may raise StorageError)."""
+        return True
 
     async def delete(self, key: str, retry_s: float | None = None) -> None:
         await self._retrying(retry_s, self._delete, check_key(key))
@@ -151,22 +198,50 @@ class LocalStorage(Storage):
             raise ValueError(f"invalid storage key {key!r}")
         return path
 
-    def _put(self, key, data, content_type):
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        """An exclusive lock for a key's conditional writes, shared by every process that mounts the
+        root (flock on one of 64 lock files, chosen by the key's hash)."""
+        stripe = hashlib.sha256(key.encode()).digest()[0] % 64
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{stripe:02d}", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _put(self, key, data, content_type, if_match=None, if_none_match=False):
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
-            os.replace(tmp, path)  # atomic: readers see the old or the new object, never half of one
+            if if_none_match:
+                os.link(tmp, path)  # atomic, and fails if the object exists
+            elif if_match is not None:
+                with self._locked(key):  # conditional writes of one key exclude each other
+                    current = self._get(key)
+                    if current is None or current[1] != if_match:
+                        raise PreconditionFailed(f"{key} is not version {if_match}")
+                    os.replace(tmp, path)
+            else:
+                os.replace(tmp, path)  # atomic: readers see the old or the new object, never half of one
+        except FileExistsError:
+            raise PreconditionFailed(f"{key} exists") from None
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise StorageError(f"local put {key} failed: {e}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        return _etag(data)
 
     def _get(self, key):
         try:
-            return self._path(key).read_bytes()
+            data = self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        return data, _etag(data)
 
     def _delete(self, key):
         self._path(key).unlink(missing_ok=True)
@@ -221,6 +296,8 @@ class S3Storage(Storage):
         self.client = boto3.client(
             "s3", endpoint_url=o.endpoint_url, region_name=o.region, config=config, **creds
         )
+        self._conditions: str | None = None  # "enforced", "ignored" or "rejected": probed on first use
+        self._probe_lock = threading.Lock()
         if o.create_bucket:
             self._ensure_bucket()
 
@@ -238,18 +315,31 @@ class S3Storage(Storage):
         try:
             return fn(Bucket=self.bucket, **kw)
         except ClientError as e:
-            if missing_ok and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = e.response.get("Error", {}).get("Code")
+            conditional = "IfMatch" in kw or "IfNoneMatch" in kw
+            if conditional and code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                                        "NoSuchKey", "404"):  # fmt: skip
+                raise PreconditionFailed(f"s3 {kw['Key']}: {code}") from None
+            if missing_ok and code in ("NoSuchKey", "404"):
                 return None
             raise StorageError(f"s3 {fn.__name__} failed: {e}") from e
         except BotoCoreError as e:
             raise StorageError(f"s3 {fn.__name__} failed: {e}") from e
 
-    def _put(self, key, data, content_type):
-        self._call(self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type)
+    def _put(self, key, data, content_type, if_match=None, if_none_match=False):
+        condition = {"IfMatch": if_match} if if_match is not None else {}
+        if if_none_match:
+            condition["IfNoneMatch"] = "*"
+        if condition and self._probe() == "rejected":
+            condition = {}  # the server refuses the headers: write as before conditions existed
+        r = self._call(self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type,
+                       **condition)  # fmt: skip
+        return r["ETag"]
 
     def _get(self, key):
         def get_object(**kw):  # the body is read inside: a failed read is a StorageError, retried alike
-            return self.client.get_object(**kw)["Body"].read()
+            r = self.client.get_object(**kw)
+            return r["Body"].read(), r["ETag"]
 
         return self._call(get_object, Key=self.prefix + key)
 
@@ -275,6 +365,39 @@ class S3Storage(Storage):
 
     def check(self):
         self._call(self.client.head_bucket, missing_ok=False)
+
+    def supports_conditional_writes(self):
+        return self._probe() == "enforced"
+
+    def _probe(self) -> str:
+        """S3 has conditional writes (If-Match / If-None-Match on PUT, since 2024); some S3-compatible
+        servers ignore the headers (rclone's does) and a few may refuse them. Probed once, on first
+        use: a second create-only write of one key must be refused. A StorageError (server down)
+        leaves it for the next call."""
+        with self._probe_lock:
+            if self._conditions is None:
+                self._conditions = self._try_conditions()
+                if self._conditions != "enforced":
+                    log.warning("the S3 server %s conditional writes: two replicas' reapers could run one "
+                                "job at once (each job is still billed once)", self._conditions)  # fmt: skip
+            return self._conditions
+
+    def _try_conditions(self) -> str:
+        key = f"{self.prefix}probe/conditional-writes-{secrets.token_hex(8)}"
+        put = functools.partial(self._call, self.client.put_object, Key=key, ContentType="text/plain")
+        put(Body=b"1")
+        try:
+            put(Body=b"2", IfNoneMatch="*")
+            return "ignored"
+        except PreconditionFailed:
+            return "enforced"
+        except StorageError as e:  # a 4xx or 501 answer refuses the header; others are outages
+            status = getattr(e.__cause__, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if 400 <= status < 500 or status == 501:
+                return "rejected"
+            raise
+        finally:
+            self._call(self.client.delete_object, Key=key)
 
 
 def open_storage(o: StorageOptions) -> Storage:

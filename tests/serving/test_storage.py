@@ -8,7 +8,14 @@ import time
 import httpx
 import pytest
 
-from deployments.storage import LocalStorage, StorageError, StorageOptions, check_key, open_storage
+from deployments.storage import (
+    LocalStorage,
+    PreconditionFailed,
+    StorageError,
+    StorageOptions,
+    check_key,
+    open_storage,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -98,3 +105,66 @@ def test_s3_a_body_read_that_breaks_off_is_retried(s3):
     storage.client.get_object = get_object
     assert asyncio.run(storage.get("inputs/j/0")) == b"reference bytes"
     assert not broken
+
+
+@pytest.fixture(params=["local", "s3-moto"])
+def enforcing(request, tmp_path):
+    """Backends that enforce conditional writes: the local directory, and S3 as moto implements it
+    (AWS's semantics: 412 PreconditionFailed; rclone's server ignores the headers, tested below)."""
+    if request.param == "local":
+        yield open_storage(StorageOptions(root=tmp_path / "data"))
+        return
+    from moto import mock_aws
+
+    with mock_aws():
+        yield open_storage(
+            StorageOptions(
+                backend="s3", bucket="klein", access_key_id="k", secret_access_key="s", create_bucket=True
+            )
+        )
+
+
+def test_conditional_writes_are_compare_and_swap(enforcing):
+    storage = enforcing
+
+    async def go():
+        first = await storage.put("jobs/c.json", b"1", if_none_match=True)
+        with pytest.raises(PreconditionFailed):  # create-only, and it exists
+            await storage.put("jobs/c.json", b"other", if_none_match=True)
+        assert await storage.get_versioned("jobs/c.json") == (b"1", first)
+        second = await storage.put("jobs/c.json", b"2", if_match=first)
+        assert second != first
+        with pytest.raises(PreconditionFailed):  # over a version that is no longer there
+            await storage.put("jobs/c.json", b"3", if_match=first)
+        with pytest.raises(PreconditionFailed):  # over a version of an object that does not exist
+            await storage.put("jobs/none.json", b"3", if_match=first)
+        assert await storage.get("jobs/c.json") == b"2"
+        # a retried write whose first try landed (its answer lost) finds its own bytes: done, not refused
+        assert await storage.put("jobs/c.json", b"2", if_match=first) == second
+        # racing swaps over one version, from threads: exactly one lands
+        racers = [storage.put("jobs/c.json", f"r{i}".encode(), if_match=second) for i in range(8)]
+        results = await asyncio.gather(*racers, return_exceptions=True)
+        won = [r for r in results if not isinstance(r, PreconditionFailed)]
+        assert len(won) == 1 and isinstance(won[0], str), results
+        assert (await storage.get_versioned("jobs/c.json"))[1] == won[0]
+
+    asyncio.run(go())
+    assert storage.supports_conditional_writes()
+
+
+def test_an_s3_server_that_ignores_conditional_writes_is_found_out(s3, caplog):
+    """rclone's S3 server accepts If-Match / If-None-Match and ignores them: the probe says so (and
+    warns), and writes carry on as before conditions existed."""
+    storage = open_storage(StorageOptions(**s3.options(bucket=f"t{int(time.time() * 1e6)}")))
+    with caplog.at_level("WARNING", logger="deployments.storage"):
+        assert not storage.supports_conditional_writes()
+    assert "ignored conditional writes" in caplog.text
+    assert asyncio.run(storage.list("probe")) == []  # the probe cleans up after itself
+
+    async def go():
+        etag = await storage.put("jobs/c.json", b"1", if_none_match=True)
+        await storage.put("jobs/c.json", b"2", if_match=etag)
+        await storage.put("jobs/c.json", b"3", if_match=etag)  # stale, and accepted: nothing enforces it
+        assert await storage.get("jobs/c.json") == b"3"
+
+    asyncio.run(go())

@@ -36,6 +36,7 @@ from deployments.payloads import (
     FinishResult,
     JobCancelled,
     RequestModerated,
+    tokens,
 )
 from deployments.postprocess import SafetyOptions
 from deployments.storage import StorageError, StorageOptions, open_storage
@@ -136,6 +137,7 @@ class Ingress:
         keys: KeyRing | None = None,
         tracing: telemetry.TelemetryOptions | None = None,
         safety: SafetyOptions | None = None,
+        max_request_tokens: int | None = None,
     ):
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "Ingress")
         self.embedder, self.transformer, self.codec = embedder, transformer, codec
@@ -143,6 +145,7 @@ class Ingress:
         self.safety = safety or SafetyOptions()
         self.prompt_filter = self.safety.prompt_filter()
         self.spec, self.model_id, self.options, self.price = spec, model_id, options, price
+        self.max_request_tokens = max_request_tokens  # the FlowTransformer's max_batch_tokens
         self.storage_options = storage
         self.storage = open_storage(storage)
         self.jobs = JobStore(self.storage)
@@ -222,6 +225,12 @@ class Ingress:
                 raise FieldError(fields.get(name, name), e.message) from None
             m = self.spec.multiple
             sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for _, _, im in images]
+            ref_shapes = [(h // m, w // m) for w, h in sizes]
+            limit, n = self.max_request_tokens, tokens(req.width, req.height, ref_shapes)
+            if limit is not None and n > limit:  # the transformer could never batch it: refused now
+                field = fields.get("references", "references") if images else "width"
+                raise FieldError(field, f"the image and its references come to {n} tokens (one per 16x16 "
+                                        f"pixels), over this deployment's limit of {limit}")  # fmt: skip
             job = JobRecord(
                 id=job_id,
                 model=self.model_id,
@@ -238,7 +247,7 @@ class Ingress:
                     webhook_url=webhook_url,
                     public_url=public_url if webhook_url else None,
                     webhook_secret=webhook_secret,
-                    ref_shapes=[(h // m, w // m) for w, h in sizes],
+                    ref_shapes=ref_shapes,
                 ),  # fmt: skip
                 input_mp=megapixels(sum(w * h for w, h in sizes)),
                 output_mp=megapixels(req.width * req.height),

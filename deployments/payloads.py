@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def tokens(width: int, height: int, ref_shapes=()) -> int:
+    """Image + reference tokens of a request (one per 16x16 pixels; `ref_shapes` are token grids):
+    what a transformer batch is capped by, as memory and time grow with it."""
+    return (width // 16) * (height // 16) + sum(h * w for h, w in ref_shapes)
+
+
 @dataclass(frozen=True)
 class DenoiseParams:
     job_id: str
@@ -19,8 +25,7 @@ class DenoiseParams:
 
     @property
     def tokens(self) -> int:
-        """Image + reference tokens: what a batch is capped by (memory and time grow with it)."""
-        return (self.width // 16) * (self.height // 16) + sum(h * w for h, w in self.ref_shapes)
+        return tokens(self.width, self.height, self.ref_shapes)
 
     @property
     def group(self) -> tuple:

@@ -54,6 +54,7 @@ def build_app(settings: Settings) -> Application:
         transformer.bind(source, settings.transformer_stage, storage, tracing),
         codec.bind(source, settings.codec, storage, settings.safety, settings.provenance, tracing),
         source.spec, model_id, settings.ingress, storage, price, keys, tracing, settings.safety,
+        settings.transformer_stage.max_batch_tokens,
     )  # fmt: skip
 
 

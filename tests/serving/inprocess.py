@@ -61,13 +61,17 @@ def _fresh_batch_queues() -> None:
         fn.set_max_batch_size.__self__._queue = None
 
 
-def build(root, keys=None, safety=None, provenance=None, **ingress) -> Ingress:
+def build(root, keys=None, safety=None, provenance=None, max_batch_tokens=32768, **ingress) -> Ingress:
     _fresh_batch_queues()
     source = ModelSource.preset("tiny")
     storage = StorageOptions(root=root)
     embedder = FakeHandle(TextEmbedder(source, TextEmbedderOptions()))
     transformer = FakeHandle(
-        FlowTransformer(source, FlowTransformerOptions(cancel_check_interval_s=0), storage)
+        FlowTransformer(
+            source,
+            FlowTransformerOptions(cancel_check_interval_s=0, max_batch_tokens=max_batch_tokens),
+            storage,
+        )
     )
     codec = FakeHandle(Codec(source, CodecOptions(), storage, safety, provenance))
     options = IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress)
@@ -83,4 +87,5 @@ def build(root, keys=None, safety=None, provenance=None, **ingress) -> Ingress:
         keys,
         None,
         safety,
+        max_batch_tokens,
     )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deployments.api import FieldError
 from deployments.jobs import Status
 from deployments.payloads import JobCancelled
 from tests.serving.inprocess import build
@@ -272,5 +273,29 @@ def test_an_attempt_ends_and_renews_its_lease_before_the_lease_runs_out(tmp_path
                 assert t < previous, f"lease renewed {t - previous:.2f} s after it expired"
                 previous, renewed = lease, renewed + 1
         assert renewed >= 1, saves
+
+    asyncio.run(go())
+
+
+def test_a_request_over_the_transformers_batch_cap_is_refused_at_submission(tmp_path):
+    """`max_batch_tokens` caps a transformer batch; a request above it alone could never run (it
+    failed its three attempts): it is a 422 naming the field, before anything is stored."""
+    ingress = build(tmp_path / "data", max_batch_tokens=64)  # 64 tokens: 128x128 with no references
+    png = io.BytesIO()
+    Image.new("RGB", (128, 128), "red").save(png, "PNG")
+    reference = ("input_image", png.getvalue(), Image.open(io.BytesIO(png.getvalue())))
+    transport = httpx.ASGITransport(app=ingress.__serve_build_asgi_app__())
+
+    async def go():
+        assert (await _submit(ingress, width=128, height=128)).status is Status.PENDING
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            r = await c.post("/v1/flux-2-klein-tiny", json={"prompt": "x", "width": 144, "height": 128})
+        assert (
+            r.status_code == 422 and "width" in r.text and "72 tokens" in r.text and "limit of 64" in r.text
+        )
+        with pytest.raises(FieldError) as e:  # 16 image tokens + 64 of the reference's
+            await _submit(ingress, images=[reference], fields={"references": "input_image"})
+        assert e.value.field == "input_image" and "80 tokens" in str(e.value)
+        assert len(await ingress.storage.list("jobs")) == 1  # only the first
 
     asyncio.run(go())

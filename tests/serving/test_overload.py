@@ -283,3 +283,36 @@ def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
         assert await _usage(ingress) == [] and ingress._admitted == set()
 
     asyncio.run(go())
+
+
+def test_a_caller_leaving_during_the_submissions_leaves_no_job_behind(tmp_path):
+    """n=3 where the caller disconnects while the second job is being submitted (Starlette cancels
+    the handler): the job already made is discarded, Cancelled and unbilled, not left Pending for the
+    reaper, and nothing stays counted against the replica's or the key's caps."""
+    ingress = build(tmp_path / "data")
+    submit, entered, made = ingress.submit, asyncio.Event(), []
+
+    async def slow_second(**kw):
+        if made:
+            entered.set()
+            await asyncio.sleep(3600)  # the caller leaves meanwhile
+        job, replayed = await submit(**kw)
+        made.append(job)
+        return job, replayed
+
+    ingress.submit = slow_second
+
+    async def go():
+        async with _client(ingress) as c:
+            request = asyncio.ensure_future(
+                c.post("/v1/images/generations", json={"prompt": "three", "size": "64x64", "n": 3})
+            )
+            await entered.wait()
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+        assert len(made) == 1
+        assert (await ingress.jobs.get(made[0].id)).status is Status.CANCELLED
+        assert await ingress.jobs.pending() == [] and await _usage(ingress) == []
+        assert ingress._admitted == set() and ingress._unmarked == {} and ingress._running == {}
+
+    asyncio.run(go())

@@ -116,13 +116,6 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body (HTTP 409)."""
 
 
-class _Duplicate(Exception):
-    """Another submission with the same Idempotency-Key created the job first."""
-
-    def __init__(self, job: JobRecord):
-        self.job = job
-
-
 class Ingress:
     def __init__(
         self,
@@ -534,10 +527,8 @@ class Ingress:
         )  # fmt: skip
         try:
             await asyncio.shield(write)
-        except (
-            asyncio.CancelledError
-        ):  # the caller left: the write lands first, then the job's end withdraws it
-            await asyncio.wait([write])
+        except asyncio.CancelledError:
+            await asyncio.wait([write])  # the caller left: the write lands, then the job's end withdraws it
             raise
 
     async def usage(self, key_id: str, start: str, end: str) -> list[UsageRecord]:

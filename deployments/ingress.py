@@ -268,8 +268,8 @@ class Ingress:
                     key = f"inputs/{job.id}/{nonce}-{k}"
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
-            try:
-                await self.jobs.create(job)
+            try:  # shielded: a caller leaving now must not part the record from its pending marker
+                await asyncio.shield(self.jobs.create(job))
             except Superseded:  # a racing submission with the same Idempotency-Key was first
                 self._admitted.discard(job.id)  # (a twin submitted here adds it back when it runs)
                 if not shared:
@@ -310,6 +310,8 @@ class Ingress:
         twin = await self.jobs.get(job.id)
         if twin is None or twin.body_sha256 != job.body_sha256:
             raise IdempotencyConflict(idempotency_key)
+        if not twin.status.terminal:  # its submission may have ended between record and marker
+            await self.jobs.mark_pending(twin)
         return twin
 
     @staticmethod
@@ -363,8 +365,10 @@ class Ingress:
             return await self._attempts(job, return_bytes, fresh, shed)
         except asyncio.CancelledError:  # a sync caller went away or timed out: end the job, don't leave it
             if not job.status.terminal:  # Pending for the reaper (and the key's in-flight count)
-                with contextlib.suppress(Superseded):
+                try:
                     await self._end(job, Status.CANCELLED, "the caller went away")
+                except Superseded:
+                    await asyncio.shield(self._taken_over(job))
             raise
         except Superseded:  # renewing its lease found the job taken over: the other runner has it
             await self._taken_over(job)
@@ -379,8 +383,10 @@ class Ingress:
         if job.status.terminal:
             return
         self._inputs.pop(job.id, None)
-        with contextlib.suppress(Superseded):  # another runner has it
+        try:
             await self._end(job, Status.CANCELLED, "not run: the request was refused")
+        except Superseded:  # another runner has it
+            await self._taken_over(job)
 
     async def _end(self, job: JobRecord, status: Status | None = None, error: str | None = None) -> None:
         """Record a job's terminal status (shielded: a caller going away now must not undo the

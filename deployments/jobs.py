@@ -115,6 +115,10 @@ class JobStore:
 
     async def create(self, job: JobRecord) -> None:
         await self.save(job)
+        await self.mark_pending(job)
+
+    async def mark_pending(self, job: JobRecord) -> None:
+        """List the job for the reaper (and in its key's count of jobs in flight)."""
         await self.storage.put(f"pending/{job.key_id}/{job.id}", b"", "text/plain")
 
     async def save(self, job: JobRecord) -> None:

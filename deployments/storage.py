@@ -137,13 +137,21 @@ class Storage(ABC):
         """Write an object; returns its ETag. With `if_match` (an ETag from `get_versioned` or an
         earlier put) the write happens only if the object is still that version; with
         `if_none_match` only if there is none. Otherwise PreconditionFailed."""
-        args = (check_key(key), data, content_type, if_match, if_none_match)
+        tries = 0
+
+        def _put(*args):
+            nonlocal tries
+            tries += 1
+            return self._put(*args)
+
         try:
-            return await self._retrying(retry_s, self._put, *args)
+            return await self._retrying(
+                retry_s, _put, check_key(key), data, content_type, if_match, if_none_match
+            )
         except PreconditionFailed:
-            # A retry of a write whose first try landed (its answer lost) fails its own condition:
+            # A retry of a write whose earlier try landed (its answer lost) fails its own condition:
             # the object holding exactly these bytes is that write.
-            current = await self._retrying(retry_s, self._get, key)
+            current = await self._retrying(retry_s, self._get, key) if tries > 1 else None
             if current is not None and current[0] == data:
                 return current[1]
             raise
@@ -198,14 +206,17 @@ class LocalStorage(Storage):
             raise ValueError(f"invalid storage key {key!r}")
         return path
 
+    _thread_locks = [threading.Lock() for _ in range(64)]
+
     @contextlib.contextmanager
     def _locked(self, key: str):
-        """An exclusive lock for a key's conditional writes, shared by every process that mounts the
-        root (flock on one of 64 lock files, chosen by the key's hash)."""
+        """An exclusive lock for a key's conditional writes: one of 64 stripes chosen by the key's
+        hash, held by a thread lock within this process and flock across the processes of one host
+        (the local backend is a single host's: on NFS, flock's emulation is not to be relied on)."""
         stripe = hashlib.sha256(key.encode()).digest()[0] % 64
         locks = self.root / ".locks"
         locks.mkdir(exist_ok=True)
-        with open(locks / f"{stripe:02d}", "a+b") as f:
+        with self._thread_locks[stripe], open(locks / f"{stripe:02d}", "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -317,9 +328,8 @@ class S3Storage(Storage):
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code")
             conditional = "IfMatch" in kw or "IfNoneMatch" in kw
-            if conditional and code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409",
-                                        "NoSuchKey", "404"):  # fmt: skip
-                raise PreconditionFailed(f"s3 {kw['Key']}: {code}") from None
+            if conditional and code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                raise PreconditionFailed(f"s3 {kw['Key']}: {code}") from None  # (409: a retryable race)
             if missing_ok and code in ("NoSuchKey", "404"):
                 return None
             raise StorageError(f"s3 {fn.__name__} failed: {e}") from e
@@ -372,32 +382,39 @@ class S3Storage(Storage):
     def _probe(self) -> str:
         """S3 has conditional writes (If-Match / If-None-Match on PUT, since 2024); some S3-compatible
         servers ignore the headers (rclone's does) and a few may refuse them. Probed once, on first
-        use: a second create-only write of one key must be refused. A StorageError (server down)
-        leaves it for the next call."""
+        use: over an existing object, a create-only write and a write over a wrong version must both
+        be refused. A StorageError (server down) leaves it for the next call."""
         with self._probe_lock:
             if self._conditions is None:
                 self._conditions = self._try_conditions()
                 if self._conditions != "enforced":
-                    log.warning("the S3 server %s conditional writes: two replicas' reapers could run one "
-                                "job at once (each job is still billed once)", self._conditions)  # fmt: skip
+                    log.warning("the S3 server %s conditional writes%s: one job can get two runners (racing "
+                                "reapers or Idempotency-Key twins), though it is billed once", self._conditions,
+                                ", so they are sent without" if self._conditions == "rejected" else "")  # fmt: skip
             return self._conditions
 
     def _try_conditions(self) -> str:
         key = f"{self.prefix}probe/conditional-writes-{secrets.token_hex(8)}"
         put = functools.partial(self._call, self.client.put_object, Key=key, ContentType="text/plain")
-        put(Body=b"1")
+        verdicts = set()
         try:
-            put(Body=b"2", IfNoneMatch="*")
-            return "ignored"
-        except PreconditionFailed:
-            return "enforced"
-        except StorageError as e:  # a 4xx or 501 answer refuses the header; others are outages
-            status = getattr(e.__cause__, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if 400 <= status < 500 or status == 501:
-                return "rejected"
-            raise
+            put(Body=b"1")
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"0"'}):
+                try:
+                    put(Body=b"2", **condition)
+                    verdicts.add("ignored")
+                except PreconditionFailed:
+                    verdicts.add("enforced")
+                except StorageError as e:  # a 4xx or 501 answer refuses the header; others are outages
+                    response = getattr(e.__cause__, "response", {})
+                    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if not (400 <= status < 500 or status == 501):
+                        raise
+                    verdicts.add("rejected")
         finally:
-            self._call(self.client.delete_object, Key=key)
+            with contextlib.suppress(StorageError):
+                self._call(self.client.delete_object, Key=key)
+        return next(v for v in ("rejected", "ignored", "enforced") if v in verdicts)
 
 
 def open_storage(o: StorageOptions) -> Storage:

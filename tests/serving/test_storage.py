@@ -139,10 +139,23 @@ def test_conditional_writes_are_compare_and_swap(enforcing):
         with pytest.raises(PreconditionFailed):  # over a version of an object that does not exist
             await storage.put("jobs/none.json", b"3", if_match=first)
         assert await storage.get("jobs/c.json") == b"2"
-        # a retried write whose first try landed (its answer lost) finds its own bytes: done, not refused
-        assert await storage.put("jobs/c.json", b"2", if_match=first) == second
+        # a write whose try landed but whose answer was lost is retried, fails its own condition, and
+        # finds its own bytes there: done, not refused. Without a lost answer, the same bytes are refused.
+        real, lost = storage._put, [True]
+
+        def answer_lost(*args):
+            etag = real(*args)
+            if lost:
+                raise StorageError(f"connection reset after the write ({lost.pop()})")
+            return etag
+
+        storage.retry_s, storage._put = 5.0, answer_lost
+        third = await storage.put("jobs/c.json", b"3", if_match=second)
+        assert not lost and (b"3", third) == await storage.get_versioned("jobs/c.json")
+        with pytest.raises(PreconditionFailed):
+            await storage.put("jobs/c.json", b"3", if_match=second)
         # racing swaps over one version, from threads: exactly one lands
-        racers = [storage.put("jobs/c.json", f"r{i}".encode(), if_match=second) for i in range(8)]
+        racers = [storage.put("jobs/c.json", f"r{i}".encode(), if_match=third) for i in range(8)]
         results = await asyncio.gather(*racers, return_exceptions=True)
         won = [r for r in results if not isinstance(r, PreconditionFailed)]
         assert len(won) == 1 and isinstance(won[0], str), results
@@ -168,3 +181,52 @@ def test_an_s3_server_that_ignores_conditional_writes_is_found_out(s3, caplog):
         assert await storage.get("jobs/c.json") == b"3"
 
     asyncio.run(go())
+
+
+def _s3_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")  # fmt: skip
+
+
+def test_s3_conditional_writes_where_the_server_refuses_or_races(caplog):
+    """A 409 ConditionalRequestConflict (AWS: a concurrent conditional write, retry) is retried, not
+    taken for a lost race; a server that refuses the conditional headers outright (4xx/501) is
+    written to without them, and warned about."""
+    from moto import mock_aws
+
+    with mock_aws():
+        storage = open_storage(
+            StorageOptions(
+                backend="s3", bucket="klein", access_key_id="k", secret_access_key="s", create_bucket=True
+            )
+        )
+        real, conflicts = storage.client.put_object, [_s3_error("ConditionalRequestConflict", 409)]
+
+        def racing(**kw):
+            if conflicts and "IfMatch" in kw:
+                raise conflicts.pop()
+            return real(**kw)
+
+        storage.client.put_object = racing
+        first = asyncio.run(storage.put("jobs/c.json", b"1", if_none_match=True))
+        assert asyncio.run(storage.put("jobs/c.json", b"2", if_match=first)) and not conflicts
+        assert asyncio.run(storage.get("jobs/c.json")) == b"2"
+
+        refusing = open_storage(
+            StorageOptions(backend="s3", bucket="klein", access_key_id="k", secret_access_key="s")
+        )
+        real = refusing.client.put_object
+
+        def refuse(**kw):
+            if "IfMatch" in kw or "IfNoneMatch" in kw:
+                raise _s3_error("NotImplemented", 501)
+            return real(**kw)
+
+        refusing.client.put_object = refuse
+        with caplog.at_level("WARNING", logger="deployments.storage"):
+            assert asyncio.run(refusing.put("jobs/c.json", b"3", if_match="stale")) is not None
+        assert "rejected conditional writes, so they are sent without" in caplog.text
+        assert asyncio.run(refusing.get("jobs/c.json")) == b"3" and not refusing.supports_conditional_writes()
+        assert asyncio.run(refusing.list("probe")) == []

@@ -178,14 +178,16 @@ class Ingress:
         stored_inputs: list[str] | None = None,
         sync: bool = False,
         public_url: str | None = None,
+        start: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Validate against the model, store inputs and the job record. `images` are
         (field, file bytes, PIL image); `fields` renames klein's fields for error messages;
         `stored_inputs` are the storage keys of these same images when a sibling job of one request
         (OpenAI n > 1) already stored them; `sync` marks a job whose caller waits for it on its
         connection (the reaper ends such a job instead of running it again); `public_url` is the base
-        URL the client reached us at, for the result link in its webhook. Returns (job, replayed):
-        replayed when an Idempotency-Key named an existing job."""
+        URL the client reached us at, for the result link in its webhook; `start` runs the job in the
+        background here as soon as it is stored (the async API), even if the caller leaves before
+        the answer. Returns (job, replayed): replayed when an Idempotency-Key named an existing job."""
         fields = fields or {}
         job_id = new_job_id()
         if idempotency_key is not None:
@@ -268,15 +270,15 @@ class Ingress:
                     key = f"inputs/{job.id}/{nonce}-{k}"
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
-            try:  # shielded: a caller leaving now must not part the record from its pending marker
-                await asyncio.shield(self.jobs.create(job))
+            if images:
+                self._inputs[job.id] = [data for _, data, _ in images]
+            try:  # shielded: a caller leaving now must not part the record from its marker, or its start
+                await asyncio.shield(asyncio.ensure_future(self._create(job, start)))
             except Superseded:  # a racing submission with the same Idempotency-Key was first
                 self._admitted.discard(job.id)  # (a twin submitted here adds it back when it runs)
                 if not shared:
                     await asyncio.gather(*map(self.storage.delete, job.request.input_keys))
                 return await self._twin(job, idempotency_key), True
-            if images:
-                self._inputs[job.id] = [data for _, data, _ in images]
             if idempotency_key is not None:
                 record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
                 await self.storage.put(
@@ -284,6 +286,15 @@ class Ingress:
                 )
             self.ensure_reaper()
             return job, False
+
+    async def _create(self, job: JobRecord, start: bool) -> None:
+        try:
+            await self.jobs.create(job)
+        except BaseException:
+            self._inputs.pop(job.id, None)
+            raise
+        if start:
+            self.start(job, fresh=True)
 
     @contextlib.contextmanager
     def _admitting(self, job_id: str, key_id: str):
@@ -297,7 +308,8 @@ class Ingress:
         try:
             yield
         except BaseException:
-            self._admitted.discard(job_id)
+            if job_id not in self._running:  # (a caller that left after its job started: it runs on)
+                self._admitted.discard(job_id)
             raise
         finally:
             self._unmarked[key_id] -= 1

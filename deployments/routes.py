@@ -332,18 +332,16 @@ def build_api(ingress) -> FastAPI:  # noqa: C901 - one closure per route reads b
             images.append((field, raw, image))
         with telemetry.span("submit", incoming_trace(request), model=model):
             trace = telemetry.carrier() or None
-        job, replayed = await ingress.submit(
+        job, _ = await ingress.submit(
             prompt=body.prompt, width=body.width, height=body.height, seed=body.seed, steps=body.steps,
             guidance=body.guidance, safety_tolerance=body.safety_tolerance, output_format=body.output_format,
             images=images, webhook_url=str(body.webhook_url) if body.webhook_url else None,
             webhook_secret=body.webhook_secret, fields={"references": "input_image"}, key_id=key_id,
-            public_url=base_url(request),
+            public_url=base_url(request), start=True,
             idempotency_key=idempotency_key, trace=trace,
             body_hash=hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest()
             if idempotency_key is not None else "",
         )  # fmt: skip
-        if not replayed and not job.status.terminal:
-            ingress.start(job, fresh=True)
         return SubmitResponse(
             id=job.id,
             polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",

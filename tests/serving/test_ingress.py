@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 
 import httpx
@@ -22,10 +23,13 @@ def ingress(tmp_path):
     return build(tmp_path / "data")
 
 
+def _args(**kw) -> dict:
+    return dict(prompt="a fox", width=64, height=64, seed=1, steps=None, guidance=None, safety_tolerance=2,
+                output_format="png", images=[]) | kw  # fmt: skip
+
+
 async def _submit(ingress, **kw):
-    args = dict(prompt="a fox", width=64, height=64, seed=1, steps=None, guidance=None, safety_tolerance=2,
-                output_format="png", images=[])  # fmt: skip
-    job, _ = await ingress.submit(**{**args, **kw})
+    job, _ = await ingress.submit(**_args(**kw))
     return job
 
 
@@ -297,5 +301,41 @@ def test_a_request_over_the_transformers_batch_cap_is_refused_at_submission(tmp_
             await _submit(ingress, images=[reference], fields={"references": "input_image"})
         assert e.value.field == "input_image" and "80 tokens" in str(e.value)
         assert len(await ingress.storage.list("jobs")) == 1  # only the first
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("leaves_during", ["the record's write", "the idempotency record's write"])
+def test_an_async_job_whose_caller_left_during_submission_still_runs(tmp_path, leaves_during):
+    """The caller goes away (its handler is cancelled) once its job is being stored: the job runs
+    to Ready now, not after its lease when the reaper finds it."""
+    ingress = build(tmp_path / "data")
+    slow = "pending/" if leaves_during == "the record's write" else "idempotency/"
+    real_put, writing = ingress.storage._put, threading.Event()
+
+    def slow_put(key, *args):
+        if key.startswith(slow):
+            writing.set()
+            time.sleep(0.3)
+        return real_put(key, *args)
+
+    ingress.storage._put = slow_put
+
+    async def go():
+        submit = asyncio.ensure_future(
+            ingress.submit(**_args(), idempotency_key="k", body_hash="h", start=True)
+        )
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        submit.cancel()
+        await asyncio.gather(submit, return_exceptions=True)
+        assert submit.cancelled()
+        job_id, _ = await ingress.idempotent_job("anonymous", "k", "h")
+        for _ in range(100):  # the background work: the rest of the write, then the job's run
+            stored = await ingress.jobs.get(job_id)
+            if stored is not None and stored.status.terminal:
+                break
+            await asyncio.sleep(0.05)
+        assert stored.status is Status.READY and ingress._admitted == set()
 
     asyncio.run(go())

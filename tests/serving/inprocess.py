@@ -61,10 +61,13 @@ def _fresh_batch_queues() -> None:
         fn.set_max_batch_size.__self__._queue = None
 
 
-def build(root, keys=None, safety=None, provenance=None, max_batch_tokens=32768, **ingress) -> Ingress:
+def build(
+    root, keys=None, safety=None, provenance=None, max_batch_tokens=32768, storage=None, **ingress
+) -> Ingress:
+    """`root`: a local storage directory, unless `storage` (StorageOptions) names another backend."""
     _fresh_batch_queues()
     source = ModelSource.preset("tiny")
-    storage = StorageOptions(root=root)
+    storage = storage or StorageOptions(root=root)
     embedder = FakeHandle(TextEmbedder(source, TextEmbedderOptions()))
     transformer = FakeHandle(
         FlowTransformer(

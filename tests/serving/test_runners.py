@@ -9,9 +9,11 @@ import io
 import threading
 import time
 
+import pytest
 from PIL import Image
 
 from deployments.jobs import Status
+from deployments.storage import StorageOptions
 from tests.serving.inprocess import build
 
 
@@ -45,8 +47,22 @@ def _barrier(*methods):
     return lambda: [setattr(obj, name, real) for obj, name, real in originals]
 
 
-def test_racing_reapers_restart_an_abandoned_job_once(tmp_path):
-    a, b = build(tmp_path / "data"), build(tmp_path / "data")
+@pytest.fixture(params=["local", "s3-moto"])
+def shared_storage(request, tmp_path):
+    """What two replicas share: a local directory, or S3 with AWS's conditional writes (moto)."""
+    if request.param == "local":
+        yield StorageOptions(root=tmp_path / "data")
+        return
+    from moto import mock_aws
+
+    with mock_aws():
+        yield StorageOptions(
+            backend="s3", bucket="klein", access_key_id="k", secret_access_key="s", create_bucket=True
+        )
+
+
+def test_racing_reapers_restart_an_abandoned_job_once(tmp_path, shared_storage):
+    a, b = build(None, storage=shared_storage), build(None, storage=shared_storage)
     denoised = []
     for ingress in (a, b):
         real = ingress.transformer.obj.denoise

@@ -116,6 +116,12 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body (HTTP 409)."""
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task's failure, logged even when nobody awaits it any more (its caller left)."""
+    if not task.cancelled() and (e := task.exception()) is not None and not isinstance(e, Superseded):
+        log.error("%s failed: %s: %s", task.get_coro().__qualname__, type(e).__name__, e)
+
+
 class Ingress:
     def __init__(
         self,
@@ -259,7 +265,7 @@ class Ingress:
                 except Superseded:  # a racing submission with the same Idempotency-Key was first
                     return await self._twin(job, idempotency_key), True
                 finally:
-                    self._admitted.discard(job.id)
+                    self._release(job.id)
                 return job, False
             shared = bool(stored_inputs) and len(stored_inputs) == len(images)
             if shared:
@@ -270,15 +276,18 @@ class Ingress:
                     key = f"inputs/{job.id}/{nonce}-{k}"
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
-            if images:
-                self._inputs[job.id] = [data for _, data, _ in images]
+            inputs = [data for _, data, _ in images]
+            creating = asyncio.ensure_future(self._create(job, inputs, start))
+            creating.add_done_callback(_log_failure)
             try:  # shielded: a caller leaving now must not part the record from its marker, or its start
-                await asyncio.shield(asyncio.ensure_future(self._create(job, start)))
+                await asyncio.shield(creating)
             except Superseded:  # a racing submission with the same Idempotency-Key was first
-                self._admitted.discard(job.id)  # (a twin submitted here adds it back when it runs)
+                self._release(job.id)
                 if not shared:
                     await asyncio.gather(*map(self.storage.delete, job.request.input_keys))
                 return await self._twin(job, idempotency_key), True
+            if inputs and not start:  # kept for the run the caller makes next: no read-back
+                self._inputs[job.id] = inputs
             if idempotency_key is not None:
                 record = {"job_id": job.id, "body_sha256": body_hash, "created_at": job.created_at}
                 await self.storage.put(
@@ -287,14 +296,19 @@ class Ingress:
             self.ensure_reaper()
             return job, False
 
-    async def _create(self, job: JobRecord, start: bool) -> None:
-        try:
-            await self.jobs.create(job)
-        except BaseException:
-            self._inputs.pop(job.id, None)
-            raise
+    async def _create(self, job: JobRecord, inputs: list[bytes], start: bool) -> None:
+        """Store the record and its pending marker; with `start`, run the job here at once."""
+        await self.jobs.create(job)
         if start:
+            if inputs:
+                self._inputs[job.id] = inputs
             self.start(job, fresh=True)
+
+    def _release(self, job_id: str) -> None:
+        """A submission ends without running here: it no longer counts against max_running_jobs,
+        unless a run here holds the same id (an Idempotency-Key twin's, or its own once started)."""
+        if job_id not in self._running:
+            self._admitted.discard(job_id)
 
     @contextlib.contextmanager
     def _admitting(self, job_id: str, key_id: str):
@@ -308,8 +322,7 @@ class Ingress:
         try:
             yield
         except BaseException:
-            if job_id not in self._running:  # (a caller that left after its job started: it runs on)
-                self._admitted.discard(job_id)
+            self._release(job_id)
             raise
         finally:
             self._unmarked[key_id] -= 1

@@ -423,8 +423,8 @@ class Ingress:
 
     async def _finish(self, job: JobRecord) -> None:
         await self.jobs.finish(job)  # Superseded unless this run still owns the job
-        if job.status is not Status.READY:  # no charge without an image: a usage record written just
-            await self._unbill(job)  # before the end (a sync caller leaving during it) is withdrawn
+        if job.status is not Status.READY and job.attempts:  # no charge without an image: a usage record
+            await self._unbill(job)  # written just before the end (a caller leaving then) is withdrawn
 
     async def _attempts(
         self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool
@@ -510,8 +510,12 @@ class Ingress:
             if job.status.terminal and job.status is not Status.READY:
                 await self._unbill(job)  # this run may have written one after the job had ended
 
+    @staticmethod
+    def _usage_key(job: JobRecord) -> str:
+        return usage_key(job.key_id, job.day, job.id)
+
     async def _unbill(self, job: JobRecord) -> None:
-        await self.storage.delete(usage_key(job.key_id, job.day, job.id))
+        await self.storage.delete(self._usage_key(job))
 
     def _run_time_left(self, job: JobRecord) -> float:
         """How long this attempt may run: until shortly before its lease ends, so that its failure is
@@ -553,8 +557,7 @@ class Ingress:
             output_mp=job.output_mp, cost=job.cost, finished_at=job.finished_at or time.time(),
         )  # fmt: skip
         write = asyncio.ensure_future(
-            self.storage.put(usage_key(job.key_id, job.day, job.id), record.model_dump_json().encode(),
-                             "application/json")
+            self.storage.put(self._usage_key(job), record.model_dump_json().encode(), "application/json")
         )  # fmt: skip
         try:
             await asyncio.shield(write)

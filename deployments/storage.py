@@ -179,7 +179,7 @@ class Storage(ABC):
 class LocalStorage(Storage):
     def __init__(self, root: Path, signing_key: bytes | None = None):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".locks").mkdir(parents=True, exist_ok=True)  # for conditional writes (`_locked`)
         self._given_key = signing_key
 
     @functools.cached_property
@@ -214,9 +214,7 @@ class LocalStorage(Storage):
         hash, held by a thread lock within this process and flock across the processes of one host
         (the local backend is a single host's: on NFS, flock's emulation is not to be relied on)."""
         stripe = hashlib.sha256(key.encode()).digest()[0] % 64
-        locks = self.root / ".locks"
-        locks.mkdir(exist_ok=True)
-        with self._thread_locks[stripe], open(locks / f"{stripe:02d}", "a+b") as f:
+        with self._thread_locks[stripe], open(self.root / ".locks" / f"{stripe:02d}", "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield

@@ -203,17 +203,32 @@ def test_killed_ingress_replica_job_is_run_again(app, ray_local):
         f"/v1/{MODEL}", json={"prompt": "orphan", "width": 256, "height": 256, "steps": 40}
     ).json()
     time.sleep(0.5)
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if "Ingress" in a["name"]:
-            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait for the replacement replica to answer
-        try:
-            if app.http.get("/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
+
+    def ingress_replicas() -> set[tuple[str, str]]:
+        return {
+            (a["name"], a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "Ingress" in a["name"]
+        }
+
+    killed = ingress_replicas()
+    assert killed
+    for name, namespace in killed:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
+    # ray.kill is asynchronous and the proxy learns of the replacement by long poll: until both
+    # have happened the proxy may still answer from, or 500 for, the dead replica (Serve's own
+    # behaviour, see README). Wait for a replacement replica and for the proxy to route to it.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ingress_replicas() - killed:
+            try:
+                if app.http.get("/v1/get_result", params={"id": sub["id"]}, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
         time.sleep(0.5)
+    else:
+        raise AssertionError("no replacement ingress replica answered within 60 s")
     res = app.wait(sub["id"], timeout=120)  # lease 20 s, then the new replica's reaper re-runs it
     assert res["status"] == "Ready", res
 

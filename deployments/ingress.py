@@ -335,7 +335,7 @@ class Ingress:
         twin = await self.jobs.get(job.id)
         if twin is None or twin.body_sha256 != job.body_sha256:
             raise IdempotencyConflict(idempotency_key)
-        if not twin.status.terminal:  # its submission may have ended between record and marker
+        if not twin.status.terminal:  # listed, even if the reaper dropped its marker as stale
             await self.jobs.mark_pending(twin)
         return twin
 
@@ -645,10 +645,17 @@ class Ingress:
 
     async def _reap(self, key_id: str, job_id: str) -> int:
         job = await self.jobs.get(job_id)
-        if job is None:
+        if job is None:  # a submission that failed between its marker and its record, or is between them
+            marked = await self.jobs.marked_at(key_id, job_id)
+            stale = marked is not None and marked < time.time() - self.options.job_lease_s
+            if stale and await self.jobs.get(job_id) is None:  # read again after judging the marker old
+                log.warning(
+                    "job %s: pending marker without a record; dropped", job_id, extra={"job_id": job_id}
+                )
+                await self.jobs.unmark(key_id, job_id)
             return 0
         if job.status.terminal:  # finished, but its pending marker was left behind
-            await self.storage.delete(f"pending/{key_id}/{job_id}")
+            await self.jobs.unmark(key_id, job_id)
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():
             return 0  # leased, or another model's: deployments of several models may share a bucket

@@ -2,7 +2,7 @@
 
 Layout (docs/architecture.md §6): `jobs/{id}.json` is the record; `pending/{key_id}/{id}` marks a
 job that has not reached a terminal status (the reaper scans only these; a key's count of them is
-its jobs in flight); `cancel/{id}` asks the stages to stop; `inputs/{id}/{nonce}-{k}` keeps
+its jobs in flight), written before the record and dropped after its terminal version; `cancel/{id}` asks the stages to stop; `inputs/{id}/{nonce}-{k}` keeps
 reference images so a job can be run again; outputs go to `images/{yyyy}/{mm}/{dd}/{id}.{ext}`, a
 key fixed at submission so every attempt writes the same object.
 
@@ -15,6 +15,7 @@ runner took the job over) learns so at its next write (`Superseded`) and stops.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -114,12 +115,28 @@ class JobStore:
         self.storage = storage
 
     async def create(self, job: JobRecord) -> None:
-        await self.save(job)
+        """The pending marker, then the record: a failure between the two leaves a marker without a
+        record (dropped by the reaper once older than a lease), never a record the reaper cannot see."""
         await self.mark_pending(job)
+        await self.save(job)
 
     async def mark_pending(self, job: JobRecord) -> None:
         """List the job for the reaper (and in its key's count of jobs in flight)."""
-        await self.storage.put(f"pending/{job.key_id}/{job.id}", b"", "text/plain")
+        marker = json.dumps({"marked_at": time.time()}).encode()
+        await self.storage.put(f"pending/{job.key_id}/{job.id}", marker, "application/json")
+
+    async def marked_at(self, key_id: str, job_id: str) -> float | None:
+        """When a job's pending marker was written; None without one, 0 if it does not say."""
+        raw = await self.storage.get(f"pending/{key_id}/{job_id}")
+        if raw is None:
+            return None
+        try:
+            return float(json.loads(raw)["marked_at"])
+        except (ValueError, KeyError, TypeError):
+            return 0.0
+
+    async def unmark(self, key_id: str, job_id: str) -> None:
+        await self.storage.delete(f"pending/{key_id}/{job_id}")
 
     async def save(self, job: JobRecord) -> None:
         """Write the record over the version `job` was read or last written as; a record never stored
@@ -152,7 +169,7 @@ class JobStore:
         """Save a terminal record, then drop the pending marker (in this order: never lost)."""
         assert job.status.terminal
         await self.save(job)
-        await self.storage.delete(f"pending/{job.key_id}/{job.id}")
+        await self.unmark(job.key_id, job.id)
 
     async def pending(self) -> list[tuple[str, str]]:
         """(key_id, job_id) of every job not yet terminal."""

@@ -15,6 +15,7 @@ from PIL import Image
 from deployments.api import FieldError
 from deployments.jobs import Status
 from deployments.payloads import JobCancelled
+from deployments.storage import StorageError
 from tests.serving.inprocess import build
 
 
@@ -213,6 +214,40 @@ def test_reaper_leaves_other_models_jobs_ends_sync_ones_and_survives_a_bad_recor
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("failing", ["pending/", "jobs/"])
+def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing):
+    """Storage fails for good at one of a submission's writes (the caller gets 503): no job record is
+    left where the reaper cannot see it, and a pending marker left without its record stops
+    counting against the key once a lease has passed."""
+    ingress = build(tmp_path / "data", job_lease_s=1.0)
+    storage = ingress.storage
+    storage.retry_s = 0.2
+    real_put = storage._put
+
+    def put(key, *args):
+        if key.startswith(failing):
+            raise StorageError("the bucket is unreachable")
+        return real_put(key, *args)
+
+    storage._put = put
+
+    async def go():
+        with pytest.raises(StorageError):
+            await _submit(ingress)
+        storage._put = real_put
+        listed = {job_id for _, job_id in await ingress.jobs.pending()}
+        records = {key.removeprefix("jobs/").removesuffix(".json") for key in await storage.list("jobs")}
+        assert records <= listed, "a record the reaper does not list: Pending forever if its replica dies"
+        assert await ingress.reap() == 0 and await ingress.jobs.in_flight("anonymous") == len(listed)
+        await asyncio.sleep(1.1)
+        assert await ingress.reap() == 0
+        assert await ingress.jobs.pending() == [] and await storage.list("jobs") == []
+        job = await _submit(ingress)  # and the key submits as before
+        assert await ingress.jobs.pending() == [("anonymous", job.id)]
+
+    asyncio.run(go())
+
+
 def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
     """Cancel (DELETE) while the job waits in a queue: the transformer checks before the first step
     once a job has waited cancel_check_interval_s, so it ends Cancelled and unbilled even when its
@@ -310,7 +345,7 @@ def test_an_async_job_whose_caller_left_during_submission_still_runs(tmp_path, l
     """The caller goes away (its handler is cancelled) once its job is being stored: the job runs
     to Ready now, not after its lease when the reaper finds it."""
     ingress = build(tmp_path / "data")
-    slow = "pending/" if leaves_during == "the record's write" else "idempotency/"
+    slow = "jobs/" if leaves_during == "the record's write" else "idempotency/"
     real_put, writing = ingress.storage._put, threading.Event()
 
     def slow_put(key, *args):

@@ -215,13 +215,25 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
         if errors:
             print(f"{'':>10} {errors} errors")
         for name in ("TextEmbedder", "FlowTransformer", "Codec"):
-            sizes = serve.get_deployment_handle(name, app_name="bench").stats.remote().result()["batch_sizes"]
+            sizes = STATS_LOOP.run_until_complete(stage_stats(name))["batch_sizes"]
             print(
                 f"{'':>10} {name} mean batch {sum(sizes) / max(len(sizes), 1):.2f} (last {len(sizes)} batches)"
             )
     serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
+
+
+STATS_LOOP = asyncio.new_event_loop()
+
+
+async def stage_stats(name: str) -> dict:
+    """From inside one event loop: handles work there whether or not their router runs in a loop of
+    its own (with RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 a handle is bound to the loop it is first
+    used in, and fails outside one)."""
+    from ray import serve
+
+    return await serve.get_deployment_handle(name, app_name="bench").stats.remote()
 
 
 # A job's spans in the order a text-to-image request passes them; "job" is the ingress's own.

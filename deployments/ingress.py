@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import date, timedelta
 
 from pydantic import BaseModel, Field
@@ -200,7 +201,7 @@ class Ingress:
             job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
             if existing is not None:
                 return existing, True
-        with self._admitting(job_id, key_id):
+        with self._admitting(job_id, key_id) as marked:
             # the key's jobs in storage (every replica's), and this replica's others on their way there
             pending = await self.jobs.in_flight(key_id) + self._unmarked[key_id] - 1
             if pending >= self.options.max_jobs_in_flight:
@@ -277,7 +278,7 @@ class Ingress:
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
             inputs = [data for _, data, _ in images]
-            creating = asyncio.ensure_future(self._create(job, inputs, start))
+            creating = asyncio.ensure_future(self._create(job, inputs, start, marked))
             creating.add_done_callback(_log_failure)
             try:  # shielded: a caller leaving now must not part the record from its marker, or its start
                 await asyncio.shield(creating)
@@ -296,9 +297,12 @@ class Ingress:
             self.ensure_reaper()
             return job, False
 
-    async def _create(self, job: JobRecord, inputs: list[bytes], start: bool) -> None:
-        """Store the record and its pending marker; with `start`, run the job here at once."""
-        await self.jobs.create(job)
+    async def _create(
+        self, job: JobRecord, inputs: list[bytes], start: bool, marked: Callable[[], None]
+    ) -> None:
+        """Store the pending marker (then `marked()`) and the record; with `start`, run the job here
+        at once."""
+        await self.jobs.create(job, marked)
         if start:
             if inputs:
                 self._inputs[job.id] = inputs
@@ -314,20 +318,29 @@ class Ingress:
     def _admitting(self, job_id: str, key_id: str):
         """Count a submission against this replica's caps before anything is awaited (checks made
         across an await would let a burst of submissions all pass before any of them counted): in
-        `_admitted` until its run ends, in `_unmarked` until its pending marker is in storage."""
+        `_admitted` until its run ends, in `_unmarked` until its pending marker is in storage (it
+        then counts there: the `marked()` this yields says so) or the submission ends."""
         if len(self._admitted) >= self.options.max_running_jobs:
             raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
         self._admitted.add(job_id)
         self._unmarked[key_id] += 1
+        counted = True
+
+        def marked() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._unmarked[key_id] -= 1
+                if not self._unmarked[key_id]:
+                    del self._unmarked[key_id]
+
         try:
-            yield
+            yield marked
         except BaseException:
             self._release(job_id)
             raise
         finally:
-            self._unmarked[key_id] -= 1
-            if not self._unmarked[key_id]:
-                del self._unmarked[key_id]
+            marked()
 
     async def _twin(self, job: JobRecord, idempotency_key: str | None) -> JobRecord:
         """The job a racing submission with the same Idempotency-Key created first (job ids are

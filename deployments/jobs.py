@@ -18,6 +18,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -114,10 +115,13 @@ class JobStore:
     def __init__(self, storage: Storage):
         self.storage = storage
 
-    async def create(self, job: JobRecord) -> None:
-        """The pending marker, then the record: a failure between the two leaves a marker without a
-        record (dropped by the reaper once older than a lease), never a record the reaper cannot see."""
+    async def create(self, job: JobRecord, marked: Callable[[], None] | None = None) -> None:
+        """The pending marker (then `marked()`), then the record: a failure between the two leaves a
+        marker without a record (dropped by the reaper once older than a lease), never a record the
+        reaper cannot see."""
         await self.mark_pending(job)
+        if marked is not None:
+            marked()
         await self.save(job)
 
     async def mark_pending(self, job: JobRecord) -> None:

@@ -6,11 +6,13 @@ backoff and, past the budget, answered 503 — never a 500, never a lost or doub
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
 from ray.serve.exceptions import BackPressureError
 
+from deployments.ingress import TooManyJobs
 from deployments.jobs import Status
 from deployments.storage import StorageError
 from tests.serving.inprocess import build
@@ -249,6 +251,37 @@ def test_a_burst_from_one_key_stays_within_its_caps(tmp_path):
         for job in accepted:
             await ingress.run(job)
         assert ingress._admitted == set() and await ingress.jobs.in_flight("anonymous") == 0
+
+    asyncio.run(go())
+
+
+def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_path):
+    """Storage with latency (as S3 has): a job's pending marker counts for its key once it is stored,
+    and this replica's own count of it drops then, so a key sending exactly its cap of jobs, one
+    after another while the earlier ones are still being stored, gets every one accepted."""
+    ingress = build(tmp_path / "data", max_jobs_in_flight=5)
+    real_put = ingress.storage._put
+
+    def slow_put(key, *args):
+        if key.startswith(("pending/", "jobs/")):
+            time.sleep(0.05)
+        return real_put(key, *args)
+
+    ingress.storage._put = slow_put
+
+    async def submit(i):
+        await asyncio.sleep(0.02 * i)
+        job, _ = await ingress.submit(prompt=f"paced {i}", width=64, height=64, seed=i, steps=None,
+                                      guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        return job
+
+    async def go():
+        jobs = await asyncio.gather(*(submit(i) for i in range(5)))  # TooManyJobs if counted twice
+        assert await ingress.jobs.in_flight("anonymous") == 5 and ingress._unmarked == {}
+        with pytest.raises(TooManyJobs):
+            await submit(5)
+        for job in jobs:
+            await ingress.run(job)
 
     asyncio.run(go())
 

@@ -202,8 +202,10 @@ class Ingress:
             if existing is not None:
                 return existing, True
         with self._admitting(job_id, key_id) as marked:
-            # the key's jobs in storage (every replica's), and this replica's others on their way there
-            pending = await self.jobs.in_flight(key_id) + self._unmarked[key_id] - 1
+            # the key's jobs in storage (every replica's), and this replica's others on their way there,
+            # these counted before listing (one whose marker lands meanwhile may count twice, never none)
+            unmarked = self._unmarked[key_id] - 1
+            pending = await self.jobs.in_flight(key_id) + unmarked
             if pending >= self.options.max_jobs_in_flight:
                 raise TooManyJobs(self.options.max_jobs_in_flight)
             if (
@@ -346,6 +348,8 @@ class Ingress:
         """The job a racing submission with the same Idempotency-Key created first (job ids are
         derived from the key, so only twins can collide); 409 if it was made from another body."""
         twin = await self.jobs.get(job.id)
+        if twin is not None and twin.status.terminal:  # the marker this submission wrote must not outlive it
+            await self.jobs.unmark(twin.key_id, twin.id)
         if twin is None or twin.body_sha256 != job.body_sha256:
             raise IdempotencyConflict(idempotency_key)
         if not twin.status.terminal:  # listed, even if the reaper dropped its marker as stale
@@ -659,8 +663,9 @@ class Ingress:
     async def _reap(self, key_id: str, job_id: str) -> int:
         job = await self.jobs.get(job_id)
         if job is None:  # a submission that failed between its marker and its record, or is between them
-            marked = await self.jobs.marked_at(key_id, job_id)
-            stale = marked is not None and marked < time.time() - self.options.job_lease_s
+            marked = await self.jobs.marked_at(key_id, job_id)  # stale: older than any record write can take
+            limit = self.options.job_lease_s + self.storage.longest_op_s
+            stale = marked is not None and marked < time.time() - limit
             if stale and await self.jobs.get(job_id) is None:  # read again after judging the marker old
                 log.warning(
                     "job %s: pending marker without a record; dropped", job_id, extra={"job_id": job_id}

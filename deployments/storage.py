@@ -84,6 +84,13 @@ class Storage(ABC):
     a caller on a request path can ask for a shorter budget."""
 
     retry_s: float = 60.0
+    call_timeout_s: float = 10.0  # the longest one backend call may take
+
+    @property
+    def longest_op_s(self) -> float:
+        """How long one operation (with its retries) can take at most: the retry budget, and the call
+        that was under way when the budget ran out."""
+        return self.retry_s + self.call_timeout_s
 
     @abstractmethod
     def _put(
@@ -305,6 +312,7 @@ class S3Storage(Storage):
         self.client = boto3.client(
             "s3", endpoint_url=o.endpoint_url, region_name=o.region, config=config, **creds
         )
+        self.call_timeout_s = 2 * (5 + 30)  # botocore's two attempts, each its connect and read timeout
         self._conditions: str | None = None  # "enforced", "ignored" or "rejected": probed on first use
         self._probe_lock = threading.Lock()
         if o.create_bucket:

@@ -221,7 +221,7 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
     counting against the key once a lease has passed."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
     storage = ingress.storage
-    storage.retry_s = 0.2
+    storage.retry_s, storage.call_timeout_s = 0.2, 0.1  # a marker is stale 1.3 s after it was written
     real_put = storage._put
 
     def put(key, *args):
@@ -239,10 +239,35 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
         records = {key.removeprefix("jobs/").removesuffix(".json") for key in await storage.list("jobs")}
         assert records <= listed, "a record the reaper does not list: Pending forever if its replica dies"
         assert await ingress.reap() == 0 and await ingress.jobs.in_flight("anonymous") == len(listed)
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(1.5)
         assert await ingress.reap() == 0
         assert await ingress.jobs.pending() == [] and await storage.list("jobs") == []
         job = await _submit(ingress)  # and the key submits as before
+        assert await ingress.jobs.pending() == [("anonymous", job.id)]
+
+    asyncio.run(go())
+
+
+def test_a_record_write_slower_than_a_lease_keeps_its_pending_marker(tmp_path):
+    """The reaper drops a pending marker without a record only once no record write can still be
+    under way (a lease plus storage's whole retry budget and one call): a write that outlasts a
+    lease does not leave a Pending record unlisted."""
+    ingress = build(tmp_path / "data", job_lease_s=1.0)
+    real_put, stalled = ingress.storage._put, []
+
+    def slow_put(key, *args):
+        if key.startswith("jobs/") and not stalled:
+            stalled.append(key)
+            time.sleep(1.6)  # retrying through a storage hiccup, past the lease
+        return real_put(key, *args)
+
+    ingress.storage._put = slow_put
+
+    async def go():
+        submitting = asyncio.ensure_future(_submit(ingress))
+        await asyncio.sleep(1.3)  # the marker is a lease old, its record not yet written
+        assert await ingress.reap() == 0
+        job = await submitting
         assert await ingress.jobs.pending() == [("anonymous", job.id)]
 
     asyncio.run(go())

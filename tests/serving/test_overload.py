@@ -286,6 +286,41 @@ def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_pat
     asyncio.run(go())
 
 
+def test_a_key_at_its_cap_is_refused_while_its_last_job_is_being_stored(tmp_path):
+    """A listing answers with what storage held when it was taken (S3's LIST may answer later). A
+    submission whose pending marker lands after that snapshot but before the listing's answer is
+    still counted by the replica's own tally: the key's cap holds."""
+    ingress = build(tmp_path / "data", max_jobs_in_flight=1)
+    real_list, real_put = ingress.storage._list, ingress.storage._put
+
+    def late_list(prefix):
+        keys = real_list(prefix)  # the snapshot, answered 0.2 s later
+        time.sleep(0.2)
+        return keys
+
+    def slow_put(key, *args):
+        if key.startswith("pending/"):
+            time.sleep(0.2)
+        return real_put(key, *args)
+
+    ingress.storage._list, ingress.storage._put = late_list, slow_put
+
+    async def submit(i, delay):
+        await asyncio.sleep(delay)
+        job, _ = await ingress.submit(prompt=f"capped {i}", width=64, height=64, seed=i, steps=None,
+                                      guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        return job
+
+    async def go():
+        # the first lists at 0 and stores its marker 0.2-0.4; the second lists at 0.3, answered at 0.5
+        first, second = await asyncio.gather(submit(0, 0), submit(1, 0.3), return_exceptions=True)
+        assert isinstance(second, TooManyJobs), second
+        assert await ingress.jobs.in_flight("anonymous") == 1
+        await ingress.run(first)
+
+    asyncio.run(go())
+
+
 def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
     """n=3 where one job finds the transformer's queue full: the caller gets 503, and its other
     jobs are stopped and end unbilled instead of running on to Ready for nobody."""

@@ -172,6 +172,15 @@ def test_racing_submissions_with_one_idempotency_key_make_one_job(tmp_path):
         again, replayed = await b.submit(**_args(idempotency_key="k4", body_hash="h4"))
         assert replayed and again.id == job.id and ("anonymous", job.id) in await b.jobs.pending()
 
+        # a twin that missed the idempotency record and arrives after the job finished: the pending
+        # marker it wrote before finding the record is taken away again (no phantom job in flight)
+        job, _ = await a.submit(**_args(idempotency_key="k5", body_hash="h5"))
+        await a.run(job, fresh=True)
+        await a.storage.delete(a._idempotency_key("anonymous", "k5"))
+        late, replayed = await b.submit(**_args(idempotency_key="k5", body_hash="h5"))
+        assert replayed and late.status is Status.READY
+        assert ("anonymous", job.id) not in await b.jobs.pending()
+
     asyncio.run(go())
 
 

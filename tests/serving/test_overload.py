@@ -270,7 +270,9 @@ def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_pat
     ingress.storage._put = slow_put
 
     async def submit(i):
-        await asyncio.sleep(0.02 * i)
+        # each lists the key's jobs 25 ms after the one before stored its marker and 25 ms before it
+        # stores its record: clear of the edges of the window where it would be counted twice
+        await asyncio.sleep(0.075 * i)
         job, _ = await ingress.submit(prompt=f"paced {i}", width=64, height=64, seed=i, steps=None,
                                       guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
         return job

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
         [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
-        [--preset tiny] [--device cpu|cuda] [--spans FILE] [--cpu]
+        [--preset tiny] [--device cpu|cuda] [--spans FILE] [--cpu] [--rounds 1]
 
 On a GPU: `--preset klein-4b --device cuda --size 1024` serves the real architecture with random
 weights (no checkpoint needed), the three stages sharing the GPU.
@@ -13,7 +13,9 @@ compatible sync endpoint (b64_json: the response carries the image, so the laten
 whole pipeline including the upload to storage). "unbatched" caps every stage at one request per
 batch. The in-process mode calls Pipeline.generate from `concurrency` threads. "noop" is the
 same Serve topology with stages that do nothing: the floor of Ray Serve's own per-request cost.
-`--cpu` adds, for each served point, the CPU time per request that each process spent (stages,
+`--rounds N` runs the modes N times over, alternating (this machine's speed drifts by more than
+the effects measured), then prints each figure's median and spread, and the batching and overhead
+figures taken round by round. `--cpu` adds, for each served point, the CPU time per request that each process spent (stages,
 ingress, proxy, Ray's own processes, the load generator): where a saturated machine's cores go.
 
 Threads: each served stage uses `--threads` intra-op threads (1, as serve/configs/local-cpu.yaml:
@@ -33,10 +35,15 @@ import time
 
 import httpx
 
+# (mode, concurrency) -> [(requests/s, p50 ms)], one per round: the summary `--rounds` prints
+RESULTS: dict[tuple[str, int], list[tuple[float, float]]] = {}
+
 
 def summarize(name: str, c: int, latencies: list[float], seconds: float) -> None:
     lat = sorted(latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3  # noqa: E731
+    if lat:
+        RESULTS.setdefault((name, c), []).append((len(lat) / seconds, p(0.5)))
     print(f"{name:>10} c={c:<3} {len(lat) / seconds:7.2f} req/s   p50 {p(0.5):7.1f} ms   p95 {p(0.95):7.1f} ms"
           f"   ({len(lat)} requests)", flush=True)  # fmt: skip
 
@@ -309,6 +316,29 @@ def run_noop(concurrency: list[int], seconds: float) -> None:
     serve.shutdown()
 
 
+def report_rounds(rounds: int) -> None:
+    """Medians over the rounds (modes alternate within each round, so a drifting machine moves every
+    mode alike), with each figure's spread; ratios are taken round by round, side by side."""
+    import statistics
+
+    print(f"\nmedians of {rounds} rounds (min-max):")
+    for (mode, c), runs in RESULTS.items():
+        rps, p50 = [r for r, _ in runs], [q for _, q in runs]
+        print(f"{mode:>10} c={c:<3} {statistics.median(rps):7.2f} req/s ({min(rps):.2f}-{max(rps):.2f})"
+              f"   p50 {statistics.median(p50):7.1f} ms ({min(p50):.1f}-{max(p50):.1f})")  # fmt: skip
+    for (mode, c), runs in RESULTS.items():
+        if mode != "batched":
+            continue
+        if len(off := RESULTS.get(("unbatched", c), [])) == len(runs):
+            ratios = sorted(b[0] / u[0] for b, u in zip(runs, off, strict=True))
+            print(f"batching on/off c={c}: {statistics.median(ratios):.2f}x (rounds: "
+                  + ", ".join(f"{r:.2f}" for r in ratios) + ")")  # fmt: skip
+        if len(base := RESULTS.get(("inprocess", c), [])) == len(runs):
+            over = sorted(b[1] - i[1] for b, i in zip(runs, base, strict=True))
+            print(f"DAG p50 over in-process c={c}: {statistics.median(over):.1f} ms (rounds: "
+                  + ", ".join(f"{o:.1f}" for o in over) + ")")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
@@ -323,11 +353,14 @@ def main():
         "--spans", metavar="FILE", help="trace the served modes to FILE.<mode>, print where time goes"
     )
     ap.add_argument("--cpu", action="store_true", help="CPU time per request of each process (served modes)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every mode this many times, alternating")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
           f"{args.threads} thread(s) per stage, {args.inprocess_threads} in-process")  # fmt: skip
-    for mode in args.modes:
+    for mode in [m for _ in range(args.rounds) for m in args.modes]:
         if mode == "inprocess":
             run_inprocess(args, args.size, args.concurrency, args.seconds, args.inprocess_threads)
             continue
@@ -342,6 +375,8 @@ def main():
             ray.shutdown()
         else:
             run_served(args, mode, args.size, args.concurrency, args.seconds, args.threads)
+    if args.rounds > 1:
+        report_rounds(args.rounds)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,18 @@ import time
 
 import httpx
 
-# (mode, concurrency) -> [(requests/s, p50 ms)], one per round: the summary `--rounds` prints
-RESULTS: dict[tuple[str, int], list[tuple[float, float]]] = {}
+# (mode, concurrency) -> {round: (requests/s, p50 ms)}: what `--rounds` summarizes
+RESULTS: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
+ROUND = [0]  # the round under way
 
 
 def summarize(name: str, c: int, latencies: list[float], seconds: float) -> None:
+    if not latencies:
+        print(f"{name:>10} c={c:<3} no successful requests", flush=True)
+        return
     lat = sorted(latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3  # noqa: E731
-    if lat:
-        RESULTS.setdefault((name, c), []).append((len(lat) / seconds, p(0.5)))
+    RESULTS.setdefault((name, c), {})[ROUND[0]] = (len(lat) / seconds, p(0.5))
     print(f"{name:>10} c={c:<3} {len(lat) / seconds:7.2f} req/s   p50 {p(0.5):7.1f} ms   p95 {p(0.95):7.1f} ms"
           f"   ({len(lat)} requests)", flush=True)  # fmt: skip
 
@@ -318,28 +321,32 @@ def run_noop(concurrency: list[int], seconds: float) -> None:
 
 def report_rounds(rounds: int) -> None:
     """Medians over the rounds (modes alternate within each round, so a drifting machine moves every
-    mode alike), with each figure's spread; ratios are taken round by round, side by side."""
+    mode alike), with each figure's spread; ratios are taken round by round, side by side, and
+    listed in round order."""
     import statistics
 
     print(f"\nmedians of {rounds} rounds (min-max):")
     for (mode, c), runs in RESULTS.items():
-        rps, p50 = [r for r, _ in runs], [q for _, q in runs]
+        rps, p50 = [r for r, _ in runs.values()], [q for _, q in runs.values()]
         print(f"{mode:>10} c={c:<3} {statistics.median(rps):7.2f} req/s ({min(rps):.2f}-{max(rps):.2f})"
-              f"   p50 {statistics.median(p50):7.1f} ms ({min(p50):.1f}-{max(p50):.1f})")  # fmt: skip
-    for (mode, c), runs in RESULTS.items():
-        if mode != "batched":
-            continue
-        if len(off := RESULTS.get(("unbatched", c), [])) == len(runs):
-            ratios = sorted(b[0] / u[0] for b, u in zip(runs, off, strict=True))
-            print(f"batching on/off c={c}: {statistics.median(ratios):.2f}x (rounds: "
-                  + ", ".join(f"{r:.2f}" for r in ratios) + ")")  # fmt: skip
-        low = c == min(
-            k for m, k in RESULTS if m == "batched"
-        )  # overhead at low load; saturated, it is queueing
-        if low and len(base := RESULTS.get(("inprocess", c), [])) == len(runs):
-            over = sorted(b[1] - i[1] for b, i in zip(runs, base, strict=True))
-            print(f"DAG p50 over in-process c={c}: {statistics.median(over):.1f} ms (rounds: "
-                  + ", ".join(f"{o:.1f}" for o in over) + ")")  # fmt: skip
+              f"   p50 {statistics.median(p50):7.1f} ms ({min(p50):.1f}-{max(p50):.1f})   ({len(runs)} rounds)")  # fmt: skip
+
+    def paired(label: str, a: dict, b: dict, f) -> None:
+        values = [f(a[r], b[r]) for r in sorted(a.keys() & b.keys())]
+        if values:
+            print(
+                f"{label}: {statistics.median(values):.2f} (rounds: "
+                + ", ".join(f"{v:.2f}" for v in values)
+                + ")"
+            )
+
+    batched = sorted(c for m, c in RESULTS if m == "batched")
+    for c in batched:
+        on = RESULTS[("batched", c)]
+        paired(f"batching on/off c={c} (x)", on, RESULTS.get(("unbatched", c), {}), lambda x, y: x[0] / y[0])
+        if c == batched[0]:  # overhead at low load (saturated, the difference is queueing)
+            paired(f"DAG p50 over in-process c={c} (ms)", on, RESULTS.get(("inprocess", c), {}),
+                   lambda x, y: x[1] - y[1])  # fmt: skip
 
 
 def main():
@@ -363,7 +370,7 @@ def main():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
           f"{args.threads} thread(s) per stage, {args.inprocess_threads} in-process")  # fmt: skip
-    for mode in [m for _ in range(args.rounds) for m in args.modes]:
+    for ROUND[0], mode in [(r, m) for r in range(args.rounds) for m in args.modes]:
         if mode == "inprocess":
             run_inprocess(args, args.size, args.concurrency, args.seconds, args.inprocess_threads)
             continue

@@ -663,8 +663,10 @@ class Ingress:
     async def _reap(self, key_id: str, job_id: str) -> int:
         job = await self.jobs.get(job_id)
         if job is None:  # a submission that failed between its marker and its record, or is between them
-            marked = await self.jobs.marked_at(key_id, job_id)  # stale: older than any record write can take
-            limit = self.options.job_lease_s + self.storage.longest_op_s
+            # stale: older than its own write and then the record's can take (its time is taken
+            # before its write), and a lease
+            marked = await self.jobs.marked_at(key_id, job_id)
+            limit = self.options.job_lease_s + 2 * self.storage.longest_op_s
             stale = marked is not None and marked < time.time() - limit
             if stale and await self.jobs.get(job_id) is None:  # read again after judging the marker old
                 log.warning(

@@ -117,8 +117,8 @@ class JobStore:
 
     async def create(self, job: JobRecord, marked: Callable[[], None] | None = None) -> None:
         """The pending marker (then `marked()`), then the record: a failure between the two leaves a
-        marker without a record (dropped by the reaper once older than a lease), never a record the
-        reaper cannot see."""
+        marker without a record (dropped by the reaper once no write of the record can still be under
+        way), never a record the reaper cannot see."""
         await self.mark_pending(job)
         if marked is not None:
             marked()

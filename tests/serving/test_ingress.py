@@ -218,10 +218,10 @@ def test_reaper_leaves_other_models_jobs_ends_sync_ones_and_survives_a_bad_recor
 def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing):
     """Storage fails for good at one of a submission's writes (the caller gets 503): no job record is
     left where the reaper cannot see it, and a pending marker left without its record stops
-    counting against the key once a lease has passed."""
+    counting against the key once no write of the record can still be under way."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
     storage = ingress.storage
-    storage.retry_s, storage.call_timeout_s = 0.2, 0.1  # a marker is stale 1.3 s after it was written
+    storage.retry_s, storage.call_timeout_s = 0.2, 0.1  # a marker is stale 1.6 s after it was stamped
     real_put = storage._put
 
     def put(key, *args):
@@ -239,7 +239,7 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
         records = {key.removeprefix("jobs/").removesuffix(".json") for key in await storage.list("jobs")}
         assert records <= listed, "a record the reaper does not list: Pending forever if its replica dies"
         assert await ingress.reap() == 0 and await ingress.jobs.in_flight("anonymous") == len(listed)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.8)
         assert await ingress.reap() == 0
         assert await ingress.jobs.pending() == [] and await storage.list("jobs") == []
         job = await _submit(ingress)  # and the key submits as before
@@ -249,9 +249,9 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
 
 
 def test_a_record_write_slower_than_a_lease_keeps_its_pending_marker(tmp_path):
-    """The reaper drops a pending marker without a record only once no record write can still be
-    under way (a lease plus storage's whole retry budget and one call): a write that outlasts a
-    lease does not leave a Pending record unlisted."""
+    """The reaper drops a pending marker without a record only once no write of the record can still
+    be under way (a lease, plus storage's longest operation for the marker and again for the
+    record): a write that outlasts a lease does not leave a Pending record unlisted."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
     real_put, stalled = ingress.storage._put, []
 

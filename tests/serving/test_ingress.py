@@ -88,6 +88,25 @@ def test_reaper_reruns_abandoned_jobs_with_the_same_output_key(ingress):
     asyncio.run(go())
 
 
+def test_pending_markers_from_before_they_held_a_time_still_work(ingress):
+    """Markers written by earlier versions are empty: with its record, such a job is reaped as any
+    other; without one, its marker is dropped (it cannot say when it was written)."""
+
+    async def go():
+        job = await _submit(ingress)
+        job.attempts, job.lease_until = 1, time.time() - 1
+        await ingress.jobs.save(job)
+        await ingress.storage.put(f"pending/anonymous/{job.id}", b"", "text/plain")
+        orphan = "f" * 32
+        await ingress.storage.put(f"pending/anonymous/{orphan}", b"", "text/plain")
+        assert await ingress.reap() == 1
+        await asyncio.gather(*list(ingress._running.values()))
+        assert (await ingress.jobs.get(job.id)).status is Status.READY
+        assert await ingress.jobs.pending() == []
+
+    asyncio.run(go())
+
+
 def test_cancel_between_steps(ingress):
     async def go():
         job = await _submit(ingress, width=256, height=256, steps=40)

@@ -106,6 +106,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _marker(key_id: str, job_id: str) -> str:
+    return f"pending/{key_id}/{job_id}"
+
+
 class Superseded(Exception):
     """A job record was not the version this copy of it came from: another runner has taken the job
     over (or, for a record being created, one with its id exists). This copy must not be written."""
@@ -127,11 +131,11 @@ class JobStore:
     async def mark_pending(self, job: JobRecord) -> None:
         """List the job for the reaper (and in its key's count of jobs in flight)."""
         marker = json.dumps({"marked_at": time.time()}).encode()
-        await self.storage.put(f"pending/{job.key_id}/{job.id}", marker, "application/json")
+        await self.storage.put(_marker(job.key_id, job.id), marker, "application/json")
 
     async def marked_at(self, key_id: str, job_id: str) -> float | None:
         """When a job's pending marker was written; None without one, 0 if it does not say."""
-        raw = await self.storage.get(f"pending/{key_id}/{job_id}")
+        raw = await self.storage.get(_marker(key_id, job_id))
         if raw is None:
             return None
         try:
@@ -140,7 +144,7 @@ class JobStore:
             return 0.0
 
     async def unmark(self, key_id: str, job_id: str) -> None:
-        await self.storage.delete(f"pending/{key_id}/{job_id}")
+        await self.storage.delete(_marker(key_id, job_id))
 
     async def save(self, job: JobRecord) -> None:
         """Write the record over the version `job` was read or last written as; a record never stored

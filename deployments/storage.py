@@ -390,6 +390,8 @@ class S3Storage(Storage):
         servers ignore the headers (rclone's does) and a few may refuse them. Probed once, on first
         use: over an existing object, a create-only write and a write over a wrong version must both
         be refused. A StorageError (server down) leaves it for the next call."""
+        if self._conditions is not None:  # decided: every conditional write asks, no lock needed
+            return self._conditions
         with self._probe_lock:
             if self._conditions is None:
                 self._conditions = self._try_conditions()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 import ray.serve.batching as batching
 
@@ -52,6 +53,20 @@ class FakeHandle:
 
     def __getattr__(self, name):
         return FakeMethod(getattr(self.obj, name), self.fail_next.setdefault(name, []))
+
+
+def slow_writes(storage, prefixes: str | tuple[str, ...], seconds: float, times: int | None = None) -> None:
+    """Writes of keys under `prefixes` take `seconds` longer (a slow or retrying S3); only the
+    first `times` of them, if given."""
+    real_put, slowed = storage._put, [0]
+
+    def put(key, *args):
+        if key.startswith(prefixes) and (times is None or slowed[0] < times):
+            slowed[0] += 1
+            time.sleep(seconds)
+        return real_put(key, *args)
+
+    storage._put = put
 
 
 def _fresh_batch_queues() -> None:

@@ -16,7 +16,7 @@ from deployments.api import FieldError
 from deployments.jobs import Status
 from deployments.payloads import JobCancelled
 from deployments.storage import StorageError
-from tests.serving.inprocess import build
+from tests.serving.inprocess import build, slow_writes
 
 
 @pytest.fixture
@@ -272,15 +272,7 @@ def test_a_record_write_slower_than_a_lease_keeps_its_pending_marker(tmp_path):
     be under way (a lease, plus storage's longest operation for the marker and again for the
     record): a write that outlasts a lease does not leave a Pending record unlisted."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
-    real_put, stalled = ingress.storage._put, []
-
-    def slow_put(key, *args):
-        if key.startswith("jobs/") and not stalled:
-            stalled.append(key)
-            time.sleep(1.6)  # retrying through a storage hiccup, past the lease
-        return real_put(key, *args)
-
-    ingress.storage._put = slow_put
+    slow_writes(ingress.storage, "jobs/", 1.6, times=1)  # retrying through a storage hiccup, past the lease
 
     async def go():
         submitting = asyncio.ensure_future(_submit(ingress))

@@ -15,7 +15,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.ingress import TooManyJobs
 from deployments.jobs import Status
 from deployments.storage import StorageError
-from tests.serving.inprocess import build
+from tests.serving.inprocess import build, slow_writes
 
 MODEL = "/v1/flux-2-klein-tiny"
 
@@ -260,14 +260,7 @@ def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_pat
     and this replica's own count of it drops then, so a key sending exactly its cap of jobs, one
     after another while the earlier ones are still being stored, gets every one accepted."""
     ingress = build(tmp_path / "data", max_jobs_in_flight=5)
-    real_put = ingress.storage._put
-
-    def slow_put(key, *args):
-        if key.startswith(("pending/", "jobs/")):
-            time.sleep(0.05)
-        return real_put(key, *args)
-
-    ingress.storage._put = slow_put
+    slow_writes(ingress.storage, ("pending/", "jobs/"), 0.05)
 
     async def submit(i):
         # each lists the key's jobs 25 ms after the one before stored its marker and 25 ms before it
@@ -293,19 +286,15 @@ def test_a_key_at_its_cap_is_refused_while_its_last_job_is_being_stored(tmp_path
     submission whose pending marker lands after that snapshot but before the listing's answer is
     still counted by the replica's own tally: the key's cap holds."""
     ingress = build(tmp_path / "data", max_jobs_in_flight=1)
-    real_list, real_put = ingress.storage._list, ingress.storage._put
+    real_list = ingress.storage._list
 
     def late_list(prefix):
         keys = real_list(prefix)  # the snapshot, answered 0.2 s later
         time.sleep(0.2)
         return keys
 
-    def slow_put(key, *args):
-        if key.startswith("pending/"):
-            time.sleep(0.2)
-        return real_put(key, *args)
-
-    ingress.storage._list, ingress.storage._put = late_list, slow_put
+    ingress.storage._list = late_list
+    slow_writes(ingress.storage, "pending/", 0.2)
 
     async def submit(i, delay):
         await asyncio.sleep(delay)

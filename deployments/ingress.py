@@ -17,8 +17,6 @@ import json
 import logging
 import secrets
 import time
-from collections import Counter
-from collections.abc import Callable
 from datetime import date, timedelta
 
 from pydantic import BaseModel, Field
@@ -151,7 +149,9 @@ class Ingress:
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
         self._admitted: set[str] = set()  # jobs submitted or being run here: max_running_jobs counts them
-        self._unmarked: Counter[str] = Counter()  # per key: submissions not yet in storage's pending count
+        self._submitting: dict[
+            str, set[str]
+        ] = {}  # per key: this replica's submissions under way past the cap
         self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
         self._deliveries: set[asyncio.Task] = set()  # webhook tasks, referenced until done
         self._reaper: asyncio.Task | None = None
@@ -201,13 +201,15 @@ class Ingress:
             job_id, existing = await self.idempotent_job(key_id, idempotency_key, body_hash)
             if existing is not None:
                 return existing, True
-        with self._admitting(job_id, key_id) as marked:
-            # the key's jobs in storage (every replica's), and this replica's others on their way there,
-            # these counted before listing (one whose marker lands meanwhile may count twice, never none)
-            unmarked = self._unmarked[key_id] - 1
-            pending = await self.jobs.in_flight(key_id) + unmarked
-            if pending >= self.options.max_jobs_in_flight:
+        with self._admitting(job_id, key_id):
+            # the key's jobs in storage (every replica's) and this replica's others past this check on
+            # their way there, by id: one whose marker lands while the listing is taken counts once
+            submitting = self._submitting.setdefault(key_id, set())
+            before = set(submitting)
+            listed = await self.jobs.in_flight_ids(key_id)
+            if len(listed | before | submitting) >= self.options.max_jobs_in_flight:
                 raise TooManyJobs(self.options.max_jobs_in_flight)
+            submitting.add(job_id)
             if (
                 webhook_url
                 and not self.options.webhook_allow_private
@@ -280,7 +282,7 @@ class Ingress:
                     await self.storage.put(key, data)
                     job.request.input_keys.append(key)
             inputs = [data for _, data, _ in images]
-            creating = asyncio.ensure_future(self._create(job, inputs, start, marked))
+            creating = asyncio.ensure_future(self._create(job, inputs, start))
             creating.add_done_callback(_log_failure)
             try:  # shielded: a caller leaving now must not part the record from its marker, or its start
                 await asyncio.shield(creating)
@@ -299,12 +301,9 @@ class Ingress:
             self.ensure_reaper()
             return job, False
 
-    async def _create(
-        self, job: JobRecord, inputs: list[bytes], start: bool, marked: Callable[[], None]
-    ) -> None:
-        """Store the pending marker (then `marked()`) and the record; with `start`, run the job here
-        at once."""
-        await self.jobs.create(job, marked)
+    async def _create(self, job: JobRecord, inputs: list[bytes], start: bool) -> None:
+        """Store the pending marker and the record; with `start`, run the job here at once."""
+        await self.jobs.create(job)
         if start:
             if inputs:
                 self._inputs[job.id] = inputs
@@ -320,29 +319,21 @@ class Ingress:
     def _admitting(self, job_id: str, key_id: str):
         """Count a submission against this replica's caps before anything is awaited (checks made
         across an await would let a burst of submissions all pass before any of them counted): in
-        `_admitted` until its run ends, in `_unmarked` until its pending marker is in storage (it
-        then counts there: the `marked()` this yields says so) or the submission ends."""
+        `_admitted` until its run ends, and once past the key's cap in `_submitting` until the
+        submission ends."""
         if len(self._admitted) >= self.options.max_running_jobs:
             raise Overloaded(f"this replica is running its maximum of {self.options.max_running_jobs} jobs")
         self._admitted.add(job_id)
-        self._unmarked[key_id] += 1
-        counted = True
-
-        def marked() -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self._unmarked[key_id] -= 1
-                if not self._unmarked[key_id]:
-                    del self._unmarked[key_id]
-
         try:
-            yield marked
+            yield
         except BaseException:
             self._release(job_id)
             raise
         finally:
-            marked()
+            if (submitting := self._submitting.get(key_id)) is not None:
+                submitting.discard(job_id)
+                if not submitting:
+                    del self._submitting[key_id]
 
     async def _twin(self, job: JobRecord, idempotency_key: str | None) -> JobRecord:
         """The job a racing submission with the same Idempotency-Key created first (job ids are

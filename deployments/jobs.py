@@ -18,7 +18,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -119,13 +118,11 @@ class JobStore:
     def __init__(self, storage: Storage):
         self.storage = storage
 
-    async def create(self, job: JobRecord, marked: Callable[[], None] | None = None) -> None:
-        """The pending marker (then `marked()`), then the record: a failure between the two leaves a
+    async def create(self, job: JobRecord) -> None:
+        """The pending marker, then the record: a failure between the two leaves a
         marker without a record (dropped by the reaper once no write of the record can still be under
         way), never a record the reaper cannot see."""
         await self.mark_pending(job)
-        if marked is not None:
-            marked()
         await self.save(job)
 
     async def mark_pending(self, job: JobRecord) -> None:
@@ -183,8 +180,12 @@ class JobStore:
         """(key_id, job_id) of every job not yet terminal."""
         return [tuple(k.split("/")[1:3]) for k in await self.storage.list("pending") if k.count("/") == 2]
 
+    async def in_flight_ids(self, key_id: str) -> set[str]:
+        """Ids of the key's jobs not yet terminal."""
+        return {key.rsplit("/", 1)[1] for key in await self.storage.list(f"pending/{key_id}")}
+
     async def in_flight(self, key_id: str) -> int:
-        return len(await self.storage.list(f"pending/{key_id}"))
+        return len(await self.in_flight_ids(key_id))
 
     async def request_cancel(self, job_id: str) -> None:
         await self.storage.put(f"cancel/{job_id}", b"", "text/plain")

@@ -247,7 +247,7 @@ def test_a_burst_from_one_key_stays_within_its_caps(tmp_path):
         assert len(accepted) == 5 and "TooManyJobs" in refused, (len(accepted), refused)
         assert refused <= {"TooManyJobs", "Overloaded"}  # the replica's cap (8) refused some first
         assert await ingress.jobs.in_flight("anonymous") == 5
-        assert ingress._admitted == {j.id for j in accepted} and ingress._unmarked == {}
+        assert ingress._admitted == {j.id for j in accepted} and ingress._submitting == {}
         for job in accepted:
             await ingress.run(job)
         assert ingress._admitted == set() and await ingress.jobs.in_flight("anonymous") == 0
@@ -272,7 +272,7 @@ def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_pat
 
     async def go():
         jobs = await asyncio.gather(*(submit(i) for i in range(5)))  # TooManyJobs if counted twice
-        assert await ingress.jobs.in_flight("anonymous") == 5 and ingress._unmarked == {}
+        assert await ingress.jobs.in_flight("anonymous") == 5 and ingress._submitting == {}
         with pytest.raises(TooManyJobs):
             await submit(5)
         for job in jobs:
@@ -372,6 +372,6 @@ def test_a_caller_leaving_during_the_submissions_leaves_no_job_behind(tmp_path):
         assert len(made) == 1
         assert (await ingress.jobs.get(made[0].id)).status is Status.CANCELLED
         assert await ingress.jobs.pending() == [] and await _usage(ingress) == []
-        assert ingress._admitted == set() and ingress._unmarked == {} and ingress._running == {}
+        assert ingress._admitted == set() and ingress._submitting == {} and ingress._running == {}
 
     asyncio.run(go())

@@ -1,7 +1,7 @@
 """Served DAG vs the in-process Pipeline, and the DAG with batching on vs off (tiny preset, CPU).
 
     python benchmarks/serve_throughput.py [--size 64] [--concurrency 1 16] [--seconds 20]
-        [--modes inprocess batched unbatched noop] [--threads 1] [--inprocess-threads 2]
+        [--modes inprocess batched unbatched noop model] [--threads 1] [--inprocess-threads 2]
         [--preset tiny] [--device cpu|cuda] [--spans FILE] [--cpu] [--rounds 1]
 
 On a GPU: `--preset klein-4b --device cuda --size 1024` serves the real architecture with random
@@ -17,6 +17,11 @@ same Serve topology with stages that do nothing: the floor of Ray Serve's own pe
 the effects measured), then prints each figure's median and spread, and the batching and overhead
 figures taken round by round. `--cpu` adds, for each served point, the CPU time per request that each process spent (stages,
 ingress, proxy, Ray's own processes, the load generator): where a saturated machine's cores go.
+"model" times the stages' model work alone (embed, denoise, decode per image, batch 1 and 8, on
+the stages' `--threads`); with it the run ends with two bounds (`report_bounds`): the most that
+batching can gain given the CPU the rest of the service spends per request (with `--cpu`), and the
+least overhead over in-process that Serve's bare hops and the stages' threads allow (with
+inprocess and noop).
 
 Threads: each served stage uses `--threads` intra-op threads (1, as serve/configs/local-cpu.yaml:
 three stages share the cores) and its replicas run with OMP_WAIT_POLICY=PASSIVE, as `klein serve`
@@ -99,6 +104,67 @@ def run_inprocess(args, size: int, concurrency: list[int], seconds: float, threa
         torch.cuda.empty_cache()  # the served stages need the memory next
 
 
+# per image, ms, at the stages' thread count: {"batch 1": {...}, "batch 8": {...}} (mode "model")
+MODEL: dict[str, dict[str, float]] = {}
+
+
+def run_model(args, size: int, threads: int, n: int = 10) -> None:
+    """The stages' model work alone, in process, on `threads` threads as a served stage has: text
+    embedding, denoising and VAE decode, per image at batch 1 and batch 8. What no serving can go
+    below: `--cpu` and the bounds report set the served figures against it."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from klein import Pipeline
+    from klein.sampler import sample, unpack
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def per_image(pipe: Pipeline, batch: int) -> dict[str, float]:
+        prompts = [f"prompt {i}" for i in range(batch)]
+        ctx, m, sampling = pipe.embed(prompts), pipe.spec.multiple, pipe.spec.sampling
+        cfg = sampling.cfg  # Base presets: CFG at their default guidance, as served
+
+        @torch.inference_mode()
+        def denoise():
+            *_, img = sample(pipe.transformer, ctx, list(range(batch)), size, size, sampling.steps,
+                             neg_ctx=pipe.negative_embedding().expand(batch, -1, -1) if cfg else None,
+                             guidance=torch.full((batch,), sampling.guidance) if cfg else None,
+                             pixels_per_token=m)  # fmt: skip
+            return unpack(img, size // m, size // m)
+
+        latents = denoise()
+        parts = {"embed": timed(lambda: pipe.embed(prompts)), "denoise": timed(denoise),
+                 "decode": timed(lambda: pipe.decode(latents))}  # fmt: skip
+        out = {k: v / batch * 1e3 for k, v in parts.items()}
+        return {**out, "total": sum(out.values())}
+
+    def measure() -> None:
+        torch.set_num_threads(threads)  # on this thread, as a stage sets it on its worker
+        pipe = Pipeline(source(args.preset), args.device, dtype)
+        for batch in (1, 8):
+            MODEL[f"batch {batch}"] = ms = per_image(pipe, batch)
+            cells = ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+            print(f"{'model':>10} batch {batch}: ms per image on {threads} thread(s): {cells}", flush=True)
+
+    worker = ThreadPoolExecutor(1)
+    worker.submit(measure).result()
+    worker.shutdown()
+
+
 async def load(url: str, size: int, c: int, seconds: float) -> tuple[list[float], float, int]:
     latencies: list[float] = []
     errors = 0
@@ -164,7 +230,12 @@ def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
     return out
 
 
-def cpu_report(before: dict, after: dict, requests: int, elapsed: float) -> None:
+# (mode, concurrency) -> {round: {process group: CPU ms per request}} (`--cpu`)
+CPU: dict[tuple[str, int], dict[int, dict[str, float]]] = {}
+STAGES = ("TextEmbedder", "FlowTransformer", "Codec")
+
+
+def cpu_report(mode: str, c: int, before: dict, after: dict, requests: int, elapsed: float) -> None:
     groups: dict[str, float] = {}
     for key, (group, cpu) in after.items():
         groups[group] = groups.get(group, 0.0) + cpu - before.get(key, (group, 0.0))[1]
@@ -174,6 +245,8 @@ def cpu_report(before: dict, after: dict, requests: int, elapsed: float) -> None
     )
     for group, cpu in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"{'':>12} {cpu / max(requests, 1) * 1e3:6.1f} ms  {group}")
+    if requests:
+        CPU.setdefault((mode, c), {})[ROUND[0]] = {g: cpu / requests * 1e3 for g, cpu in groups.items()}
 
 
 def run_served(args, mode: str, size: int, concurrency: list[int], seconds: float, threads: int) -> None:
@@ -219,12 +292,12 @@ def run_served(args, mode: str, size: int, concurrency: list[int], seconds: floa
         latencies, elapsed, errors = asyncio.run(load(url, size, c, seconds))
         summarize(mode, c, latencies, elapsed)
         if args.cpu:
-            cpu_report(before, cpu_snapshot(), len(latencies), elapsed)
+            cpu_report(mode, c, before, cpu_snapshot(), len(latencies), elapsed)
         if spans:
             breakdown(spans, since, latencies)
         if errors:
             print(f"{'':>10} {errors} errors")
-        for name in ("TextEmbedder", "FlowTransformer", "Codec"):
+        for name in STAGES:
             sizes = STATS_LOOP.run_until_complete(stage_stats(name))["batch_sizes"]
             print(
                 f"{'':>10} {name} mean batch {sum(sizes) / max(len(sizes), 1):.2f} (last {len(sizes)} batches)"
@@ -284,7 +357,7 @@ def breakdown(path: str, since_ns: int, latencies: list[float]) -> None:
           + f"; outside the job span (HTTP, proxy, submit, answer) {outside:.1f}")  # fmt: skip
 
 
-def run_noop(concurrency: list[int], seconds: float) -> None:
+def run_noop(concurrency: list[int], seconds: float, cpu: bool = False) -> None:
     """The same topology (proxy -> ingress -> three chained, batched stages) doing nothing: the
     floor that Ray Serve's own per-request cost sets on this machine."""
     from fastapi import FastAPI
@@ -313,8 +386,11 @@ def run_noop(concurrency: list[int], seconds: float) -> None:
     serve.run(NoopIngress.bind(*stages), name="noop", route_prefix="/")
     asyncio.run(load("http://127.0.0.1:8703", 64, 2, 2.0))
     for c in concurrency:
+        before = cpu_snapshot() if cpu else {}
         latencies, elapsed, _ = asyncio.run(load("http://127.0.0.1:8703", 64, c, seconds))
         summarize("noop", c, latencies, elapsed)
+        if cpu:
+            cpu_report("noop", c, before, cpu_snapshot(), len(latencies), elapsed)
     serve.delete("noop")
     serve.shutdown()
 
@@ -349,6 +425,42 @@ def report_rounds(rounds: int) -> None:
                    lambda x, y: x[1] - y[1])  # fmt: skip
 
 
+def report_bounds() -> None:
+    """What the model work alone allows (mode "model"), set against what was served.
+
+    Batching ceiling (`--cpu`, batched and unbatched at one concurrency): on a saturated machine
+    throughput is the inverse of CPU per request. Batching can at best bring the stages' CPU per
+    request down to the model work per image at its best batch, and leaves the rest of the
+    service's (ingress, proxy, Ray, load generator) as it is: the ceiling is unbatched CPU per
+    request over that. Overhead floor (inprocess, noop): the model work per image at batch 1 on the
+    stages' threads, less the in-process pipeline's p50, plus Serve's bare hops (noop p50) -- what a
+    DAG doing nothing but its model work and Serve's own hops would add over in-process."""
+    import statistics
+
+    if not MODEL:
+        return
+    best = min(per_image["total"] for per_image in MODEL.values())
+    for c in sorted(c for m, c in CPU if m == "unbatched" and c > 1):  # c=1 leaves cores idle
+        off, on = CPU[("unbatched", c)], CPU.get(("batched", c), {})
+        for r in sorted(off):
+            total = sum(off[r].values())
+            stages = sum(off[r].get(s, 0.0) for s in STAGES)
+            ceiling = total / (total - stages + best)
+            got = ""
+            if r in on and r in RESULTS.get(("batched", c), {}) and r in RESULTS.get(("unbatched", c), {}):
+                got = f"; measured {RESULTS[('batched', c)][r][0] / RESULTS[('unbatched', c)][r][0]:.2f}x"
+            print(f"batching ceiling c={c} round {r + 1}: {ceiling:.2f}x (unbatched {total:.1f} ms CPU per "
+                  f"request, {stages:.1f} of it in the stages, whose model work is {best:.1f} at best){got}")  # fmt: skip
+    lows = [c for m, c in RESULTS if m == "inprocess"]
+    c = min(lows) if lows else None
+    if c is not None and ("noop", c) in RESULTS and "batch 1" in MODEL:
+        inproc = statistics.median(q for _, q in RESULTS[("inprocess", c)].values())
+        noop = statistics.median(q for _, q in RESULTS[("noop", c)].values())
+        model = MODEL["batch 1"]["total"]
+        print(f"overhead floor c={c}: {model - inproc + noop:.1f} ms over in-process (model work on the "
+              f"stages' threads {model:.1f} - in-process p50 {inproc:.1f} + Serve's bare hops {noop:.1f})")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64)
@@ -374,6 +486,10 @@ def main():
         if mode == "inprocess":
             run_inprocess(args, args.size, args.concurrency, args.seconds, args.inprocess_threads)
             continue
+        if mode == "model":
+            if ROUND[0] == 0:  # the model work does not drift with the serving: measured once
+                run_model(args, args.size, args.threads)
+            continue
         import ray
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the replicas' setting under `klein serve`
@@ -381,12 +497,13 @@ def main():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  object_store_memory=512 * 2**20)  # fmt: skip
         if mode == "noop":
-            run_noop(args.concurrency, args.seconds)
+            run_noop(args.concurrency, args.seconds, args.cpu)
             ray.shutdown()
         else:
             run_served(args, mode, args.size, args.concurrency, args.seconds, args.threads)
     if args.rounds > 1:
         report_rounds(args.rounds)
+    report_bounds()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""The serving benchmark's bounds: the model-work timing and the arithmetic set against it."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks import serve_throughput as bench
+
+
+@pytest.fixture(autouse=True)
+def fresh_tables(monkeypatch):
+    for table in ("MODEL", "CPU", "RESULTS"):
+        monkeypatch.setattr(bench, table, {})
+
+
+def test_model_work_is_timed_per_image_at_batch_1_and_8():
+    args = argparse.Namespace(preset="tiny", device="cpu")
+    bench.run_model(args, 64, threads=1, n=1)
+    assert set(bench.MODEL) == {"batch 1", "batch 8"}
+    for per_image in bench.MODEL.values():
+        parts = [per_image[k] for k in ("embed", "denoise", "decode")]
+        assert all(p > 0 for p in parts)
+        assert per_image["total"] == pytest.approx(sum(parts))
+
+
+def test_bounds_from_the_served_figures(capsys):
+    bench.MODEL.update({"batch 1": {"total": 50.0}, "batch 8": {"total": 40.0}})
+    rest = {"Ingress": 20.0, "HTTP proxy": 8.0, "other Ray processes": 2.0}
+    bench.CPU[("unbatched", 32)] = {0: {"FlowTransformer": 50.0, "Codec": 20.0, "TextEmbedder": 10.0, **rest}}
+    bench.CPU[("batched", 32)] = {0: {"FlowTransformer": 40.0, "Codec": 15.0, "TextEmbedder": 8.0, **rest}}
+    bench.CPU[("unbatched", 1)] = {0: {"FlowTransformer": 50.0, **rest}}  # c=1: cores idle, no ceiling
+    bench.RESULTS.update({
+        ("batched", 32): {0: (15.0, 2000.0)}, ("unbatched", 32): {0: (12.0, 2500.0)},
+        ("inprocess", 1): {0: (25.0, 35.0)}, ("inprocess", 32): {0: (26.0, 1200.0)},
+        ("noop", 1): {0: (50.0, 20.0)},
+    })  # fmt: skip
+    bench.report_bounds()
+    out = capsys.readouterr().out.splitlines()
+    # unbatched 110 ms of CPU per request, 80 in the stages; perfect batching leaves 30 + 40
+    assert out[0].startswith("batching ceiling c=32 round 1: 1.57x")
+    assert out[0].endswith("measured 1.25x")
+    # 50 ms of model work on the stages' threads - 35 in process + 20 of Serve's hops
+    assert out[1].startswith("overhead floor c=1: 35.0 ms")
+    assert len(out) == 2
+
+
+def test_no_bounds_without_the_model_work(capsys):
+    bench.RESULTS[("noop", 1)] = {0: (50.0, 20.0)}
+    bench.report_bounds()
+    assert capsys.readouterr().out == ""

@@ -25,6 +25,15 @@ def test_model_work_is_timed_per_image_at_batch_1_and_8():
         assert per_image["total"] == pytest.approx(sum(parts))
 
 
+def test_model_work_over_rounds_keeps_each_parts_fastest():
+    bench.MODEL["batch 1"] = {"embed": 1e-3, "denoise": 1e9, "decode": 1e-3, "total": 1e9}
+    bench.run_model(argparse.Namespace(preset="tiny", device="cpu"), 64, threads=1, n=1)
+    first = bench.MODEL["batch 1"]
+    assert first["embed"] == first["decode"] == 1e-3
+    assert 0 < first["denoise"] < 1e9
+    assert first["total"] == pytest.approx(first["denoise"] + 2e-3)
+
+
 def test_bounds_from_the_served_figures(capsys):
     bench.MODEL.update({"batch 1": {"total": 50.0}, "batch 8": {"total": 40.0}})
     rest = {"Ingress": 20.0, "HTTP proxy": 8.0, "other Ray processes": 2.0}

@@ -238,6 +238,7 @@ def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
 # (mode, concurrency) -> {round: {process group: CPU ms per request}} (`--cpu`)
 CPU: dict[tuple[str, int], dict[int, dict[str, float]]] = {}
 STAGES = ("TextEmbedder", "FlowTransformer", "Codec")
+NOOP_STAGES = ("Noop0", "Noop1", "Noop2")  # the same hops doing nothing (mode "noop")
 
 
 def cpu_report(mode: str, c: int, before: dict, after: dict, requests: int, elapsed: float) -> None:
@@ -387,7 +388,7 @@ def run_noop(concurrency: list[int], seconds: float, cpu: bool = False) -> None:
             return await self.c.f.remote(self.b.f.remote(self.a.f.remote(1)))
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8703})
-    stages = [Noop.options(name=f"Noop{i}").bind() for i in range(3)]
+    stages = [Noop.options(name=name).bind() for name in NOOP_STAGES]
     serve.run(NoopIngress.bind(*stages), name="noop", route_prefix="/")
     asyncio.run(load("http://127.0.0.1:8703", 64, 2, 2.0))
     for c in concurrency:
@@ -435,27 +436,30 @@ def report_bounds() -> None:
 
     Batching ceiling (`--cpu`, batched and unbatched at one concurrency): on a saturated machine
     throughput is the inverse of CPU per request. Batching can at best bring the stages' CPU per
-    request down to the model work per image at its best batch, and leaves the rest of the
-    service's (ingress, proxy, Ray, load generator) as it is: the ceiling is unbatched CPU per
-    request over that. Overhead floor (inprocess, noop): the model work per image at batch 1 on the
-    stages' threads, less the in-process pipeline's p50, plus Serve's bare hops (noop p50) -- what a
-    DAG doing nothing but its model work and Serve's own hops would add over in-process."""
+    request down to the model work per image at its best batch plus Serve's bare cost of a call to
+    each stage (the no-op stages' CPU in the same round, when noop ran with `--cpu`), and leaves the
+    rest of the service's (ingress, proxy, Ray, load generator) as it is: the ceiling is unbatched
+    CPU per request over that. Overhead floor (inprocess, noop): the model work per image at batch 1
+    on the stages' threads, less the in-process pipeline's p50, plus Serve's bare hops (noop p50):
+    what a DAG doing nothing but its model work and Serve's own hops would add over in-process."""
     import statistics
 
     if not MODEL:
         return
     best = min(per_image["total"] for per_image in MODEL.values())
     for c in sorted(c for m, c in CPU if m == "unbatched" and c > 1):  # c=1 leaves cores idle
-        off, on = CPU[("unbatched", c)], CPU.get(("batched", c), {})
+        off, on, noop = CPU[("unbatched", c)], CPU.get(("batched", c), {}), CPU.get(("noop", c), {})
         for r in sorted(off):
             total = sum(off[r].values())
             stages = sum(off[r].get(s, 0.0) for s in STAGES)
-            ceiling = total / (total - stages + best)
+            calls = sum(noop.get(r, {}).get(s, 0.0) for s in NOOP_STAGES)
+            ceiling = total / (total - stages + best + calls)
             got = ""
             if r in on and r in RESULTS.get(("batched", c), {}) and r in RESULTS.get(("unbatched", c), {}):
                 got = f"; measured {RESULTS[('batched', c)][r][0] / RESULTS[('unbatched', c)][r][0]:.2f}x"
             print(f"batching ceiling c={c} round {r + 1}: {ceiling:.2f}x (unbatched {total:.1f} ms CPU per "
-                  f"request, {stages:.1f} of it in the stages, whose model work is {best:.1f} at best){got}")  # fmt: skip
+                  f"request, {stages:.1f} of it in the stages; their floor: model work {best:.1f} at best"
+                  f" + Serve's bare calls {calls:.1f}){got}")  # fmt: skip
     lows = [c for m, c in RESULTS if m == "inprocess"]
     c = min(lows) if lows else None
     if c is not None and ("noop", c) in RESULTS and "batch 1" in MODEL:

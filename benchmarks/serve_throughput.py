@@ -437,9 +437,10 @@ def report_bounds() -> None:
     Batching ceiling (`--cpu`, batched and unbatched at one concurrency): on a saturated machine
     throughput is the inverse of CPU per request. Batching can at best bring the stages' CPU per
     request down to the model work per image at its best batch plus Serve's bare cost of a call to
-    each stage (the no-op stages' CPU in the same round, when noop ran with `--cpu`), and leaves the
-    rest of the service's (ingress, proxy, Ray, load generator) as it is: the ceiling is unbatched
-    CPU per request over that. Overhead floor (inprocess, noop): the model work per image at batch 1
+    each stage (the no-op stages' CPU in the same round, when noop ran with `--cpu`); the rest of the
+    service (ingress, proxy, Ray, load generator) costs what it cost with batching on (measured in
+    the same round; unbatched where that is missing). The ceiling is unbatched CPU per request over
+    that sum. Overhead floor (inprocess, noop): the model work per image at batch 1
     on the stages' threads, less the in-process pipeline's p50, plus Serve's bare hops (noop p50):
     what a DAG doing nothing but its model work and Serve's own hops would add over in-process."""
     import statistics
@@ -453,13 +454,15 @@ def report_bounds() -> None:
             total = sum(off[r].values())
             stages = sum(off[r].get(s, 0.0) for s in STAGES)
             calls = sum(noop.get(r, {}).get(s, 0.0) for s in NOOP_STAGES)
-            ceiling = total / (total - stages + best + calls)
+            rest = on.get(r, off[r])  # the rest of the service as batching left it, when measured
+            rest = sum(cpu for group, cpu in rest.items() if group not in STAGES)
+            ceiling = total / (rest + best + calls)
             got = ""
             if r in on and r in RESULTS.get(("batched", c), {}) and r in RESULTS.get(("unbatched", c), {}):
                 got = f"; measured {RESULTS[('batched', c)][r][0] / RESULTS[('unbatched', c)][r][0]:.2f}x"
             print(f"batching ceiling c={c} round {r + 1}: {ceiling:.2f}x (unbatched {total:.1f} ms CPU per "
-                  f"request, {stages:.1f} of it in the stages; their floor: model work {best:.1f} at best"
-                  f" + Serve's bare calls {calls:.1f}){got}")  # fmt: skip
+                  f"request, {stages:.1f} of it in the stages; batched, the rest {rest:.1f} and the stages' "
+                  f"floor: model work {best:.1f} at best + Serve's bare calls {calls:.1f}){got}")  # fmt: skip
     lows = [c for m, c in RESULTS if m == "inprocess"]
     c = min(lows) if lows else None
     if c is not None and ("noop", c) in RESULTS and "batch 1" in MODEL:

@@ -118,37 +118,33 @@ def run_model(args, size: int, threads: int, n: int = 20) -> None:
 
     import torch
 
-    from klein import Pipeline
-    from klein.sampler import sample, unpack
+    from klein import GenerationRequest, Pipeline
+    from klein.request import validate
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
 
     def timed(fn) -> float:
         fn()
         times = []
         for _ in range(n):
+            sync()
             t0 = time.perf_counter()
             fn()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
     def per_image(pipe: Pipeline, batch: int) -> dict[str, float]:
-        prompts = [f"prompt {i}" for i in range(batch)]
-        ctx, m, sampling = pipe.embed(prompts), pipe.spec.multiple, pipe.spec.sampling
-        cfg = sampling.cfg  # Base presets: CFG at their default guidance, as served
-
-        @torch.inference_mode()
-        def denoise():
-            *_, img = sample(pipe.transformer, ctx, list(range(batch)), size, size, sampling.steps,
-                             neg_ctx=pipe.negative_embedding().expand(batch, -1, -1) if cfg else None,
-                             guidance=torch.full((batch,), sampling.guidance) if cfg else None,
-                             pixels_per_token=m)  # fmt: skip
-            return unpack(img, size // m, size // m)
-
-        latents = denoise()
-        parts = {"embed": timed(lambda: pipe.embed(prompts)), "denoise": timed(denoise),
+        # as served: validated requests at the preset's defaults (steps, guidance), no references
+        requests = [
+            validate(pipe.spec, GenerationRequest(f"prompt {i}", size, size, seed=i)) for i in range(batch)
+        ]
+        prompts, refs = [r.prompt for r in requests], [pipe.encode_references(())] * batch
+        ctx = pipe.embed(prompts)
+        latents = pipe.denoise(requests, ctx, refs)
+        parts = {"embed": timed(lambda: pipe.embed(prompts)),
+                 "denoise": timed(lambda: pipe.denoise(requests, ctx, refs)),
                  "decode": timed(lambda: pipe.decode(latents))}  # fmt: skip
         out = {k: v / batch * 1e3 for k, v in parts.items()}
         return {**out, "total": sum(out.values())}
@@ -239,6 +235,7 @@ def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
 CPU: dict[tuple[str, int], dict[int, dict[str, float]]] = {}
 STAGES = ("TextEmbedder", "FlowTransformer", "Codec")
 NOOP_STAGES = ("Noop0", "Noop1", "Noop2")  # the same hops doing nothing (mode "noop")
+MODES = ("inprocess", "batched", "unbatched", "noop", "model")
 
 
 def cpu_report(mode: str, c: int, before: dict, after: dict, requests: int, elapsed: float) -> None:
@@ -454,8 +451,8 @@ def report_bounds() -> None:
             total = sum(off[r].values())
             stages = sum(off[r].get(s, 0.0) for s in STAGES)
             calls = sum(noop.get(r, {}).get(s, 0.0) for s in NOOP_STAGES)
-            rest = on.get(r, off[r])  # the rest of the service as batching left it, when measured
-            rest = sum(cpu for group, cpu in rest.items() if group not in STAGES)
+            batched = on.get(r, off[r])  # the rest of the service as batching left it, when measured
+            rest = sum(cpu for group, cpu in batched.items() if group not in STAGES)
             ceiling = total / (rest + best + calls)
             got = ""
             if r in on and r in RESULTS.get(("batched", c), {}) and r in RESULTS.get(("unbatched", c), {}):
@@ -478,7 +475,9 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--modes", nargs="+", default=["inprocess", "batched", "unbatched", "noop"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["inprocess", "batched", "unbatched", "noop"], choices=MODES
+    )
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per served stage")
     ap.add_argument("--inprocess-threads", type=int, default=os.cpu_count())
     ap.add_argument("--preset", default="tiny", help="real presets run with random weights")
@@ -489,8 +488,13 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="CPU time per request of each process (served modes)")
     ap.add_argument("--rounds", type=int, default=1, help="run every mode this many times, alternating")
     args = ap.parse_args()
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    for flag in ("rounds", "threads", "inprocess_threads", "size"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if min(args.concurrency) < 1:
+        ap.error("--concurrency must be at least 1")
+    if args.seconds <= 0:
+        ap.error("--seconds must be more than 0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"{args.preset} on {args.device}, {args.size}x{args.size}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
           f"{args.threads} thread(s) per stage, {args.inprocess_threads} in-process")  # fmt: skip

@@ -149,9 +149,8 @@ class Ingress:
         self.jobs = JobStore(self.storage)
         self._running: dict[str, asyncio.Task] = {}
         self._admitted: set[str] = set()  # jobs submitted or being run here: max_running_jobs counts them
-        self._submitting: dict[
-            str, set[str]
-        ] = {}  # per key: this replica's submissions under way past the cap
+        # per key: this replica's submissions under way past the key's cap check
+        self._submitting: dict[str, set[str]] = {}
         self._inputs: dict[str, list[bytes]] = {}  # input images of jobs submitted here: no read-back
         self._deliveries: set[asyncio.Task] = set()  # webhook tasks, referenced until done
         self._reaper: asyncio.Task | None = None

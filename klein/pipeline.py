@@ -87,12 +87,24 @@ class Pipeline:
         refs: list[References],
         on_step: Callable[[int, int], None] | None = None,
     ) -> Tensor:
-        """Denoise one group of complete requests of the same shape -> latents (B, C, h, w)."""
+        """Embed and denoise one group of complete requests of the same shape -> latents (B, C, h, w)."""
+        return self.denoise(requests, self.embed([r.prompt for r in requests]), refs, on_step)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        requests: list[GenerationRequest],
+        ctx: Tensor,
+        refs: list[References],
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """Denoise one group of complete requests of the same shape, their prompts embedded (`ctx`,
+        one row each) -> latents (B, C, h, w)."""
         first = requests[0]
         cfg = self.spec.sampling.cfg and first.guidance > 1.0  # guidance 1: the uncond branch cancels out
         steps = sample(
             self.transformer,
-            self.embed([r.prompt for r in requests]),
+            ctx,
             [r.seed for r in requests],
             first.height,
             first.width,

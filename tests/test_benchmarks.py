@@ -61,3 +61,20 @@ def test_no_bounds_without_the_model_work(capsys):
     bench.RESULTS[("noop", 1)] = {0: (50.0, 20.0)}
     bench.report_bounds()
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--modes", "modle"], "--modes"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--concurrency", "1", "0"], "--concurrency must be at least 1"),
+        (["--seconds", "0"], "--seconds must be more than 0"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr("sys.argv", ["serve_throughput.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

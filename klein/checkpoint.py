@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from klein.fp8 import FP8, FP8_MAX, is_fp8_layer
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -29,7 +31,6 @@ _DTYPES = {
 }  # fmt: skip
 _FORMATS = {v: k for k, v in _DTYPES.items()}
 COMFY_PREFIX = "model.diffusion_model."
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MAX_LISTED_KEYS = 12
 
 
@@ -110,16 +111,25 @@ def _strip(key: str) -> str:
     return key.removeprefix(COMFY_PREFIX)
 
 
+def fp8_layers(files: Iterable[Path]) -> list[str]:
+    """The layers stored in FP8 with a scale (`<layer>.weight` + `<layer>.weight_scale`)."""
+    keys = {_strip(k) for path in files for k in SafetensorsFile(path).entries}
+    return sorted(k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale"))
+
+
 def read_state_dict(
     files: Iterable[Path],
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     rename: Callable[[str], str | None] = lambda k: k,
+    keep_fp8: bool = False,
 ) -> dict[str, Tensor]:
     """Read every tensor that `rename` keeps, cast floating tensors to `dtype` on `device`.
 
-    FP8 layers (`<layer>.weight` e4m3 + `<layer>.weight_scale`) are dequantised to `dtype`;
-    `input_scale` (static activation scales for FP8 GEMMs) is not needed for weight-only use.
+    FP8 layers (`<layer>.weight` e4m3 + `<layer>.weight_scale`) are dequantised to `dtype`, or with
+    `keep_fp8` stay e4m3, their scale expanded to one float32 per output row (klein.fp8's form).
+    `input_scale` (a calibrated static activation scale) is not used: activations are scaled per
+    token as they come.
     """
     sd: dict[str, Tensor] = {}
     for path in files:
@@ -135,9 +145,17 @@ def read_state_dict(
             scale_key = key.removesuffix(".weight") + ".weight_scale"
             if key.endswith(".weight") and scale_key in keys:
                 scale = f.read(keys[scale_key]).float().reshape(-1)
-                if scale.numel() != 1:
-                    raise CheckpointError(f"{path}: {scale_key} must be a scalar, got {scale.numel()} values")
-                t = t.to(device).float().mul_(scale.to(device))
+                if scale.numel() not in (1, t.shape[0]):
+                    raise CheckpointError(
+                        f"{path}: {scale_key} must be a scalar or one per row, got {scale.numel()} values"
+                    )
+                if keep_fp8 and t.dtype == FP8:
+                    sd[name] = t.to(device)
+                    sd[name.removesuffix(".weight") + ".weight_scale"] = (
+                        scale.expand(t.shape[0]).contiguous().to(device)
+                    )
+                    continue
+                t = t.to(device).float().mul_(scale.to(device).reshape(-1, *[1] * (t.ndim - 1)))
             if t.is_floating_point():
                 t = t.to(device=device, dtype=dtype)
             else:
@@ -293,14 +311,6 @@ def quantize_fp8(state_dict: dict[str, Tensor], layers: Callable[[str], bool]) -
         else:
             out[key] = t
     return out
-
-
-def is_fp8_layer(name: str) -> bool:
-    """The layers BFL quantise in FLUX.2 [klein] FP8: block attention and MLP projections."""
-    return bool(
-        re.fullmatch(r"double_blocks\.\d+\.(img|txt)_(attn\.qkv|attn\.proj|mlp\.0|mlp\.2)", name)
-        or re.fullmatch(r"single_blocks\.\d+\.linear[12]", name)
-    )
 
 
 def save_fp8_transformer(state_dict: dict[str, Tensor], path: str | Path) -> None:

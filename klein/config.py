@@ -73,9 +73,19 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1) * 2
 
 
+# The hidden states FLUX.2 [klein] reads from its Qwen3 text encoder (HF `hidden_states` indices:
+# 0 is the token embeddings, k the output of decoder layer k), whatever the encoder's depth: BFL's
+# `Qwen3Embedder` and diffusers' `Flux2KleinPipeline` (`text_encoder_out_layers`) fix them.
+TEXT_TAPS = (9, 18, 27)
+
+
 @dataclass(frozen=True, slots=True)
 class TextEncoderConfig:
-    """A Qwen3 decoder used as a feature extractor; `layers` are HF `hidden_states` indices."""
+    """A Qwen3 decoder used as a feature extractor; `layers` are HF `hidden_states` indices.
+
+    `num_layers` is the checkpoint's depth; only the layers up to the deepest tap are built. When
+    the deepest tap is the last layer, HF's last hidden state (and so the tap) is after the final
+    norm (`final_norm`)."""
 
     hidden_size: int
     num_layers: int
@@ -84,7 +94,7 @@ class TextEncoderConfig:
     head_dim: int
     intermediate_size: int
     vocab_size: int
-    layers: tuple[int, ...] = (9, 18, 27)
+    layers: tuple[int, ...] = TEXT_TAPS
     max_length: int = 512
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
@@ -99,13 +109,9 @@ class TextEncoderConfig:
     def out_dim(self) -> int:
         return len(self.layers) * self.hidden_size
 
-
-def default_text_layers(num_layers: int, n: int) -> tuple[int, ...]:
-    """Evenly spaced taps: (9, 18, 27) for 36-layer Qwen3 and 3 taps (BFL, diffusers' default)."""
-    if num_layers % (n + 1):
-        raise ValueError(f"cannot space {n} text-encoder taps evenly over {num_layers} layers")
-    step = num_layers // (n + 1)
-    return tuple(step * (i + 1) for i in range(n))
+    @property
+    def final_norm(self) -> bool:
+        return max(self.layers) == self.num_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +188,11 @@ KLEIN_BASE_4B = replace(KLEIN_4B, name="klein-base-4b", sampling=BASE)
 KLEIN_BASE_9B = replace(KLEIN_9B, name="klein-base-9b", sampling=BASE)
 
 # Random weights at toy sizes with the real geometry (16 pixels per token, 4-axis RoPE, GQA text
-# encoder, 3 text taps): every code path of the real models, fast enough for CPU tests.
-# The vocabulary matches klein.text_embedder.build_tiny_tokenizer.
+# encoder deep enough for the real taps 9/18/27): every code path of the real models, fast enough
+# for CPU tests. The vocabulary matches klein.text_embedder.build_tiny_tokenizer.
 TINY_TEXT = TextEncoderConfig(
-    hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
-    vocab_size=261, layers=(1, 2, 3), max_position_embeddings=512,
+    hidden_size=32, num_layers=28, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
+    vocab_size=261, max_position_embeddings=512,
 )  # fmt: skip
 TINY = ModelSpec(
     name="tiny",

@@ -19,6 +19,7 @@ from torch import nn
 
 from klein.checkpoint import (
     CheckpointError,
+    fp8_layers,
     load_into,
     read_shapes,
     read_state_dict,
@@ -30,13 +31,14 @@ from klein.config import (
     BASE,
     DISTILLED,
     PRESETS,
+    TEXT_TAPS,
     ModelSpec,
     SamplingDefaults,
     TextEncoderConfig,
     TransformerConfig,
     VAEConfig,
-    default_text_layers,
 )
+from klein.fp8 import fp8_unsupported_reason, log_once, quantize_linears
 from klein.text_embedder import TextEmbedder, build_tiny_tokenizer
 from klein.transformer import Flux2
 from klein.vae import AutoEncoder
@@ -121,7 +123,8 @@ class ModelSource:
         def rename(key: str) -> str | None:  # keep the embeddings and the layers up to the last tap
             key = key.removeprefix("model.")
             m = re.match(r"layers\.(\d+)\.", key)
-            if key.startswith(("lm_head.", "norm.")) or (m and int(m[1]) >= n_layers):
+            unused = ("lm_head.",) if cfg.final_norm else ("lm_head.", "norm.")
+            if key.startswith(unused) or (m and int(m[1]) >= n_layers):
                 return None
             return key
 
@@ -136,9 +139,21 @@ def _describe(c: Component) -> str:
 
 
 def load_transformer(c: Component, config: TransformerConfig, device="cpu", dtype=torch.float32) -> Flux2:
-    """Build on the meta device and assign the checkpoint's tensors, converted as they are read."""
+    """Build on the meta device and assign the checkpoint's tensors, converted as they are read.
+
+    An FP8 checkpoint's layers stay FP8 (klein.fp8) where the device runs FP8 GEMMs; elsewhere they
+    are dequantised to `dtype` (said once in the log)."""
     model = _on_meta(Flux2, config)
-    sd = read_state_dict(c.files, dtype, device)
+    stored = fp8_layers(c.files) if c.layout == "bfl" else []
+    keep = False
+    if stored:
+        reason = fp8_unsupported_reason(device)
+        keep = reason is None
+        if keep:
+            quantize_linears(model, set(stored).__contains__)
+        else:
+            log_once(f"{_describe(c)} is FP8 but {reason}: its weights are dequantised to {dtype}")
+    sd = read_state_dict(c.files, dtype, device, keep_fp8=keep)
     if c.layout == "diffusers":
         sd = transformer_from_diffusers(sd)
     load_into(model, sd, _describe(c))
@@ -366,9 +381,15 @@ def _vae_config(v: Component) -> VAEConfig:
 def _text_config(folder: Path, dit: TransformerConfig) -> TextEncoderConfig:
     cfg = json.loads((folder / "config.json").read_text())
     hidden, n_layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    if dit.context_in_dim % hidden:
+    if n_layers < max(TEXT_TAPS):
         raise CheckpointError(
-            f"{folder}: text hidden size {hidden} does not divide the transformer's context dim {dit.context_in_dim}"
+            f"{folder}: the text encoder has {n_layers} layers; FLUX.2 [klein] reads hidden states "
+            f"{', '.join(map(str, TEXT_TAPS))}, so it needs at least {max(TEXT_TAPS)}"
+        )
+    if dit.context_in_dim != len(TEXT_TAPS) * hidden:
+        raise CheckpointError(
+            f"{folder}: {len(TEXT_TAPS)} hidden states of size {hidden} make {len(TEXT_TAPS) * hidden} "
+            f"features per token, but the transformer reads {dit.context_in_dim}"
         )
     rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e6)
     return TextEncoderConfig(
@@ -379,7 +400,6 @@ def _text_config(folder: Path, dit: TransformerConfig) -> TextEncoderConfig:
         head_dim=cfg.get("head_dim") or hidden // cfg["num_attention_heads"],
         intermediate_size=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
-        layers=default_text_layers(n_layers, dit.context_in_dim // hidden),
         rope_theta=float(rope_theta),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 40960),

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from klein import fast as fastpath
 from klein.config import ModelSpec
+from klein.fast import FastPath
 from klein.image import prepare_reference, to_pil
 from klein.loader import ModelSource
 from klein.request import GenerationRequest, validate
@@ -52,7 +54,14 @@ def encode_references(vae: AutoEncoder, spec: ModelSpec, images: tuple[Image.Ima
 
 
 class Pipeline:
-    def __init__(self, source: ModelSource, device: str | torch.device = "cpu", dtype=torch.float32):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str | torch.device = "cpu",
+        dtype=torch.float32,
+        fast: FastPath | None = None,
+    ):
+        """`fast`: the fast path's options (klein.fast); `warm_up` compiles their sizes."""
         self.source = source
         self.spec = source.spec
         self.device = torch.device(device)
@@ -61,6 +70,27 @@ class Pipeline:
         self.transformer = source.load_transformer(device, dtype)
         self.vae = source.load_vae(device, dtype)
         self._negative: Tensor | None = None
+        self.fast = fast or FastPath()
+        self.reports = [
+            fastpath.setup_text_embedder(self.text_embedder, self.fast),
+            fastpath.setup_transformer(self.transformer, self.fast),
+            fastpath.setup_vae(self.vae, self.fast),
+        ]
+        for report in self.reports:
+            log.info("%s", report)
+
+    def warm_up(self, cfg: bool | None = None) -> list[fastpath.Report]:
+        """Runs every component once per configured size and batch size (compiling them), before
+        any request; `cfg` (default: the variant's) warms the transformer for CFG's double batch."""
+        cfg = self.spec.sampling.cfg if cfg is None else cfg
+        reports = [
+            fastpath.warm_up_text_embedder(self.text_embedder, self.fast),
+            fastpath.warm_up_transformer(self.transformer, self.fast, cfg=cfg, multiple=self.spec.multiple),
+            fastpath.warm_up_vae(self.vae, self.fast, self.spec.multiple),
+        ]
+        for report in reports:
+            log.info("%s", report)
+        return reports
 
     def embed(self, prompts: list[str]) -> Tensor:
         """(B, 512, context_dim)."""

@@ -33,7 +33,7 @@ class GenerationRequest:
     height: int | None = None
     seed: int = 0
     steps: int | None = None  # None: the variant's default
-    guidance: float | None = None  # Base models only; None: the variant's default
+    guidance: float | None = None  # None: the variant's default; distilled models take only 1 (none)
     references: tuple[Image.Image, ...] = ()
 
     @property
@@ -107,8 +107,13 @@ def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
         raise InvalidRequest("steps", f"must be between 1 and {s.max_steps}, got {steps}")
     guidance = req.guidance
     if not s.cfg:
-        if guidance is not None:
-            raise InvalidRequest("guidance", f"{spec.name} is guidance-distilled; guidance cannot be set")
+        # 1.0 is "no guidance" (the model card's own diffusers call passes guidance_scale=1.0)
+        if guidance is not None and guidance != 1.0:
+            raise InvalidRequest(
+                "guidance",
+                f"{spec.name} is guidance-distilled: guidance must be 1 or unset, got {guidance:g}",
+            )
+        guidance = None
     else:
         guidance = s.guidance if guidance is None else guidance
         if not s.min_guidance <= guidance <= s.max_guidance:

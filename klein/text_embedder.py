@@ -3,7 +3,12 @@
 
 Each prompt goes through the chat template (thinking disabled), is padded to 512 tokens, and the
 hidden states after decoder layers 9, 18 and 27 (HF `hidden_states` indices) are concatenated per
-token: (B, 512, 3 * hidden). Layers past the last tap are never built, and no final norm is applied.
+token: (B, 512, 3 * hidden). Layers past the last tap are never built; the final norm applies only
+where HF applies it, to an encoder's last layer (a 27-layer encoder's tap 27).
+
+Tokenising (host work) and running the decoder (`hidden_states`, device work, one traceable
+function that `klein.fast` may compile) are separate; the taps are collected by the forward itself,
+not by hooks.
 """
 
 from __future__ import annotations
@@ -77,7 +82,9 @@ class TextEmbedder(nn.Module):
 
             model = Qwen3Model(qwen3_config(config))
         self.model = model
-        self.model.norm = nn.Identity()  # taps are pre-norm; the final norm is never used
+        if not config.final_norm:
+            self.model.norm = nn.Identity()  # taps before the last layer are read before any norm
+        self.encode = self.hidden_states  # klein.fast may put a compiled version here
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,30 +119,34 @@ class TextEmbedder(nn.Module):
             masks.append(enc["attention_mask"])
         return torch.cat(ids), torch.cat(masks)
 
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids and their padding mask (B, L) -> the tapped hidden states concatenated per
+        token, (B, L, len(layers) * hidden): Qwen3Model's forward, keeping what the taps read."""
+        from transformers.masking_utils import create_causal_mask
+
+        m, layers = self.model, self.config.layers
+        x = m.embed_tokens(input_ids)
+        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        mask = create_causal_mask(
+            config=m.config,
+            inputs_embeds=x,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        rotary = m.rotary_emb(x, position_ids)
+        taps = {0: x} if 0 in layers else {}
+        for i, layer in enumerate(m.layers, start=1):  # HF: hidden_states[i] is layer i-1's output
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+            if i in layers:
+                taps[i] = x
+        if self.config.final_norm:
+            taps[len(m.layers)] = m.norm(x)
+        return torch.cat([taps[k] for k in layers], dim=-1)
+
     @torch.inference_mode()
     def forward(self, prompts: list[str]) -> Tensor:
         """prompts -> (B, max_length, len(layers) * hidden) in the model's dtype."""
         input_ids, attention_mask = self.tokenize(prompts)
-        taps: dict[int, Tensor] = {}
-
-        def keep(index: int):
-            def hook(_module, _inputs, output):
-                taps[index] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        # HF convention: hidden_states[0] = token embeddings, hidden_states[k] = output of layer k-1.
-        hooks = [
-            (self.model.embed_tokens if k == 0 else self.model.layers[k - 1]).register_forward_hook(keep(k))
-            for k in set(self.config.layers)
-        ]
-        try:
-            self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                use_cache=False,
-            )
-        finally:
-            for h in hooks:
-                h.remove()
-        return torch.cat([taps[k] for k in self.config.layers], dim=-1).to(self.dtype)  # (B, L, n * D)
+        out = self.encode(input_ids.to(self.device), attention_mask.to(self.device))
+        return out.to(self.dtype)

@@ -15,8 +15,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from klein.config import TransformerConfig
+from klein.fp8 import fp8_linear
 
-# Rotary embedding as complex phases, (B, 1, L, head_dim/2): one per (token, rotated pair).
+# Rotary embedding as (cos, sin) of each phase, float32 (B, 1, L, head_dim/2, 2): one per (token,
+# rotated pair). Real-valued rather than complex: the compiler generates code for it (it has none for
+# complex numbers) and the result is the same to the bit.
 Rope = Tensor
 
 
@@ -30,26 +33,48 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, t
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Rope:
-    """ids (B, L, n_axes) -> unit complex phases (B, 1, L, sum(axes_dim)/2), angles in float64."""
+    """ids (B, L, n_axes) -> (cos, sin) of every phase, (B, 1, L, sum(axes_dim)/2, 2) in float32;
+    the angles are computed in float64 and each of cos and sin is rounded once."""
     phases = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         phases.append(ids[..., i].to(torch.float64)[..., None] * omega)  # (B, L, d/2)
     angle = torch.cat(phases, dim=-1)
-    return torch.polar(torch.ones_like(angle), angle).to(torch.complex64).unsqueeze(1)
+    return torch.stack((torch.cos(angle), torch.sin(angle)), dim=-1).float().unsqueeze(1)
 
 
 def apply_rope(x: Tensor, pe: Rope) -> Tensor:
-    """Rotate consecutive pairs (x0, x1) of the head dim by the token's phase; float32 maths."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
+    """Rotate consecutive pairs (x0, x1) of the head dim by the token's phase, in float32:
+    (x0 cos - x1 sin, x0 sin + x1 cos), the arithmetic of a complex product."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = pe.unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+# SDPA kernels in order of preference for the transformer's attention (klein.fast pins them);
+# None: torch's own choice.
+_SDPA_PRIORITY: list | None = None
+
+
+def set_attention_priority(backends: list | None) -> None:
+    """Pin the order of SDPA backends (torch.nn.attention.SDPBackend) for the transformer."""
+    global _SDPA_PRIORITY
+    _SDPA_PRIORITY = None if backends is None else list(backends)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if _SDPA_PRIORITY is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_SDPA_PRIORITY, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Rope) -> Tensor:
     """q, k, v (B, H, L, D) -> (B, L, H*D)."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(x, "B H L D -> B L (H D)")
+    return rearrange(sdpa(q, k, v), "B H L D -> B L (H D)")
 
 
 def modulate(x: Tensor, shift: Tensor, scale1p: Tensor, eps: float = 1e-6) -> Tensor:
@@ -77,20 +102,34 @@ def _bf16_gemm_is_native() -> bool:
 _WIDEN_BF16_ON_CPU = not _bf16_gemm_is_native()
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x @ weight.T; an FP8 `weight` with its per-row `scale` runs as an FP8 GEMM (klein.fp8)."""
+    if scale is not None:
+        return fp8_linear(x, weight, scale)
     if _WIDEN_BF16_ON_CPU and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         return F.linear(x.float(), weight.float()).to(torch.bfloat16)
     return F.linear(x, weight)
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear (same state-dict keys) that routes through `linear`."""
+    """A bias-free nn.Linear (same state-dict keys) that routes through `linear`.
+
+    In FP8 form (`klein.fp8.to_fp8`) `weight` is float8_e4m3fn and the buffer `weight_scale` holds
+    one float32 scale per output row: the layout of BFL's FP8 files, with their scalar expanded."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("weight_scale", None)  # not in the state dict until it holds a tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.weight_scale)
+
+    def split_rows(self, sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
+        """(weight, scale) of consecutive blocks of output rows, as views."""
+        weights = self.weight.split(sizes)
+        if self.weight_scale is None:
+            return [(w, None) for w in weights]
+        return list(zip(weights, self.weight_scale.split(sizes), strict=True))
 
 
 class MLPEmbedder(nn.Module):
@@ -206,21 +245,17 @@ class SingleStreamBlock(nn.Module):
         `rows` are queried and go through the MLP: the last block skips the tokens nobody reads."""
         ((shift, scale, gate),) = mod
         x_mod = modulate(x, shift, scale)
-        w_qkv, w_mlp = self.linear1.weight.split(
-            [3 * self.hidden, self.linear1.out_features - 3 * self.hidden]
-        )
-        q, k, v = rearrange(linear(x_mod, w_qkv), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        qkv, mlp = self.linear1.split_rows([3 * self.hidden, self.linear1.out_features - 3 * self.hidden])
+        q, k, v = rearrange(linear(x_mod, *qkv), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q[:, :, rows], k)
-        gate_up = linear(x_mod[:, rows], w_mlp)  # (B, L_rows, 2 * mlp_hidden)
+        gate_up = linear(x_mod[:, rows], *mlp)  # (B, L_rows, 2 * mlp_hidden)
 
-        # linear2 reads [attention | SwiGLU(mlp)]: both are written straight into one buffer.
-        b, n = gate_up.shape[:2]
-        buf = torch.empty(b, n, self.linear2.in_features, dtype=x.dtype, device=x.device)
-        attn = F.scaled_dot_product_attention(apply_rope(q, pe[:, :, rows]), apply_rope(k, pe), v)
-        buf[..., : self.hidden].unflatten(-1, (self.num_heads, -1)).copy_(attn.transpose(1, 2))
+        attn = sdpa(apply_rope(q, pe[:, :, rows]), apply_rope(k, pe), v)
         g, u = gate_up.chunk(2, dim=-1)
-        torch.mul(F.silu(g), u, out=buf[..., self.hidden :])
-        return x[:, rows] + gate * self.linear2(buf)
+        # linear2 reads [attention | SwiGLU(mlp)]
+        return x[:, rows] + gate * self.linear2(
+            torch.cat((attn.transpose(1, 2).flatten(2), F.silu(g) * u), -1)
+        )
 
 
 class LastLayer(nn.Module):

@@ -191,4 +191,8 @@ class AutoEncoder(nn.Module):
         z = z.to(self.dtype)
         bn_mean, bn_std = self._bn_stats(z)
         z = rearrange(z * bn_std + bn_mean, "B (C pi pj) i j -> B C (i pi) (j pj)", pi=2, pj=2)
-        return torch.cat([self.decoder(zi) for zi in z.split(1)])
+        return torch.cat([self.decode_one(zi) for zi in z.split(1)])
+
+    def decode_one(self, z: Tensor) -> Tensor:
+        """(1, z, H/8, W/8) unpacked latents -> (1, 3, H, W); klein.fast may wrap this."""
+        return self.decoder(z)

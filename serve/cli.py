@@ -2,7 +2,8 @@
 
     klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
-                   --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda] --out FILE.png
+                   --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda]
+                   [--compile] [--cuda-graphs] [--quantize fp8] [--attention NAME] --out FILE.png
     klein serve [--preset NAME [--random-weights] | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
     klein loadtest --host URL [--users N --spawn-rate R --run-time 60s --shape ramp|burst|soak|drain] [--out DIR]
@@ -50,10 +51,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (default 0)")
     g.add_argument("--steps", type=int, help="denoising steps (default: 4 distilled, 50 Base)")
-    g.add_argument("--guidance", type=float, help="CFG scale, Base models only (default 4.0)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        help="CFG scale: Base models 1-20 (default 4.0); distilled models take only 1 (no guidance)",
+    )
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .png, .jpg or .webp")
+    fast = g.add_argument_group("fast path (klein.fast)")
+    fast.add_argument(
+        "--compile", action="store_true", help="torch.compile the model, warmed up at this size first"
+    )
+    fast.add_argument(
+        "--cuda-graphs", action="store_true", help="CUDA graphs for the transformer (CUDA only)"
+    )
+    fast.add_argument(
+        "--quantize", choices=["fp8"], help="FP8 block linears (FP8 checkpoints are FP8 already)"
+    )
+    fast.add_argument(
+        "--attention",
+        choices=["auto", "default", "cudnn", "flash", "efficient", "math"],
+        default="auto",
+        help="SDPA backend for the transformer (default auto: cuDNN, else flash, on CUDA)",
+    )
     g.set_defaults(subparser=g)
 
     s = sub.add_parser("serve", help="start a local Ray, deploy the service, serve until Ctrl-C / SIGTERM")
@@ -102,7 +123,7 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from klein import DTYPES, GenerationRequest, InvalidRequest, ModelSource, Pipeline
+    from klein import DTYPES, FastPath, GenerationRequest, InvalidRequest, ModelSource, Pipeline
     from klein.checkpoint import CheckpointError
     from klein.request import validate
 
@@ -150,16 +171,28 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
         flag = FLAGS.get(e.field.split("[")[0], e.field)
         parser.error(f"{flag}: {e.message}")
 
+    if args.cuda_graphs and device != "cuda":
+        parser.error(f"--cuda-graphs: needs CUDA; the device is {device}")
+    if args.attention not in ("auto", "default", "math") and device != "cuda":
+        parser.error(f"--attention: {args.attention} needs CUDA; the device is {device}")
+    fast = FastPath(
+        compile=args.compile, cuda_graphs=args.cuda_graphs, quantize=args.quantize, attention=args.attention,
+        warmup_sizes=((request.width, request.height),) if args.compile or args.cuda_graphs else (),
+    )  # fmt: skip
+
     t0 = time.perf_counter()
-    pipe = Pipeline(source, device=device, dtype=dtype)
+    pipe = Pipeline(source, device=device, dtype=dtype, fast=fast)
     t1 = time.perf_counter()
+    warm = sum(r.warmup_s for r in pipe.warm_up(cfg=request.guidance is not None and request.guidance > 1))
+    t2 = time.perf_counter()
     progress = _progress(request.steps)
     image = pipe.generate([request], on_step=progress)[0]
     image.save(args.out, format=fmt)
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
+    speed = "".join(f"\n  {r}" for r in pipe.reports if r.actions)
     print(
         f"{args.out} {request.width}x{request.height} seed={request.seed} steps={request.steps} "
-        f"model={source.spec.name} load={t1 - t0:.2f}s generate={t2 - t1:.2f}s"
+        f"model={source.spec.name} load={t1 - t0:.2f}s warm-up={warm:.2f}s generate={t3 - t2:.2f}s{speed}"
     )
     return 0
 

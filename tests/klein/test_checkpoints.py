@@ -47,7 +47,8 @@ def test_diffusers_folder_spec(tiny_dir):
     src = ModelSource.from_paths(tiny_dir)
     assert src.spec.transformer == TINY.transformer
     assert src.spec.vae == TINY.vae
-    assert src.spec.text.layers == (1, 2, 3)  # 3 taps evenly over 4 layers, from the checkpoint
+    assert src.spec.text.layers == (9, 18, 27)  # BFL's and diffusers' taps, whatever the depth
+    assert src.spec.text.num_layers == 28 and not src.spec.text.final_norm
     assert src.spec.name == "tiny-distilled"  # the folder's name: random-weight presets never match
     assert not src.spec.sampling.cfg  # model_index.json: is_distilled true
 
@@ -162,7 +163,7 @@ def test_missing_text_encoder_layer_is_named(tiny_dir, tmp_path):
 
 def test_text_encoder_loads_only_the_tapped_layers(tiny_dir):
     embedder = ModelSource.from_paths(tiny_dir).load_text_embedder()
-    assert len(embedder.model.layers) == 3  # layer 4 of 4 is never needed for taps (1, 2, 3)
+    assert len(embedder.model.layers) == 27  # layer 28 of 28 is never needed for taps (9, 18, 27)
 
 
 @pytest.mark.parametrize("spec", [KLEIN_4B, KLEIN_9B], ids=["4b", "9b"])

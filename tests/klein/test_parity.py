@@ -56,7 +56,7 @@ def _random_image(w: int, h: int, seed: int) -> Image.Image:
 
 def test_prompt_embeddings(diffusers_tiny, ours):
     ref = diffusers_tiny._get_qwen3_prompt_embeds(
-        diffusers_tiny.text_encoder, diffusers_tiny.tokenizer, PROMPTS, hidden_states_layers=(1, 2, 3)
+        diffusers_tiny.text_encoder, diffusers_tiny.tokenizer, PROMPTS
     )
     got = ours.embed(PROMPTS)
     assert got.shape == (3, 512, 96)
@@ -159,7 +159,6 @@ def _diffusers_image(pipe, req: GenerationRequest, **kw) -> np.ndarray:
         height=req.height,
         width=req.width,
         num_inference_steps=req.steps,
-        text_encoder_out_layers=(1, 2, 3),
         generator=torch.Generator("cpu").manual_seed(req.seed),
         output_type="np",
         **kw,
@@ -183,7 +182,7 @@ def test_pipeline_image_distilled(diffusers_tiny, ours, refs):
 def test_pipeline_latents_distilled(diffusers_tiny, ours):
     req = validate(ours.spec, GenerationRequest("a cat", 64, 80, seed=7))
     out = diffusers_tiny(
-        prompt=req.prompt, height=80, width=64, num_inference_steps=4, text_encoder_out_layers=(1, 2, 3),
+        prompt=req.prompt, height=80, width=64, num_inference_steps=4,
         generator=torch.Generator("cpu").manual_seed(7), output_type="latent",
     )  # fmt: skip
     got = ours.generate_latents([req], [ours.encode_references(())])
@@ -206,7 +205,7 @@ def test_pipeline_latents_base_cfg(diffusers_tiny_base, ours_base):
     req = validate(ours_base.spec, GenerationRequest("a lighthouse", 64, 64, seed=5, steps=3, guidance=4.0))
     out = diffusers_tiny_base(
         prompt=req.prompt, height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
-        text_encoder_out_layers=(1, 2, 3), generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(5), output_type="latent",
     )  # fmt: skip
     got = ours_base.generate_latents([req], [ours_base.encode_references(())])
     torch.testing.assert_close(

@@ -137,6 +137,10 @@ def test_validation_errors(app):
     assert post({}, model="flux-2-klein-99b").status_code == 404
     r = post({"guidance": 3.0})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance"]
+    assert "guidance must be 1 or unset, got 3" in r.json()["detail"][0]["msg"]
+    r = post({"guidance": 1.0, "width": 64, "height": 64})  # 1: no guidance, as the model card passes it
+    assert r.status_code == 200, r.text
+    assert app.wait(r.json()["id"])["status"] == "Ready"
     r = post({"input_image": "not base64!"})
     assert r.status_code == 422 and "input_image" in r.json()["detail"][0]["loc"]
     r = post({"input_image": _png_b64(32, 64, 1)})

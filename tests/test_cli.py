@@ -38,6 +38,9 @@ def _error(capsys, argv) -> str:
         ),
         (["--device", "cuda"], "--device: cuda requested but no CUDA device is available"),
         (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+        (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs: needs CUDA; the device is cpu"),
+        (["--device", "cpu", "--attention", "cudnn"], "--attention: cudnn needs CUDA; the device is cpu"),
     ],
 )
 def test_bad_flags_name_the_flag(capsys, tmp_path, extra, message):
@@ -138,6 +141,39 @@ def test_console_script_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert out.exists()
+
+
+def test_generate_compiled_and_fp8(tmp_path, capsys):
+    """--compile (inductor, warmed up at the request's size first) and --quantize fp8, in a fresh
+    process as a user runs it; the image matches the eager FP8 run within one level."""
+    args = [
+        "generate",
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "80",
+        "--seed",
+        "5",
+        "--quantize",
+        "fp8",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "serve.cli", *args, "--compile", "--out", str(tmp_path / "fast.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (
+        "transformer: FP8 block linears (12)" in r.stdout
+        and "compiled 1 double + 2 single blocks" in r.stdout
+    )
+    assert "text encoder: compiled 27 Qwen3 layers" in r.stdout and "VAE decoder: compiled" in r.stdout
+    assert main([*args, "--out", str(tmp_path / "eager.png")]) == 0
+    fast = np.asarray(Image.open(tmp_path / "fast.png")).astype(int)
+    eager = np.asarray(Image.open(tmp_path / "eager.png")).astype(int)
+    assert np.abs(fast - eager).max() <= 1
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOpti
 from deployments.stage import LRU, Stage, StageOptions, gated, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
+from klein import fast as fastpath
 from klein.image import to_pil
 from klein.pipeline import References, encode_references
 
@@ -80,6 +81,9 @@ class Codec(Stage):
         self.vae = self.on_worker(source.load_vae, self.device, self.dtype)
         self.storage = open_storage(storage)
         self.options = options
+        self.speed_up(
+            self.vae, fastpath.setup_vae, fastpath.warm_up_vae, "decode_one", multiple=self.spec.multiple
+        )
         self.post = self.on_worker(
             PostProcessor, safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device
         )

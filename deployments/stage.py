@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from deployments.payloads import JobCancelled
-from klein import DTYPES
+from klein import DTYPES, FastPath
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,64 @@ class Placement(BaseModel):
         return torch.device(device), dtype
 
 
+class FastPathOptions(BaseModel):
+    """The fast path of a stage's model (klein.fast), set up and warmed up before the replica
+    reports healthy; the stage logs what it compiled and how long warm-up took."""
+
+    compile: bool = Field(False, description="torch.compile the model (regional), warmed up first")
+    cuda_graphs: bool = Field(False, description="CUDA graphs for the transformer (CUDA only)")
+    attention: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="transformer SDPA backend; auto: cuDNN, else flash, pinned on CUDA"
+    )
+    quantize: Literal["fp8"] | None = Field(
+        None, description="transformer only: FP8 block linears (FP8 checkpoints stay FP8 anyway)"
+    )
+    dynamic: bool = Field(False, description="one compiled graph for every shape (else one per shape)")
+    warmup_sizes: list[str] = Field(
+        default_factory=list, description="WxH sizes compiled before serving, e.g. 1024x1024"
+    )
+    warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1], description="per warm-up size")
+    new_shapes: Literal["eager", "compile"] = Field(
+        "eager", description="a shape that was not warmed up: run it eagerly, or compile it then"
+    )
+    max_shapes: int = Field(16, ge=1, description="compiled shapes per model; past it new ones run eagerly")
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend (aot_eager / eager trace without generating code)"
+    )
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            w, _, h = size.partition("x")
+            if not (w.isdigit() and h.isdigit()) or int(w) % 16 or int(h) % 16:
+                raise ValueError(f"warmup_sizes: {size!r} is not WxH with multiples of 16")
+            if not all(64 <= int(v) <= 2048 for v in (w, h)):
+                raise ValueError(f"warmup_sizes: {size!r}: each side must be between 64 and 2048")
+        return sizes
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _batches(cls, sizes: list[int]) -> list[int]:
+        if not sizes or any(not 1 <= b <= 64 for b in sizes):
+            raise ValueError(f"warmup_batch_sizes: each must be between 1 and 64, got {sizes}")
+        return sizes
+
+    def fast_path(self) -> FastPath:
+        sizes = tuple(tuple(int(v) for v in s.split("x")) for s in self.warmup_sizes)
+        return FastPath(
+            compile=self.compile, cuda_graphs=self.cuda_graphs, attention=self.attention,
+            quantize=self.quantize, dynamic=self.dynamic, new_shapes=self.new_shapes,
+            max_shapes=self.max_shapes, warmup_sizes=sizes, warmup_batches=tuple(self.warmup_batch_sizes),
+            backend=self.backend,
+        )  # fmt: skip
+
+
 class StageOptions(BaseModel):
     """What every model stage's options share; each adds its Serve defaults and batch bound."""
 
     placement: Placement = Field(default_factory=Placement)
+    fast: FastPathOptions = Field(default_factory=FastPathOptions)
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="how long a batch waits to fill (0: take what queued while the last batch ran)"
     )
@@ -103,7 +158,33 @@ class Stage:
         return out
 
     async def stats(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes)}
+        return {"batch_sizes": list(self.batch_sizes), "fast_path": self._fast_path_stats()}
+
+    def speed_up(self, model, setup, warm_up, gated: str, **warm_kw) -> None:
+        """Sets `model` up for speed (klein.fast `setup`) and warms it up, on the worker thread,
+        from the stage's `fast` options; `gated` names the model's attribute that klein.fast
+        guards by shape when it compiles (for the stats). Runs in the constructor: the replica
+        reports healthy only once it is done."""
+        fast = self.options.fast.fast_path()
+        start = time.perf_counter()
+        done = self.on_worker(lambda: setup(model, fast))
+        warm = self.on_worker(lambda: warm_up(model, fast, **warm_kw))
+        self._fast = {
+            "setup": str(done),
+            "warm_up": str(warm),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        self._gate = getattr(model, gated, None)
+        log.info(
+            "%s fast path: %s; %s (%.1f s in all)", type(self).__name__, done, warm, self._fast["seconds"]
+        )
+
+    def _fast_path_stats(self) -> dict:
+        out = dict(getattr(self, "_fast", {}))
+        gate = getattr(self, "_gate", None)
+        if gate is not None and hasattr(gate, "eager_calls"):
+            out |= {"compiled_shapes": len(gate.shapes), "eager_calls": gate.eager_calls}
+        return out
 
     def on_worker(self, fn, *args):
         return self._worker.submit(fn, *args).result()

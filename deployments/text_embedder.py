@@ -12,6 +12,7 @@ from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stage import LRU, Stage, StageOptions, gated, isolating
 from klein import ModelSource
+from klein import fast as fastpath
 
 
 class TextEmbedderOptions(StageOptions):
@@ -25,6 +26,8 @@ class TextEmbedder(Stage):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "TextEmbedder")
         self.embedder = self.on_worker(source.load_text_embedder, self.device, self.dtype)
+        self.options = options
+        self.speed_up(self.embedder, fastpath.setup_text_embedder, fastpath.warm_up_text_embedder, "encode")
         self.cache = LRU(options.cache_mb * 2**20, lambda t: t.numel() * t.element_size())
         self._embed_batch.set_max_batch_size(options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)

@@ -25,6 +25,7 @@ from deployments.payloads import DenoiseParams, JobCancelled
 from deployments.stage import Stage, StageOptions, gated, isolating
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
+from klein import fast as fastpath
 from klein.pipeline import References
 from klein.sampler import sample, unpack
 
@@ -68,6 +69,8 @@ class FlowTransformer(Stage):
         self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
         self.jobs = JobStore(open_storage(storage))
         self.options = options
+        self.speed_up(self.model, fastpath.setup_transformer, fastpath.warm_up_transformer, "forward",
+                      cfg=self.spec.sampling.cfg, multiple=self.spec.multiple)  # fmt: skip
         self._batched.set_max_batch_size(options.max_batch_tokens)
         self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
@@ -99,18 +102,21 @@ class FlowTransformer(Stage):
         """The batch's sampling generator (its inputs stacked here, on the worker thread)."""
         p, refs = items[0].params, items[0].refs
         cfg = p.guidance is not None
+        with torch.inference_mode():  # inference tensors, as the warm-up made (compiled code is specific)
+            ctx = torch.stack([it.ctx for it in items])
+            neg = torch.stack([it.neg for it in items]) if cfg else None
+            has_refs = refs is not None and refs.tokens is not None
+            ref = torch.cat([it.refs.tokens for it in items]) if has_refs else None
         return sample(
             self.model,
-            torch.stack([it.ctx for it in items]),
+            ctx,
             [it.params.seed for it in items],
             p.height,
             p.width,
             p.steps,
-            neg_ctx=torch.stack([it.neg for it in items]) if cfg else None,
+            neg_ctx=neg,
             guidance=torch.tensor([it.params.guidance for it in items]) if cfg else None,
-            ref=torch.cat([it.refs.tokens for it in items])
-            if refs is not None and refs.tokens is not None
-            else None,
+            ref=ref,
             ref_shapes=refs.shapes if refs is not None else (),
             pixels_per_token=self.spec.multiple,
         )

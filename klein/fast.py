@@ -14,8 +14,9 @@
   outside that set runs eagerly (`new_shapes="eager"`, the default: no request ever waits for a
   compiler), or is compiled when it first comes (`new_shapes="compile"`) while the component has
   fewer than `max_shapes` shapes compiled, eagerly past that: never a failure, never an unbounded
-  compile backlog. `dynamic=True` compiles once for all shapes instead (somewhat slower kernels;
-  suits the text encoder, whose batch size varies, and the VAE, whose image size does).
+  compile backlog. `dynamic=True` compiles once for all shapes instead, with no gate (somewhat
+  slower kernels; suits the text encoder, whose batch size varies, and the VAE, whose image size
+  does). Batch size 1 is always a graph of its own (torch specialises sizes 0 and 1).
 """
 
 from __future__ import annotations
@@ -127,9 +128,14 @@ class ShapeGate:
             return self.fn(*args, **kwargs)
 
 
-def _close_after_warm_up(fn, opts: FastPath) -> None:
-    if isinstance(fn, ShapeGate) and opts.new_shapes == "eager" and opts.warmup_sizes:
+def _close_after_warm_up(fn, opts: FastPath, report: Report) -> None:
+    if isinstance(fn, ShapeGate) and opts.new_shapes == "eager" and report.warmed:
         fn.close()
+
+
+def _gated(fn: Callable, opts: FastPath, name: str) -> Callable:
+    """Static shapes: `fn` behind a ShapeGate. Dynamic shapes: as it is (one graph serves all)."""
+    return fn if opts.dynamic else ShapeGate(fn, opts.max_shapes, name)
 
 
 def _allow_recompiles(opts: FastPath) -> None:
@@ -233,7 +239,7 @@ def setup_transformer(model: dit.Flux2, opts: FastPath) -> Report:
                 f"compiled {len(model.double_blocks)} double + {len(model.single_blocks)} single blocks "
                 f"({_describe(kw)})"
             )
-        model.forward = ShapeGate(model.forward, opts.max_shapes, "transformer")
+        model.forward = _gated(model.forward, opts, "transformer")
     return report
 
 
@@ -255,7 +261,7 @@ def setup_text_embedder(embedder, opts: FastPath) -> Report:
         kw = opts.compile_kwargs(cuda_graphs=False)
         for layer in embedder.model.layers:
             layer.compile(**kw)
-        embedder.encode = ShapeGate(embedder.encode, opts.max_shapes, "text encoder")
+        embedder.encode = _gated(embedder.encode, opts, "text encoder")
         report.actions.append(f"compiled {len(embedder.model.layers)} Qwen3 layers ({_describe(kw)})")
     return report
 
@@ -270,7 +276,7 @@ def setup_vae(vae, opts: FastPath) -> Report:
             report.actions.append("channels-last")
         kw = opts.compile_kwargs(cuda_graphs=False)
         vae.decoder.compile(**kw)
-        vae.decode_one = ShapeGate(vae.decode_one, opts.max_shapes, "VAE decoder")
+        vae.decode_one = _gated(vae.decode_one, opts, "VAE decoder")
         report.actions.append(f"compiled ({_describe(kw)})")
     return report
 
@@ -306,7 +312,7 @@ def warm_up_transformer(
         report.warmed.append(f"{w}x{h}x{n}")
     _sync(device)
     report.warmup_s = time.perf_counter() - start
-    _close_after_warm_up(model.forward, opts)
+    _close_after_warm_up(model.forward, opts, report)
     return report
 
 
@@ -320,21 +326,22 @@ def warm_up_vae(vae, opts: FastPath, multiple: int = 16) -> Report:
         report.warmed.append(f"{w}x{h}")
     _sync(vae.device)
     report.warmup_s = time.perf_counter() - start
-    _close_after_warm_up(vae.decode_one, opts)
+    _close_after_warm_up(vae.decode_one, opts, report)
     return report
 
 
 def warm_up_text_embedder(embedder, opts: FastPath) -> Report:
-    """The text encoder's input is always (batch, 512 tokens): warmed for the batch sizes."""
+    """The text encoder's input is always (batch, 512 tokens): warmed for the batch sizes, when
+    compiled (image sizes do not matter to it)."""
     report = Report("text encoder")
     start = time.perf_counter()
-    if opts.warmup_sizes:
+    if opts.compile:
         for b in opts.warmup_batches:
             embedder(["warm-up"] * b)
             report.warmed.append(f"batch {b}")
     _sync(embedder.device)
     report.warmup_s = time.perf_counter() - start
-    _close_after_warm_up(embedder.encode, opts)
+    _close_after_warm_up(embedder.encode, opts, report)
     return report
 
 

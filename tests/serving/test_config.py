@@ -30,6 +30,22 @@ def test_serve_config_is_valid(path):
         assert gpus["FlowTransformer"] > 0 and gpus["Ingress"] == 0
         assert settings.safety.require_classifier and settings.safety.classifier is not None
         assert settings.require_api_keys
+        fast = settings.transformer_stage.fast
+        assert fast.compile and fast.quantize == "fp8" and "1024x1024" in fast.warmup_sizes
+        assert settings.text_embedder.fast.compile and settings.codec.fast.compile
+
+
+def test_fast_path_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="warmup_sizes: '1000x1024' is not WxH with multiples of 16"):
+        Settings(transformer_stage={"fast": {"warmup_sizes": ["1000x1024"]}})
+    with pytest.raises(ValueError, match="each side must be between 64 and 2048"):
+        Settings(transformer_stage={"fast": {"warmup_sizes": ["4096x1024"]}})
+    with pytest.raises(ValueError, match="warmup_batch_sizes"):
+        Settings(codec={"fast": {"warmup_batch_sizes": [0]}})
+    with pytest.raises(ValueError, match="quantize"):
+        Settings(transformer_stage={"fast": {"quantize": "int4"}})
+    fast = Settings(transformer_stage={"fast": {"compile": True, "warmup_sizes": ["1024x768"]}})
+    assert fast.transformer_stage.fast.fast_path().warmup_sizes == ((1024, 768),)
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -37,7 +53,9 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KLEIN_STORAGE__BUCKET", "images")
     monkeypatch.setenv("KLEIN_TRANSFORMER_STAGE__MAX_BATCH_TOKENS", "8192")
     monkeypatch.setenv("KLEIN_INGRESS__JOB_LEASE_S", "30")
+    monkeypatch.setenv("KLEIN_TRANSFORMER_STAGE__FAST__COMPILE", "true")
     s = Settings()
+    assert s.transformer_stage.fast.compile and not s.codec.fast.compile
     assert (s.storage.backend, s.storage.bucket) == ("s3", "images")
     assert s.transformer_stage.max_batch_tokens == 8192 and s.ingress.job_lease_s == 30
     assert s.preset == "tiny"  # no weights: the embedded default

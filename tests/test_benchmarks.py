@@ -78,3 +78,35 @@ def test_bad_flags_are_refused_by_name(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         bench.main()
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
+    """benchmarks/gpu_fast_path.py rehearsed on the tiny preset, so the one GPU call cannot fail on a
+    typo: every variant runs and writes its line (CUDA-only ones say so), the figures are sane."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_fast_path.py"), "--device", "cpu", "--preset", "tiny",
+           "--size", "256", "--batch", "1", "2", "--backend", "aot_eager", "--deadline", "400",
+           "--estimate-scale", "0.1", "--reps", "1", "--reps-b1", "2", "--out", str(tmp_path)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    failed = [(row["variant"], row.get("error")) for row in rows if "error" in row]
+    assert not failed, failed
+    skipped = {row["variant"]: row["skipped"] for row in rows if "skipped" in row}
+    assert set(skipped) == {"V6", "V9"} and all("CUDA" in why for why in skipped.values())
+    timed = {(row["variant"], row.get("B")) for row in rows if "ms_per_image" in row or "p50_ms" in row}
+    for variant in ("V1", "V2", "V3", "V4", "V5", "V8"):
+        assert {(variant, 1), (variant, 2)} <= timed, variant
+    assert {("E1", None), ("E2", None), ("E3", None)} <= timed
+    by = {(row["variant"], row.get("B")): row for row in rows}
+    assert all(row["finite"] for row in rows if "finite" in row)
+    assert by[("V3", 1)]["rel_err"] < 1e-6  # a tracing backend: the same arithmetic
+    assert 0 < by[("V4", 1)]["rel_err"] < 5e-2 and by[("V5", 1)]["rel_err"] < 3e-2
+    assert {"A1", "A2", "P0", "P1", "V7", "V1-profile", "V3-profile"} <= {row["variant"] for row in rows}
+    assert (tmp_path / "summary.md").read_text().count("\nV1 | ") == 2
+    assert (tmp_path / "env.json").exists() and (tmp_path / "profile_compiled.txt").exists()

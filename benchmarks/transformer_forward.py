@@ -1,15 +1,20 @@
 """Transformer forward time: klein's Flux2 vs diffusers' Flux2Transformer2DModel, same weights.
 
     python benchmarks/transformer_forward.py [--hidden 512 --double 2 --single 4 --img 1024 --txt 512]
-        [--dtype fp32 bf16] [--repeats 15] [--device cpu] [--no-widen]
+        [--dtype fp32 bf16] [--repeats 15] [--device cpu] [--no-widen] [--compile] [--fp8]
 
 Runs alternate (ours, theirs, ours, ...) after warm-up so both see the same machine state; prints
-the median time of each and the median of the per-pair ratios ours / diffusers.
+the median time of each and the median of the per-pair ratios ours / diffusers. `--compile` adds
+klein compiled by its fast path (klein.fast: regional, inductor, warmed up at the measured shape;
+compile time reported, plus the first call at a size that was not warmed up, compiled on demand,
+and the same size run eagerly by the shape gate); `--fp8` adds klein with FP8 block linears
+(eager, and compiled with --compile) and the resident bytes of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -18,6 +23,8 @@ import torch
 import klein.transformer
 from klein.checkpoint import transformer_from_diffusers
 from klein.config import TransformerConfig
+from klein.fast import FastPath, setup_transformer, warm_up_transformer
+from klein.fp8 import weight_bytes
 from klein.sampler import grid_ids, text_ids
 from klein.transformer import Flux2
 
@@ -59,6 +66,8 @@ def main():
     ap.add_argument(
         "--no-widen", action="store_true", help="run klein's bf16 GEMMs in bf16 even without native support"
     )
+    ap.add_argument("--compile", action="store_true", help="add klein compiled (klein.fast, inductor)")
+    ap.add_argument("--fp8", action="store_true", help="add klein with FP8 block linears")
     args = ap.parse_args()
     if args.no_widen:
         klein.transformer._WIDEN_BF16_ON_CPU = False
@@ -86,43 +95,109 @@ def measure(c: TransformerConfig, args, name: str) -> None:
     ours, theirs = build(c, args.device, dtype)
     g = torch.Generator().manual_seed(1)
     b, side = args.batch, int(args.img**0.5)
-    x = torch.randn(b, side * side, 128, generator=g).to(args.device, dtype)
-    ctx = torch.randn(b, args.txt, c.context_in_dim, generator=g).to(args.device, dtype)
-    t = torch.full((b,), 0.6).to(args.device, dtype)
-    ids = grid_ids(side, side).expand(b, -1, -1).to(args.device)
-    tids = text_ids(args.txt).expand(b, -1, -1).to(args.device)
+    with torch.inference_mode():  # inputs as the samplers make them (compiled code is specialised)
+        x = torch.randn(b, side * side, 128, generator=g).to(args.device, dtype)
+        ctx = torch.randn(b, args.txt, c.context_in_dim, generator=g).to(args.device, dtype)
+        t = torch.full((b,), 0.6).to(args.device, dtype)
+        ids = grid_ids(side, side).expand(b, -1, -1).to(args.device)
+        tids = text_ids(args.txt).expand(b, -1, -1).to(args.device)
+        pe = ours.rope(tids, ids)
 
-    def run_ours():
-        return ours(x, t[:1], ctx, ours.rope(tids, ids))
+    def klein_call(model):
+        return lambda: model(x, t[:1], ctx, pe)
 
     def run_theirs():
         return theirs(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=ids, txt_ids=tids,
                       return_dict=False)[0]  # fmt: skip
 
-    with torch.inference_mode():
-        exact = build(c, args.device, torch.float32)[0](
-            x.float(), t[:1].float(), ctx.float(), ours.rope(tids, ids)
+    variants = {"ours": klein_call(ours), "diffusers": run_theirs}
+    notes = []
+    if args.fp8:
+        fp8 = fast_variant(ours, FastPath(quantize="fp8"))
+        variants["ours fp8"] = klein_call(fp8)
+        notes.append(
+            f"resident bytes: klein {weight_bytes(ours) / 1e6:.1f} MB, FP8 {weight_bytes(fp8) / 1e6:.1f} MB"
         )
-        err_ours = (run_ours().float() - exact).abs().max().item()
-        err_theirs = (run_theirs().float() - exact).abs().max().item()
+    if args.compile:
+        labels = [("ours compiled", None)] + ([("ours compiled fp8", "fp8")] if args.fp8 else [])
+        compiled = {}
+        for label, quantize in labels:
+            opts = FastPath(compile=True, quantize=quantize, warmup_sizes=((side * 16, side * 16),))
+            t0 = time.perf_counter()
+            compiled[label] = model = fast_variant(ours, opts)
+            warm = warm_up_transformer(model, opts)
+            notes.append(f"{label}: set-up + warm-up (compilation) {time.perf_counter() - t0:.1f} s ({warm})")
+            variants[label] = klein_call(model)
+        notes += unwarmed(compiled["ours compiled"], c, args, dtype)
+
+    with torch.inference_mode():
+        exact = build(c, args.device, torch.float32)[0](x.float(), t[:1].float(), ctx.float(), pe)
+        errors = {k: (fn().float() - exact).abs().max().item() for k, fn in variants.items()}
         for _ in range(2):
-            run_ours(), run_theirs()
-        times = {"ours": [], "diffusers": []}
+            for fn in variants.values():
+                fn()
+        times = {k: [] for k in variants}
         for _ in range(args.repeats):
-            for label, fn in (("ours", run_ours), ("diffusers", run_theirs)):
+            for label, fn in variants.items():
                 sync(args.device)
                 t0 = time.perf_counter()
                 fn()
                 sync(args.device)
                 times[label].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times["ours"], times["diffusers"], strict=True)]
-    mo, md = statistics.median(times["ours"]), statistics.median(times["diffusers"])
+    md = statistics.median(times["diffusers"])
     print(
-        f"{name}: ours {mo * 1e3:.1f} ms, diffusers {md * 1e3:.1f} ms (medians of {args.repeats}); "
-        f"ratio ours/diffusers: median of pairs {statistics.median(ratios):.3f}, "
-        f"min {min(ratios):.3f}, max {max(ratios):.3f}; max |out - fp32 ours|: ours {err_ours:.2e}, "
-        f"diffusers {err_theirs:.2e}"
+        f"{name}: diffusers {md * 1e3:.1f} ms (median of {args.repeats}); max |out - fp32 ours| {errors['diffusers']:.2e}"
     )
+    for label in variants:
+        if label == "diffusers":
+            continue
+        ratios = [a / b for a, b in zip(times[label], times["diffusers"], strict=True)]
+        print(
+            f"  {label}: {statistics.median(times[label]) * 1e3:.1f} ms; ratio to diffusers: median of pairs "
+            f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
+            f"max |out - fp32 ours| {errors[label]:.2e}"
+        )
+    for note in notes:
+        print(f"  {note}")
+
+
+def timed_calls(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def fast_variant(model: Flux2, opts: FastPath) -> Flux2:
+    copy_ = copy.deepcopy(model)
+    setup_transformer(copy_, opts)
+    return copy_
+
+
+def unwarmed(model: Flux2, c: TransformerConfig, args, dtype) -> list[str]:
+    """A size outside the warmed set: its first call compiled on demand (new_shapes="compile"), or
+    run eagerly by the shape gate (the default, new_shapes="eager"), against a warmed call."""
+    side = int(args.img**0.5) // 2
+    with torch.inference_mode():
+        x = torch.randn(args.batch, side * side, 128).to(args.device, dtype)
+        ctx = torch.randn(args.batch, args.txt, c.context_in_dim).to(args.device, dtype)
+        pe = model.rope(
+            text_ids(args.txt).expand(args.batch, -1, -1), grid_ids(side, side).expand(args.batch, -1, -1)
+        )
+        t = torch.full((1,), 0.6).to(args.device, dtype)
+        out = []
+        for policy in ("eager", "compile"):  # closed after warm-up: eager; then opened: compiled now
+            model.forward.closed = policy == "eager"
+            t0 = time.perf_counter()
+            model(x, t, ctx, pe)
+            first = time.perf_counter() - t0
+            second = statistics.median(timed_calls(lambda: model(x, t, ctx, pe), 5))
+            out.append(f"a size not warmed up ({side * 16}²), new_shapes={policy}: first call {first * 1e3:.0f} ms, "
+                       f"then {second * 1e3:.0f} ms (median of 5)")  # fmt: skip
+        model.forward.closed = True
+    return out
 
 
 if __name__ == "__main__":

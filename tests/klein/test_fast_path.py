@@ -137,18 +137,28 @@ def test_new_shapes_compile_on_demand_within_max_shapes(source):
     assert len(model.forward.shapes) == 2 and model.forward.eager_calls == 2
 
 
-def test_compiled_with_inductor_matches_eager(source):
-    """The one inductor test (it generates and builds C++ kernels: ~30 s here)."""
-    model = source.load_transformer()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_with_inductor_matches_eager(source, dtype):
+    """Inductor for real (it generates and builds C++ kernels: ~20 s per dtype here): fp32 within
+    1e-5 relative; bf16 within its rounding (inductor computes the fused elementwise chains in
+    float32 and rounds once, eager rounds after each op)."""
+    model = source.load_transformer(dtype=dtype)
     eager = copy.deepcopy(model)
+    exact = source.load_transformer()
     opts = FastPath(compile=True, warmup_sizes=((96, 64),))
     setup_transformer(model, opts)
     warm_up_transformer(model, opts)
-    args = _inputs(b=1, h=4, w=6, refs=(), seed=3)
+    img, ctx, ids, tids, ref = _inputs(b=1, h=4, w=6, refs=(), seed=3)
     with torch.inference_mode():
-        got, want = _forward(model, *args), _forward(eager, *args)
+        img, ctx = img.to(dtype), ctx.to(dtype)
+        got, want = _forward(model, img, ctx, ids, tids, ref), _forward(eager, img, ctx, ids, tids, ref)
+        fp32 = _forward(exact, img.float(), ctx.float(), ids, tids, ref)
     assert model.forward.eager_calls == 0
-    assert (got - want).norm() / want.norm() < 1e-5
+    if dtype == torch.float32:
+        assert (got - want).norm() / want.norm() < 1e-5
+    else:  # as close to the fp32 result as eager bf16 is
+        assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
+        assert (got.float() - fp32).norm() <= 1.5 * (want.float() - fp32).norm()
 
 
 def test_vae_decoder_compiles_whole_and_matches(source):

@@ -50,9 +50,9 @@ def main():
 
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from deployments.codec import CodecOptions, encode_image
-    from deployments.payloads import FinishParams
-    from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions
+    from deployments.stages.codec import CodecOptions, encode_image
+    from deployments.stages.payloads import FinishParams
+    from deployments.stages.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions
     from klein.provenance import C2PASigner, Watermarker
     from klein.safety import NSFWClassifier
     from tests.certs import make_test_pki

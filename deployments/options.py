@@ -1,4 +1,6 @@
-"""Per-deployment Serve options, typed: each stage's options model embeds one of these."""
+"""Typed options: per-deployment Serve options (each deployment's options embed `DeploymentOptions`),
+and the ingress's options, which the job service (deployments/jobs) and the HTTP edge
+(deployments/api) read."""
 
 from __future__ import annotations
 
@@ -51,3 +53,44 @@ class DeploymentOptions(BaseModel):
         else:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         return opts
+
+
+class IngressOptions(BaseModel):
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(
+            max_ongoing_requests=256, ray_actor=ActorOptions(num_cpus=0.5)
+        )
+    )
+    public_url: str | None = Field(None, description="base URL clients reach us at; default: the request's")
+    max_body_mb: int = Field(64, ge=1, description="largest request body accepted (413 beyond)")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call from browsers (CORS); none by default"
+    )
+    max_input_image_mb: int = Field(20, ge=1, description="largest input image file")
+    max_input_image_pixels: int = Field(
+        40_000_000, ge=4096, description="largest input image before resizing"
+    )
+    max_images_per_request: int = Field(4, ge=1, le=16, description="OpenAI `n` upper bound")
+    max_jobs_in_flight: int = Field(24, ge=1, description="per API key, like BFL; 429 beyond")
+    max_running_jobs: int = Field(
+        256, ge=1, description="jobs one ingress replica runs at once (async and sync); 503 beyond"
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
+    job_lease_s: float = Field(600.0, gt=0, description="a Pending job older than this is run again")
+    job_deadline_s: float = Field(
+        3600.0, gt=0, description="a job not finished this long after submission ends in Error"
+    )
+    request_storage_retry_s: float = Field(
+        5.0, ge=0, description="storage retries while a client waits (polls); 503 + Retry-After after"
+    )
+    max_attempts: int = Field(3, ge=1, description="runs of a job before it ends in Error")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
+    reaper_interval_s: float = Field(15.0, gt=0, description="how often abandoned jobs are looked for")
+    sync_timeout_s: float = Field(300.0, gt=0, description="OpenAI-style requests give up after this")
+    webhook_attempts: int = Field(5, ge=1)
+    webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
+    fetch_input_urls: bool = Field(False, description="accept http(s) URLs as input images (fetched here)")
+    fetch_allow_private: bool = Field(
+        False, description="allow input-image URLs on private/loopback addresses"
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="time cap for fetching one input image")

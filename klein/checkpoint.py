@@ -1,6 +1,6 @@
 """Checkpoint I/O: safetensors streaming, diffusers -> BFL key maps, FP8 dequantisation, strict loading.
 
-Formats (docs/klein-model-spec.md §7):
+Formats (BFL's Hugging Face repositories and diffusers' `save_pretrained` layouts):
 - BFL single files: `flux-2-klein-*.safetensors` (transformer, our module names) and `ae.safetensors`.
 - FP8 single files: the BFL names, e4m3 `<layer>.weight` + scalar `<layer>.weight_scale` (+ `input_scale`).
 - diffusers folders: `transformer/`, `vae/`, `text_encoder/` (sharded or not) mapped by the tables below.
@@ -187,7 +187,7 @@ def load_into(module: nn.Module, sd: dict[str, Tensor], source: str) -> None:
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-# --- diffusers -> BFL: transformer (docs/klein-model-spec.md §7.2, inverted) ---
+# --- diffusers -> BFL: transformer (diffusers' convert_flux2_transformer_checkpoint_to_diffusers, inverted) ---
 
 _DIT_RENAMES = [
     (r"^x_embedder\.", "img_in."),
@@ -253,7 +253,7 @@ def transformer_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-# --- diffusers -> BFL: autoencoder (docs/klein-model-spec.md §7.3, inverted) ---
+# --- diffusers -> BFL: autoencoder (diffusers' AutoencoderKLFlux2 naming, inverted) ---
 
 _VAE_COMMON = [
     (r"^quant_conv\.", "encoder.quant_conv."),

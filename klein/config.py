@@ -1,7 +1,7 @@
 """Model configurations and named variants of FLUX.2 [klein].
 
 Sizes follow BFL's `Klein4BParams` / `Klein9BParams` (flux2 `model.py`), the FLUX.2 autoencoder
-(`AutoEncoderParams`) and the Qwen3-4B / Qwen3-8B configs; see docs/klein-model-spec.md §2-5.
+(`AutoEncoderParams`) and the Qwen3-4B / Qwen3-8B configs (Hugging Face `config.json` of Qwen/Qwen3-4B, -8B).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ from torch import Tensor
 from klein.request import reference_size
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Output formats: file extension and media type of each.
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

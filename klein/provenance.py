@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from klein.image import CONTENT_TYPES
+
 BFL_WATERMARK_BITS = "001010101111111010000111100111001111010100101110"
 WATERMARK_MIN_SIDE = 256  # dwtDct needs enough 4x4 blocks for 48 bits
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def parse_bits(bits: str) -> list[int]:
@@ -111,11 +112,13 @@ class C2PASigner:
         with c2pa.Builder(self.manifest(model, title, edited=bool(ingredients))) as builder:
             for k, raw in enumerate(ingredients):
                 ing_format = Image.open(io.BytesIO(raw)).format.lower()
-                mime = MIME.get("jpeg" if ing_format == "jpeg" else ing_format, f"image/{ing_format}")
+                mime = CONTENT_TYPES.get(
+                    "jpeg" if ing_format == "jpeg" else ing_format, f"image/{ing_format}"
+                )
                 meta = {"title": f"reference {k + 1}", "label": f"reference-{k + 1}",
                         "relationship": "parentOf" if k == 0 else "componentOf"}  # fmt: skip
                 builder.add_ingredient(json.dumps(meta), mime, io.BytesIO(raw))
-            builder.sign(signer, MIME[fmt], io.BytesIO(data), out)
+            builder.sign(signer, CONTENT_TYPES[fmt], io.BytesIO(data), out)
         return out.getvalue()
 
 

@@ -20,10 +20,13 @@ MAX_REFERENCE_ASPECT = 8.0
 
 
 class InvalidRequest(ValueError):
-    def __init__(self, field: str, message: str):
+    """`field` names the request field; for one of the references, `index` says which."""
+
+    def __init__(self, field: str, message: str, index: int | None = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,14 @@ def check_text(text: str, field: str) -> None:
             raise InvalidRequest(field, f"control character U+{ord(ch):04X} at position {i} is not allowed")
 
 
-def check_reference(image: Image.Image, field: str) -> None:
+def check_reference(image: Image.Image, field: str, index: int | None = None) -> None:
     w, h = image.size
     if min(w, h) < MIN_REFERENCE_SIDE:
-        raise InvalidRequest(field, f"image is {w}x{h}; both sides must be at least {MIN_REFERENCE_SIDE} px")
+        msg = f"image is {w}x{h}; both sides must be at least {MIN_REFERENCE_SIDE} px"
+        raise InvalidRequest(field, msg, index)
     if max(w / h, h / w) > MAX_REFERENCE_ASPECT:
-        raise InvalidRequest(
-            field, f"image is {w}x{h}; aspect ratio must be at most {MAX_REFERENCE_ASPECT:g}:1"
-        )
+        msg = f"image is {w}x{h}; aspect ratio must be at most {MAX_REFERENCE_ASPECT:g}:1"
+        raise InvalidRequest(field, msg, index)
 
 
 def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
@@ -82,7 +85,7 @@ def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
             "references", f"at most {spec.max_references} reference images, got {len(req.references)}"
         )
     for i, image in enumerate(req.references):
-        check_reference(image, f"references[{i}]")
+        check_reference(image, f"references[{i}]", i)
     if not 0 <= req.seed <= MAX_SEED:
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {req.seed}")
 

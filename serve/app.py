@@ -11,10 +11,11 @@ import logging
 from ray import serve
 from ray.serve import Application
 
-from deployments.codec import Codec
-from deployments.ingress import Ingress
-from deployments.text_embedder import TextEmbedder
-from deployments.transformer import FlowTransformer
+from deployments.ingress import Ingress, IngressConfig
+from deployments.jobs.store import CancelFlags
+from deployments.stages.codec import Codec
+from deployments.stages.text_embedder import TextEmbedder
+from deployments.stages.transformer import FlowTransformer
 from serve.settings import Settings, api_model_id
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,30 @@ def build_app(settings: Settings) -> Application:
     ingress = serve.deployment(
         serve.ingress()(Ingress), name="Ingress", **settings.ingress.deployment.serve_options()
     )
+    config = IngressConfig(
+        spec=source.spec,
+        model_id=model_id,
+        price=price,
+        options=settings.ingress,
+        storage=storage,
+        keys=keys,
+        tracing=tracing,
+        safety=settings.safety,
+        max_request_tokens=settings.transformer_stage.max_batch_tokens,
+    )
     return ingress.bind(
-        embedder.bind(source, settings.text_embedder, tracing),
-        transformer.bind(source, settings.transformer_stage, storage, tracing),
-        codec.bind(source, settings.codec, storage, settings.safety, settings.provenance, tracing),
-        source.spec, model_id, settings.ingress, storage, price, keys, tracing, settings.safety,
-        settings.transformer_stage.max_batch_tokens,
-    )  # fmt: skip
+        embedder.bind(source, settings.text_embedder, tracing=tracing),
+        transformer.bind(source, settings.transformer_stage, cancel=CancelFlags(storage), tracing=tracing),
+        codec.bind(
+            source,
+            settings.codec,
+            storage,
+            safety=settings.safety,
+            provenance=settings.provenance,
+            tracing=tracing,
+        ),
+        config=config,
+    )
 
 
 def build(args: dict) -> Application:

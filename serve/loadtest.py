@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"  # shipped in the package
 
 
 def percentile(values: list[float], q: float) -> float | None:

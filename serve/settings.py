@@ -12,15 +12,15 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deployments.auth import KeyRing, parse_keys
-from deployments.codec import CodecOptions
-from deployments.ingress import IngressOptions
-from deployments.metering import DEFAULT_PRICES, Price
-from deployments.postprocess import ProvenanceOptions, SafetyOptions
+from deployments.api.auth import KeyRing, parse_keys
+from deployments.jobs.metering import DEFAULT_PRICES, Price
+from deployments.options import IngressOptions
+from deployments.stages.codec import CodecOptions
+from deployments.stages.postprocess import ProvenanceOptions, SafetyOptions
+from deployments.stages.text_embedder import TextEmbedderOptions
+from deployments.stages.transformer import FlowTransformerOptions
 from deployments.storage import StorageOptions
 from deployments.telemetry import TelemetryOptions
-from deployments.text_embedder import TextEmbedderOptions
-from deployments.transformer import FlowTransformerOptions
 from klein import ModelSource
 
 

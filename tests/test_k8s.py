@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-CRDS = ROOT.parent / "shared" / "k8s-schemas"  # copies of the KubeRay v1.7 CRDs (not vendored)
+CRDS = K8S / "schemas"  # the KubeRay v1.7.0 RayService CRD, copied (see its README.md)
 OVERLAYS = {"klein-4b": "gpu-4b.yaml", "klein-9b": "gpu-9b.yaml"}
 K8S_VERSION = "1.33.0"
 

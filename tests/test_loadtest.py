@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,28 @@ def _shapes(*calls):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_LOAD = """
+import json, sys
+from locust.util.load_locustfile import load_locustfile
+users, shapes = load_locustfile(sys.argv[1])
+print(json.dumps([sorted(users), [type(s).__name__ for s in shapes]]))
+"""
+
+
+def test_the_checkout_locustfile_is_the_packaged_one(tmp_path: Path):
+    # loadtest/locustfile.py (plain Locust from a checkout) re-exports serve/locustfile.py (what an installed
+    # `klein loadtest` runs): Locust's own loader finds the same users and load shape in both.
+    assert LOCUSTFILE.parent.name == "serve"
+    env = {**os.environ, "KLEIN_SHAPE": "ramp"}
+    found = []
+    for path in (LOCUSTFILE, Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"):
+        proc = subprocess.run([sys.executable, "-c", _LOAD, str(path)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        found.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert found[0] == found[1] == [["AsyncUser", "SyncUser"], ["KleinShape"]]
 
 
 def test_shapes():

@@ -17,7 +17,7 @@ from klein.sampler import (
     text_ids,
 )
 
-# docs/klein-model-spec.md §5.1: (width, height, steps) -> (tokens, mu, first sigmas)
+# BFL flux2 sampling.py (compute_empirical_mu, get_schedule): (width, height, steps) -> (tokens, mu, first sigmas)
 SPEC_TABLE = [
     ((1024, 1024, 4), 4096, 2.29118, [1, 0.96738, 0.90814, 0.76720, 0]),
     ((1360, 768, 4), 4080, 2.28982, [1, 0.96734, 0.90803, 0.76696, 0]),

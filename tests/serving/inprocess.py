@@ -9,12 +9,18 @@ import time
 
 import ray.serve.batching as batching
 
-from deployments.codec import Codec, CodecOptions
-from deployments.ingress import Ingress, IngressOptions
-from deployments.metering import Price
+from deployments.api.auth import KeyRing
+from deployments.ingress import Ingress, IngressConfig
+from deployments.jobs.idempotency import IdempotencyClaim
+from deployments.jobs.metering import Price
+from deployments.jobs.service import InputImage, Submission, Webhook
+from deployments.jobs.store import CancelFlags
+from deployments.options import IngressOptions
+from deployments.stages.codec import Codec, CodecOptions
+from deployments.stages.postprocess import SafetyOptions
+from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
+from deployments.stages.transformer import FlowTransformer, FlowTransformerOptions
 from deployments.storage import StorageOptions
-from deployments.text_embedder import TextEmbedder, TextEmbedderOptions
-from deployments.transformer import FlowTransformer, FlowTransformerOptions
 from klein import ModelSource
 
 # @serve.batch asks for the replica context to log a warning; outside Serve there is none.
@@ -88,22 +94,34 @@ def build(
         FlowTransformer(
             source,
             FlowTransformerOptions(cancel_check_interval_s=0, max_batch_tokens=max_batch_tokens),
-            storage,
+            cancel=CancelFlags(storage),
         )
     )
-    codec = FakeHandle(Codec(source, CodecOptions(), storage, safety, provenance))
-    options = IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress)
-    return Ingress(
-        embedder,
-        transformer,
-        codec,
-        source.spec,
-        "flux-2-klein-tiny",
-        options,
-        storage,
-        Price(first_mp=1.4, per_mp=0.1),
-        keys,
-        None,
-        safety,
-        max_batch_tokens,
+    codec = FakeHandle(Codec(source, CodecOptions(), storage, safety=safety, provenance=provenance))
+    config = IngressConfig(
+        spec=source.spec,
+        model_id="flux-2-klein-tiny",
+        price=Price(first_mp=1.4, per_mp=0.1),
+        options=IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress),
+        storage=storage,
+        keys=keys or KeyRing(),
+        safety=safety or SafetyOptions(),
+        max_request_tokens=max_batch_tokens,
     )
+    return Ingress(embedder, transformer, codec, config=config)
+
+
+def submit_job(ingress: Ingress, start: bool = False, **fields):
+    """`JobService.submit` with a Submission made of `fields`: `images` may be (field, bytes, PIL
+    image) tuples, `webhook_url` / `webhook_secret` make its Webhook, `idempotency_key` /
+    `body_hash` its IdempotencyClaim."""
+    images = tuple(InputImage(*im) if isinstance(im, tuple) else im for im in fields.pop("images", ()))
+    url, secret = fields.pop("webhook_url", None), fields.pop("webhook_secret", None)
+    token, body_hash = fields.pop("idempotency_key", None), fields.pop("body_hash", "")
+    submission = Submission(
+        images=images,
+        webhook=Webhook(url, secret) if url else None,
+        idempotency=IdempotencyClaim(token, body_hash) if token is not None else None,
+        **fields,
+    )
+    return ingress.service.submit(submission, start=start)

@@ -197,7 +197,7 @@ def test_bad_input_matrix(client_and_ingress):
                          params={"id": "nope"})  # fmt: skip
             await expect("cancel unknown job", 404, "Task not found", "DELETE", "/v1/jobs/nope")
             usage = "/v1/usage"
-            await expect("usage without start", 422, "start", "GET", usage, params={"end": "2026-01-01"})
+            await expect("usage impossible date", 422, "start", "GET", usage, params={"start": "2026-02-30"})
             await expect("usage bad date", 422, "start", "GET", usage,
                          params={"start": "yesterday", "end": "2026-01-01"})  # fmt: skip
             await expect("usage end before start", 422, "end", "GET", usage,
@@ -257,7 +257,7 @@ def test_bad_input_matrix(client_and_ingress):
                 assert r.status_code == 200, (case, r.text[:300])
                 accepted.append(r.json()["id"])
                 tried.append((case, 200))
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
             for job_id in accepted:
                 res = (await c.get("/v1/get_result", params={"id": job_id})).json()
                 assert res["status"] == "Ready", res
@@ -286,7 +286,8 @@ def test_sixteen_bit_references_are_scaled_not_clipped():
 def test_accepted_input_images_are_checked_in_full_but_not_held_decoded():
     """decode_image proves the whole file decodes (a truncated one is refused), then returns an
     image opened lazily from the bytes: the ingress keeps sizes, not megapixels of pixels."""
-    from deployments.api import FieldError, decode_image
+    from deployments.api.images import decode_image
+    from deployments.jobs.errors import FieldError
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(buf, "PNG")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from deployments.jobs import Status
-from deployments.text_embedder import TextEmbedder, TextEmbedderOptions
+from deployments.jobs.records import Status
+from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
 from klein import ModelSource
-from tests.serving.inprocess import _fresh_batch_queues, build
+from tests.serving.inprocess import _fresh_batch_queues, build, submit_job
 
 
 def _hold_first_call(obj, name: str) -> tuple[threading.Event, threading.Event]:
@@ -61,15 +61,15 @@ def test_embedder_batches_requests_that_arrived_one_by_one():
 def test_transformer_batches_jobs_that_arrived_one_by_one(tmp_path):
     async def go():
         ingress = build(str(tmp_path))
-        transformer = ingress.transformer.obj
+        transformer = ingress.service.stages.transformer.obj
         entered, release = _hold_first_call(transformer, "_start")
 
         async def job(seed):
-            job, _ = await ingress.submit(prompt=f"p{seed}", width=64, height=64, seed=seed, steps=None,
+            job, _ = await submit_job(ingress, prompt=f"p{seed}", width=64, height=64, seed=seed, steps=None,
                                           guidance=None, safety_tolerance=2, output_format="png",
                                           images=[])  # fmt: skip
-            await ingress.run(job, fresh=True)
-            return await ingress.jobs.get(job.id)
+            await ingress.service.run(job, fresh=True)
+            return await ingress.service.store.get(job.id)
 
         first = asyncio.create_task(job(0))
         await _until(entered)

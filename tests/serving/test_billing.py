@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import httpx
 import pytest
 
-from deployments.auth import KeyRing, key_id
-from deployments.jobs import Status
-from deployments.webhooks import SIGNATURE_HEADER
+from deployments.api.auth import KeyRing, key_id
+from deployments.jobs.records import Status
+from deployments.jobs.webhooks import SIGNATURE_HEADER
 from tests.serving.inprocess import build
 
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
@@ -30,8 +30,8 @@ def client(app) -> httpx.AsyncClient:
 
 
 async def drain(ingress) -> None:
-    while ingress._running:
-        await asyncio.gather(*list(ingress._running.values()), return_exceptions=True)
+    while ingress.service.runner.running:
+        await asyncio.gather(*list(ingress.service.runner.running.values()), return_exceptions=True)
 
 
 @pytest.fixture
@@ -123,8 +123,8 @@ def test_idempotency_key(ingress):
             await drain(ingress)
             again = (await c.post(f"/v1/{MODEL}", json=body, headers=h)).json()
             assert again == first  # same job, same cost, no second run
-            assert not ingress._running
-            assert (await ingress.jobs.get(first["id"])).attempts == 1
+            assert not ingress.service.runner.running
+            assert (await ingress.service.store.get(first["id"])).attempts == 1
             r = await c.post(f"/v1/{MODEL}", json={**body, "seed": 5}, headers=h)
             assert r.status_code == 409
             other = (
@@ -160,10 +160,10 @@ def test_usage_counts_ready_jobs_exactly_once(ingress):
                 job = await submit({"width": 96, "height": 96}, {"Idempotency-Key": "retry-me"})
             ready.append(job)
             await drain(ingress)
-            ingress.codec.fail_next["finish"] = [RuntimeError("decode failed")] * 3
+            ingress.service.stages.codec.fail_next["finish"] = [RuntimeError("decode failed")] * 3
             failed = await submit({"width": 64, "height": 80})
             await drain(ingress)
-            ingress.transformer.fail_next["denoise"] = [
+            ingress.service.stages.transformer.fail_next["denoise"] = [
                 RuntimeError("replica died")
             ]  # retried: Ready, billed once
             ready.append(await submit({"width": 80, "height": 64}))
@@ -173,17 +173,19 @@ def test_usage_counts_ready_jobs_exactly_once(ingress):
             await c.delete(f"/v1/jobs/{cancelled}", headers={"x-key": KEY_A})
             await drain(ingress)
             # a job whose ingress died after finishing the image: re-run by the reaper, same usage key
-            rerun = await ingress.jobs.get(ready[0])
+            rerun = await ingress.service.store.get(ready[0])
             rerun.status, rerun.lease_until = Status.PENDING, 0
-            await ingress.jobs.create(rerun)
-            assert await ingress.reap() == 1
+            await ingress.service.store.create(rerun)
+            assert await ingress.service.reaper.reap() == 1
             await drain(ingress)
 
-            statuses = {j: (await ingress.jobs.get(j)).status.value for j in [*ready, failed, cancelled]}
+            statuses = {
+                j: (await ingress.service.store.get(j)).status.value for j in [*ready, failed, cancelled]
+            }
             assert [statuses[j] for j in ready] == ["Ready"] * 4
             assert statuses[failed] == "Error" and statuses[cancelled] == "Cancelled"
 
-            expected_out = sum([(await ingress.jobs.get(j)).output_mp for j in ready])
+            expected_out = sum([(await ingress.service.store.get(j)).output_mp for j in ready])
             u = (await c.get(f"/v1/usage?start={TODAY}&end={TODAY}", headers={"x-key": KEY_A})).json()
             assert u["total"]["jobs"] == 4
             assert u["total"]["output_mp"] == pytest.approx(expected_out)
@@ -202,7 +204,7 @@ def test_usage_counts_ready_jobs_exactly_once(ingress):
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "end"]
             r = await c.get(f"/v1/usage?start={TODAY}&end={TODAY}&group_by=week", headers={"x-key": KEY_A})
             assert r.status_code == 422
-            assert len(await ingress.storage.list(f"usage/{key_id(KEY_A)}")) == 4
+            assert len(await ingress.service.storage.list(f"usage/{key_id(KEY_A)}")) == 4
 
     asyncio.run(go())
 
@@ -236,7 +238,7 @@ def receiver():
 
 
 def test_signed_webhook_delivered_and_retried(ingress, receiver, monkeypatch):
-    import deployments.webhooks as webhooks
+    import deployments.jobs.webhooks as webhooks
 
     real_sleep = asyncio.sleep
     monkeypatch.setattr(webhooks.asyncio, "sleep", lambda s: real_sleep(0))  # no backoff waits in tests

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deployments.codec import Codec, CodecOptions
-from deployments.stage import LRU
+from deployments.stages.base import LRU
+from deployments.stages.codec import Codec, CodecOptions
+from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
 from deployments.storage import StorageOptions
-from deployments.text_embedder import TextEmbedder, TextEmbedderOptions
 from klein import ModelSource
 from tests.serving.inprocess import _fresh_batch_queues
 

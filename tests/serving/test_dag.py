@@ -188,7 +188,8 @@ def test_abandoned_job_is_run_again(app, s3):
     """A Pending job whose lease expired (its ingress died) is picked up by the reaper."""
     import asyncio
 
-    from deployments.jobs import JobRecord, JobRequest, JobStore
+    from deployments.jobs.records import JobRecord, JobRequest
+    from deployments.jobs.store import JobStore
     from deployments.storage import StorageOptions, open_storage
 
     jobs = JobStore(open_storage(StorageOptions(**s3.options())))

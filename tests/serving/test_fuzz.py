@@ -49,7 +49,8 @@ from schemathesis.checks import (
 )
 from schemathesis.config import SchemathesisConfig
 
-from deployments import ingress as ingress_module
+from deployments.jobs import service as service_module
+from deployments.jobs import webhooks as webhooks_module
 from tests.serving.inprocess import build
 
 MODEL = "flux-2-klein-tiny"
@@ -116,8 +117,8 @@ class Server:
 
 async def drain(ingress) -> None:
     """Wait for every job running in the background."""
-    while ingress._running:
-        await asyncio.gather(*list(ingress._running.values()), return_exceptions=True)
+    while ingress.service.runner.running:
+        await asyncio.gather(*list(ingress.service.runner.running.values()), return_exceptions=True)
 
 
 async def cancel_the_rest() -> None:
@@ -130,7 +131,7 @@ async def cancel_the_rest() -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    real_check = ingress_module.is_private_target
+    real_check = service_module.is_private_target
 
     def no_dns(url: str) -> bool:
         """Names never resolve here (the real check refuses unresolvable hosts); IP literals are
@@ -145,8 +146,8 @@ def served(tmp_path_factory):
         return True
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ingress_module, "is_private_target", no_dns)
-        mp.setattr(ingress_module, "deliver", deliver)
+        mp.setattr(service_module, "is_private_target", no_dns)
+        mp.setattr(webhooks_module, "deliver", deliver)
         ingress = build(tmp_path_factory.mktemp("fuzz") / "data")
         server = Server(ingress.__serve_build_asgi_app__())
         server.start()

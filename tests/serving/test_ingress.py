@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.api import FieldError
-from deployments.jobs import Status
-from deployments.payloads import JobCancelled
+from deployments.jobs.errors import FieldError
+from deployments.jobs.idempotency import IdempotencyClaim, IdempotencyIndex
+from deployments.jobs.records import Status
+from deployments.stages.payloads import JobCancelled
 from deployments.storage import StorageError
-from tests.serving.inprocess import build, slow_writes
+from tests.serving.inprocess import build, slow_writes, submit_job
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def _args(**kw) -> dict:
 
 
 async def _submit(ingress, **kw):
-    job, _ = await ingress.submit(**_args(**kw))
+    job, _ = await submit_job(ingress, **_args(**kw))
     return job
 
 
@@ -38,12 +39,12 @@ def test_job_runs_to_ready_and_is_stored(ingress):
     async def go():
         job = await _submit(ingress)
         assert job.cost == pytest.approx(1.4)  # first MP price, below 1 MP
-        result = await ingress.run(job, return_bytes=True)
-        stored = await ingress.jobs.get(job.id)
+        result = await ingress.service.run(job, return_bytes=True)
+        stored = await ingress.service.store.get(job.id)
         assert stored.status is Status.READY and stored.attempts == 1
-        assert await ingress.jobs.pending() == []
-        image = Image.open(io.BytesIO(await ingress.storage.get(stored.result.key)))
-        assert image.size == (64, 64) and result.data == await ingress.storage.get(stored.result.key)
+        assert await ingress.service.store.pending() == []
+        image = Image.open(io.BytesIO(await ingress.service.storage.get(stored.result.key)))
+        assert image.size == (64, 64) and result.data == await ingress.service.storage.get(stored.result.key)
         assert stored.result.key.startswith("images/") and stored.result.key.endswith(f"{job.id}.png")
 
     asyncio.run(go())
@@ -51,17 +52,17 @@ def test_job_runs_to_ready_and_is_stored(ingress):
 
 def test_stage_failures_are_retried_then_error(ingress):
     async def go():
-        ingress.transformer.fail_next["denoise"] = [RuntimeError("replica died")]
+        ingress.service.stages.transformer.fail_next["denoise"] = [RuntimeError("replica died")]
         job = await _submit(ingress)
-        assert await ingress.run(job) is not None
-        assert (await ingress.jobs.get(job.id)).attempts == 2
+        assert await ingress.service.run(job) is not None
+        assert (await ingress.service.store.get(job.id)).attempts == 2
 
-        ingress.codec.fail_next["finish"] = [RuntimeError("boom")] * 3
+        ingress.service.stages.codec.fail_next["finish"] = [RuntimeError("boom")] * 3
         job = await _submit(ingress)
-        assert await ingress.run(job) is None
-        stored = await ingress.jobs.get(job.id)
+        assert await ingress.service.run(job) is None
+        stored = await ingress.service.store.get(job.id)
         assert stored.status is Status.ERROR and stored.attempts == 3 and "3 attempts" in stored.error
-        assert await ingress.jobs.pending() == []  # terminal: no longer pending
+        assert await ingress.service.store.pending() == []  # terminal: no longer pending
 
     asyncio.run(go())
 
@@ -70,20 +71,20 @@ def test_reaper_reruns_abandoned_jobs_with_the_same_output_key(ingress):
     async def go():
         job = await _submit(ingress)
         job.attempts, job.lease_until = 1, time.time() - 1  # its ingress died during attempt 1
-        await ingress.jobs.save(job)
+        await ingress.service.store.save(job)
         fresh = await _submit(ingress)  # leased: someone is running it
-        assert await ingress.reap() == 1
-        await asyncio.gather(*list(ingress._running.values()))
-        stored = await ingress.jobs.get(job.id)
+        assert await ingress.service.reaper.reap() == 1
+        await asyncio.gather(*list(ingress.service.runner.running.values()))
+        stored = await ingress.service.store.get(job.id)
         assert stored.status is Status.READY and stored.attempts == 2
         assert stored.result.key == job.output_key
-        assert (await ingress.jobs.get(fresh.id)).status is Status.PENDING
+        assert (await ingress.service.store.get(fresh.id)).status is Status.PENDING
 
         job = await _submit(ingress)
         job.attempts, job.lease_until = 3, time.time() - 1
-        await ingress.jobs.save(job)
-        await ingress.reap()
-        assert (await ingress.jobs.get(job.id)).status is Status.ERROR
+        await ingress.service.store.save(job)
+        await ingress.service.reaper.reap()
+        assert (await ingress.service.store.get(job.id)).status is Status.ERROR
 
     asyncio.run(go())
 
@@ -95,14 +96,14 @@ def test_pending_markers_from_before_they_held_a_time_still_work(ingress):
     async def go():
         job = await _submit(ingress)
         job.attempts, job.lease_until = 1, time.time() - 1
-        await ingress.jobs.save(job)
-        await ingress.storage.put(f"pending/anonymous/{job.id}", b"", "text/plain")
+        await ingress.service.store.save(job)
+        await ingress.service.storage.put(f"pending/anonymous/{job.id}", b"", "text/plain")
         orphan = "f" * 32
-        await ingress.storage.put(f"pending/anonymous/{orphan}", b"", "text/plain")
-        assert await ingress.reap() == 1
-        await asyncio.gather(*list(ingress._running.values()))
-        assert (await ingress.jobs.get(job.id)).status is Status.READY
-        assert await ingress.jobs.pending() == []
+        await ingress.service.storage.put(f"pending/anonymous/{orphan}", b"", "text/plain")
+        assert await ingress.service.reaper.reap() == 1
+        await asyncio.gather(*list(ingress.service.runner.running.values()))
+        assert (await ingress.service.store.get(job.id)).status is Status.READY
+        assert await ingress.service.store.pending() == []
 
     asyncio.run(go())
 
@@ -110,18 +111,18 @@ def test_pending_markers_from_before_they_held_a_time_still_work(ingress):
 def test_cancel_between_steps(ingress):
     async def go():
         job = await _submit(ingress, width=256, height=256, steps=40)
-        task = asyncio.ensure_future(ingress.run(job))
+        task = asyncio.ensure_future(ingress.service.run(job))
         await asyncio.sleep(0.3)
-        await ingress.cancel(job.id)
+        await ingress.service.cancel(job.id)
         assert await task is None
-        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
+        assert (await ingress.service.store.get(job.id)).status is Status.CANCELLED
 
     asyncio.run(go())
     assert issubclass(JobCancelled, Exception)
 
 
 def test_submit_validation_names_fields(ingress):
-    from deployments.api import FieldError
+    from deployments.jobs.errors import FieldError
 
     async def go():
         with pytest.raises(FieldError) as e:
@@ -154,7 +155,7 @@ def test_http_api_over_asgi(ingress):
             )
             assert r.status_code == 200, r.text
             job_id = r.json()["id"]
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
             res = (await c.get("/v1/get_result", params={"id": job_id})).json()
             assert res["status"] == "Ready"
             url = res["result"]["sample"].removeprefix("http://test")
@@ -192,13 +193,15 @@ def test_openai_edit_with_n_images_stores_its_references_once(ingress, tmp_path)
                              files=files)  # fmt: skip
             assert r.status_code == 200, r.text
             assert len(r.json()["data"]) == 3
-            jobs = [await ingress.jobs.get(j) for j in r.json()["metering"]["job_ids"]]
+            jobs = [await ingress.service.store.get(j) for j in r.json()["metering"]["job_ids"]]
         assert [j.status for j in jobs] == [Status.READY] * 3
         keys = {tuple(j.request.input_keys) for j in jobs}
         assert len(keys) == 1 and len(next(iter(keys))) == 2  # one stored copy, shared by the three
         stored = [p for p in (tmp_path / "data" / "inputs").rglob("*") if p.is_file()]
         assert len(stored) == 2
-        assert (await ingress.codec.obj.stats())["references"]["misses"] == 1  # encoded once too
+        assert (await ingress.service.stages.codec.obj.stats())["references"][
+            "misses"
+        ] == 1  # encoded once too
 
     asyncio.run(go())
 
@@ -211,7 +214,7 @@ def test_reaper_leaves_other_models_jobs_ends_sync_ones_and_survives_a_bad_recor
     async def expired(job, **fields):
         for name, value in {"attempts": 1, "lease_until": time.time() - 1, **fields}.items():
             setattr(job, name, value)
-        await ingress.jobs.save(job)
+        await ingress.service.store.save(job)
         return job
 
     async def go():
@@ -219,15 +222,15 @@ def test_reaper_leaves_other_models_jobs_ends_sync_ones_and_survives_a_bad_recor
         sync = await expired(await _submit(ingress, sync=True))
         mine = await expired(await _submit(ingress))
         bad = "0" * 32  # listed first
-        await ingress.storage.put(f"pending/anonymous/{bad}", b"")
-        await ingress.storage.put(f"jobs/{bad}.json", b"{half a record")
-        assert await ingress.reap() == 1
-        await asyncio.gather(*list(ingress._running.values()))
-        assert (await ingress.jobs.get(mine.id)).status is Status.READY
-        assert (await ingress.jobs.get(other.id)).status is Status.PENDING
-        ended = await ingress.jobs.get(sync.id)
+        await ingress.service.storage.put(f"pending/anonymous/{bad}", b"")
+        await ingress.service.storage.put(f"jobs/{bad}.json", b"{half a record")
+        assert await ingress.service.reaper.reap() == 1
+        await asyncio.gather(*list(ingress.service.runner.running.values()))
+        assert (await ingress.service.store.get(mine.id)).status is Status.READY
+        assert (await ingress.service.store.get(other.id)).status is Status.PENDING
+        ended = await ingress.service.store.get(sync.id)
         assert ended.status is Status.ERROR and "not run again" in ended.error
-        usage = await ingress.storage.list("usage")
+        usage = await ingress.service.storage.list("usage")
         assert len(usage) == 1 and mine.id in usage[0]
 
     asyncio.run(go())
@@ -239,7 +242,7 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
     left where the reaper cannot see it, and a pending marker left without its record stops
     counting against the key once no write of the record can still be under way."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
-    storage = ingress.storage
+    storage = ingress.service.storage
     storage.retry_s, storage.call_timeout_s = 0.2, 0.1  # a marker is stale 1.6 s after it was stamped
     real_put = storage._put
 
@@ -254,15 +257,17 @@ def test_a_submission_that_storage_fails_leaves_no_job_unseen(tmp_path, failing)
         with pytest.raises(StorageError):
             await _submit(ingress)
         storage._put = real_put
-        listed = {job_id for _, job_id in await ingress.jobs.pending()}
+        listed = {job_id for _, job_id in await ingress.service.store.pending()}
         records = {key.removeprefix("jobs/").removesuffix(".json") for key in await storage.list("jobs")}
         assert records <= listed, "a record the reaper does not list: Pending forever if its replica dies"
-        assert await ingress.reap() == 0 and await ingress.jobs.in_flight("anonymous") == len(listed)
+        assert await ingress.service.reaper.reap() == 0 and await ingress.service.store.in_flight(
+            "anonymous"
+        ) == len(listed)
         await asyncio.sleep(1.8)
-        assert await ingress.reap() == 0
-        assert await ingress.jobs.pending() == [] and await storage.list("jobs") == []
+        assert await ingress.service.reaper.reap() == 0
+        assert await ingress.service.store.pending() == [] and await storage.list("jobs") == []
         job = await _submit(ingress)  # and the key submits as before
-        assert await ingress.jobs.pending() == [("anonymous", job.id)]
+        assert await ingress.service.store.pending() == [("anonymous", job.id)]
 
     asyncio.run(go())
 
@@ -272,14 +277,16 @@ def test_a_record_write_slower_than_a_lease_keeps_its_pending_marker(tmp_path):
     be under way (a lease, plus storage's longest operation for the marker and again for the
     record): a write that outlasts a lease does not leave a Pending record unlisted."""
     ingress = build(tmp_path / "data", job_lease_s=1.0)
-    slow_writes(ingress.storage, "jobs/", 1.6, times=1)  # retrying through a storage hiccup, past the lease
+    slow_writes(
+        ingress.service.storage, "jobs/", 1.6, times=1
+    )  # retrying through a storage hiccup, past the lease
 
     async def go():
         submitting = asyncio.ensure_future(_submit(ingress))
         await asyncio.sleep(1.3)  # the marker is a lease old, its record not yet written
-        assert await ingress.reap() == 0
+        assert await ingress.service.reaper.reap() == 0
         job = await submitting
-        assert await ingress.jobs.pending() == [("anonymous", job.id)]
+        assert await ingress.service.store.pending() == [("anonymous", job.id)]
 
     asyncio.run(go())
 
@@ -288,7 +295,7 @@ def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
     """Cancel (DELETE) while the job waits in a queue: the transformer checks before the first step
     once a job has waited cancel_check_interval_s, so it ends Cancelled and unbilled even when its
     denoise is shorter than the interval (a 4-step model on a GPU)."""
-    ft = ingress.transformer.obj
+    ft = ingress.service.stages.transformer.obj
     ft.options.cancel_check_interval_s = 0.5
     gate, denoise, started = asyncio.Event(), ft.denoise, asyncio.Event()
     steps, real = [], ft._start
@@ -307,14 +314,14 @@ def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
 
     async def go():
         job = await _submit(ingress)
-        task = asyncio.ensure_future(ingress.run(job))
+        task = asyncio.ensure_future(ingress.service.run(job))
         await started.wait()
-        await ingress.cancel(job.id)
+        await ingress.service.cancel(job.id)
         await asyncio.sleep(0.6)
         gate.set()
         assert await task is None
-        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
-        assert steps == [] and await ingress.storage.list("usage") == []
+        assert (await ingress.service.store.get(job.id)).status is Status.CANCELLED
+        assert steps == [] and await ingress.service.storage.list("usage") == []
 
     asyncio.run(go())
 
@@ -328,20 +335,20 @@ def test_an_attempt_ends_and_renews_its_lease_before_the_lease_runs_out(tmp_path
     async def hung(*args):
         await never.wait()
 
-    ingress.transformer.obj.denoise = hung
-    saves, save = [], ingress.jobs.save
+    ingress.service.stages.transformer.obj.denoise = hung
+    saves, save = [], ingress.service.store.save
 
     async def recording(job):
         saves.append((time.time(), job.lease_until))
         await save(job)
 
-    ingress.jobs.save = recording
+    ingress.service.store.save = recording
 
     async def go():
         job = await _submit(ingress)
         await asyncio.sleep(0.3)  # the lease runs from the record's creation (inputs are stored after)
-        await ingress.run(job, fresh=True)  # as the routes run a job they just submitted
-        assert (await ingress.jobs.get(job.id)).status is Status.ERROR
+        await ingress.service.run(job, fresh=True)  # as the routes run a job they just submitted
+        assert (await ingress.service.store.get(job.id)).status is Status.ERROR
         previous, renewed = saves[0][1], 0
         for t, lease in saves[1:]:
             if lease != previous:  # a renewal: written while the previous lease still held
@@ -369,9 +376,9 @@ def test_a_request_over_the_transformers_batch_cap_is_refused_at_submission(tmp_
             r.status_code == 422 and "width" in r.text and "72 tokens" in r.text and "limit of 64" in r.text
         )
         with pytest.raises(FieldError) as e:  # 16 image tokens + 64 of the reference's
-            await _submit(ingress, images=[reference], fields={"references": "input_image"})
+            await _submit(ingress, images=[reference], field_names={"references": "input_image"})
         assert e.value.field == "input_image" and "80 tokens" in str(e.value)
-        assert len(await ingress.storage.list("jobs")) == 1  # only the first
+        assert len(await ingress.service.storage.list("jobs")) == 1  # only the first
 
     asyncio.run(go())
 
@@ -382,7 +389,7 @@ def test_an_async_job_whose_caller_left_during_submission_still_runs(tmp_path, l
     to Ready now, not after its lease when the reaper finds it."""
     ingress = build(tmp_path / "data")
     slow = "jobs/" if leaves_during == "the record's write" else "idempotency/"
-    real_put, writing = ingress.storage._put, threading.Event()
+    real_put, writing = ingress.service.storage._put, threading.Event()
 
     def slow_put(key, *args):
         if key.startswith(slow):
@@ -390,26 +397,30 @@ def test_an_async_job_whose_caller_left_during_submission_still_runs(tmp_path, l
             time.sleep(0.3)
         return real_put(key, *args)
 
-    ingress.storage._put = slow_put
+    ingress.service.storage._put = slow_put
 
     async def go():
-        submit = asyncio.ensure_future(
-            ingress.submit(**_args(), idempotency_key="k", body_hash="h", start=True)
+        submitting = asyncio.ensure_future(
+            submit_job(ingress, **_args(), idempotency_key="k", body_hash="h", start=True)
         )
         while not writing.is_set():
             await asyncio.sleep(0.01)
-        submit.cancel()
-        await asyncio.gather(submit, return_exceptions=True)
-        assert submit.cancelled()
-        job_id, _ = await ingress.idempotent_job("anonymous", "k", "h")
+        submitting.cancel()
+        await asyncio.gather(submitting, return_exceptions=True)
+        assert submitting.cancelled()
+        job_id = IdempotencyIndex.job_id("anonymous", IdempotencyClaim("k", "h"))
         if slow == "idempotency/":  # started before that write: running, and counted as such
-            assert job_id in ingress._running and job_id in ingress._admitted
+            assert job_id in ingress.service.runner.running and job_id in ingress.service.admission.admitted
         for _ in range(100):  # the background work: the rest of the write, then the job's run
-            if job_id in ingress._running:
-                await ingress._running[job_id]
+            if job_id in ingress.service.runner.running:
+                await ingress.service.runner.running[job_id]
                 break
             await asyncio.sleep(0.05)
-        stored = await ingress.jobs.get(job_id)
-        assert stored.status is Status.READY and ingress._admitted == set() and ingress._inputs == {}
+        stored = await ingress.service.store.get(job_id)
+        assert (
+            stored.status is Status.READY
+            and ingress.service.admission.admitted == set()
+            and ingress.service.runner.inputs == {}
+        )
 
     asyncio.run(go())

@@ -136,7 +136,7 @@ def _post(ingress, body):
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
             r = await c.post("/v1/flux-2-klein-tiny", json=body)
             if r.status_code == 200:
-                await asyncio.gather(*list(ingress._running.values()))
+                await asyncio.gather(*list(ingress.service.runner.running.values()))
                 return r, (await c.get("/v1/get_result", params={"id": r.json()["id"]})).json()
             return r, None
 

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from deployments.ingress import TooManyJobs
-from deployments.jobs import Status
+from deployments.jobs.errors import TooManyJobs
+from deployments.jobs.records import Status
 from deployments.storage import StorageError
-from tests.serving.inprocess import build, slow_writes
+from tests.serving.inprocess import build, slow_writes, submit_job
 
 MODEL = "/v1/flux-2-klein-tiny"
 
@@ -25,7 +25,7 @@ def _full() -> BackPressureError:
 
 
 async def _usage(ingress) -> list:
-    return await ingress.storage.list("usage")
+    return await ingress.service.storage.list("usage")
 
 
 def _client(ingress) -> httpx.AsyncClient:
@@ -39,21 +39,23 @@ def test_full_stage_queues(tmp_path):
     async def go():
         async with _client(ingress) as c:
             # async: accepted, then the full queue is waited out without using up attempts
-            ingress.transformer.fail_next["denoise"] = [_full()] * 4  # more than max_attempts (3)
+            ingress.service.stages.transformer.fail_next["denoise"] = [
+                _full()
+            ] * 4  # more than max_attempts (3)
             r = await c.post(MODEL, json={"prompt": "wait for room", "width": 64, "height": 64})
             assert r.status_code == 200
-            await asyncio.gather(*list(ingress._running.values()))
-            job = await ingress.jobs.get(r.json()["id"])
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
+            job = await ingress.service.store.get(r.json()["id"])
             assert job.status is Status.READY and job.attempts == 1, job
             assert len(await _usage(ingress)) == 1
 
             # sync: the caller is told to come back; the job ends unbilled
-            ingress.codec.fail_next["finish"] = [_full()]
+            ingress.service.stages.codec.fail_next["finish"] = [_full()]
             r = await c.post("/v1/images/generations", json={"prompt": "now", "size": "64x64"})
             assert r.status_code == 503 and r.headers["Retry-After"] == "3", r.text
             assert "overloaded" in r.json()["detail"]
             assert len(await _usage(ingress)) == 1
-            assert await ingress.jobs.pending() == []  # the shed job is terminal, not left Pending
+            assert await ingress.service.store.pending() == []  # the shed job is terminal, not left Pending
 
             # and afterwards the service serves normally
             r = await c.post("/v1/images/generations", json={"prompt": "again", "size": "64x64"})
@@ -66,13 +68,13 @@ def test_full_stage_queues(tmp_path):
 def test_running_job_cap(tmp_path):
     ingress = build(tmp_path / "data", max_running_jobs=2)
 
-    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+    gate, denoise = asyncio.Event(), ingress.service.stages.transformer.obj.denoise
 
     async def held(*args):  # the transformer waits for the gate: both jobs stay running
         await gate.wait()
         return await denoise(*args)
 
-    ingress.transformer.obj.denoise = held
+    ingress.service.stages.transformer.obj.denoise = held
 
     async def go():
         async with _client(ingress) as c:
@@ -84,11 +86,11 @@ def test_running_job_cap(tmp_path):
             r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
             assert r.status_code == 503
             gate.set()
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
             for a in accepted:
-                assert (await ingress.jobs.get(a.json()["id"])).status is Status.READY
+                assert (await ingress.service.store.get(a.json()["id"])).status is Status.READY
             assert (await c.post(MODEL, json=body)).status_code == 200  # room again
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
 
     asyncio.run(go())
 
@@ -114,7 +116,7 @@ class Flaky:
 
 def test_storage_outages_are_retried_then_503(tmp_path):
     ingress = build(tmp_path / "data", request_storage_retry_s=0.5)
-    flaky = Flaky(ingress.storage)
+    flaky = Flaky(ingress.service.storage)
 
     async def go():
         async with _client(ingress) as c:
@@ -122,7 +124,7 @@ def test_storage_outages_are_retried_then_503(tmp_path):
             r = await c.post(MODEL, json={"prompt": "x", "width": 64, "height": 64})
             assert r.status_code == 200, r.text
             job_id = r.json()["id"]
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
             flaky.n = 1  # a poll retries within its short budget (0.2 s here)
             res = (await c.get("/v1/get_result", params={"id": job_id})).json()
             assert res["status"] == "Ready"
@@ -138,14 +140,14 @@ def test_storage_outages_are_retried_then_503(tmp_path):
 
 def test_jobs_past_their_deadline_end_in_error(tmp_path):
     ingress = build(tmp_path / "data", job_deadline_s=0.3)
-    ingress.options.retry_backoff_s = 0.05  # waits of 0.1, 0.2, 0.4 s for room
+    ingress.service.options.retry_backoff_s = 0.05  # waits of 0.1, 0.2, 0.4 s for room
 
     async def go():
-        ingress.transformer.fail_next["denoise"] = [_full()] * 100  # never room
-        job, _ = await ingress.submit(prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
+        ingress.service.stages.transformer.fail_next["denoise"] = [_full()] * 100  # never room
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
                                       safety_tolerance=2, output_format="png", images=[])  # fmt: skip
-        assert await ingress.run(job) is None
-        stored = await ingress.jobs.get(job.id)
+        assert await ingress.service.run(job) is None
+        stored = await ingress.service.store.get(job.id)
         assert stored.status is Status.ERROR and "within 0.3 s" in stored.error
         assert await _usage(ingress) == []
 
@@ -154,7 +156,7 @@ def test_jobs_past_their_deadline_end_in_error(tmp_path):
 
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_backpressure_is_recognised_through_chained_responses(wrapped):
-    from deployments.ingress import is_backpressure
+    from deployments.jobs.errors import is_backpressure
 
     e = _full()
     if wrapped:
@@ -168,20 +170,20 @@ def test_backpressure_is_recognised_through_chained_responses(wrapped):
 
 def test_a_job_waiting_for_room_can_be_cancelled_and_keeps_its_lease(tmp_path):
     ingress = build(tmp_path / "data")
-    ingress.options.retry_backoff_s = 0.01
+    ingress.service.options.retry_backoff_s = 0.01
 
     async def go():
-        ingress.transformer.fail_next["denoise"] = [_full()] * 3
-        job, _ = await ingress.submit(prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
+        ingress.service.stages.transformer.fail_next["denoise"] = [_full()] * 3
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
                                       safety_tolerance=2, output_format="png", images=[])  # fmt: skip
         lease = job.lease_until
-        task = asyncio.create_task(ingress.run(job, fresh=True))
-        while len(ingress.transformer.fail_next["denoise"]) > 1:  # it is waiting for room now
+        task = asyncio.create_task(ingress.service.run(job, fresh=True))
+        while len(ingress.service.stages.transformer.fail_next["denoise"]) > 1:  # it is waiting for room now
             await asyncio.sleep(0.005)
-        assert (await ingress.jobs.get(job.id)).lease_until > lease  # renewed while it waits
-        await ingress.cancel(job.id)
+        assert (await ingress.service.store.get(job.id)).lease_until > lease  # renewed while it waits
+        await ingress.service.cancel(job.id)
         assert await task is None
-        assert (await ingress.jobs.get(job.id)).status is Status.CANCELLED
+        assert (await ingress.service.store.get(job.id)).status is Status.CANCELLED
         assert await _usage(ingress) == []
 
     asyncio.run(go())
@@ -196,9 +198,9 @@ def test_a_sync_request_refused_part_way_leaves_no_job_behind(tmp_path):
         async with _client(ingress) as c:
             r = await c.post("/v1/images/generations", json={"prompt": "two", "size": "64x64", "n": 2})
             assert r.status_code == 429 and "Retry-After" in r.headers, r.text
-            assert await ingress.jobs.pending() == [] and await _usage(ingress) == []
-            assert await ingress.reap() == 0
-            assert ingress._inputs == {}
+            assert await ingress.service.store.pending() == [] and await _usage(ingress) == []
+            assert await ingress.service.reaper.reap() == 0
+            assert ingress.service.runner.inputs == {}
 
     asyncio.run(go())
 
@@ -207,21 +209,21 @@ def test_a_sync_request_that_times_out_ends_its_job(tmp_path):
     """504 after sync_timeout_s: the job is Cancelled at once, not left Pending (holding the key's
     in-flight slot until the reaper ran it again)."""
     ingress = build(tmp_path / "data", sync_timeout_s=0.5)
-    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+    gate, denoise = asyncio.Event(), ingress.service.stages.transformer.obj.denoise
 
     async def held(*args):
         await gate.wait()
         return await denoise(*args)
 
-    ingress.transformer.obj.denoise = held
+    ingress.service.stages.transformer.obj.denoise = held
 
     async def go():
         async with _client(ingress) as c:
             r = await c.post("/v1/images/generations", json={"prompt": "slow", "size": "64x64"})
             assert r.status_code == 504, r.text
-            job = await ingress.jobs.get(r.json()["error"]["job_ids"][0])
-            assert job.status is Status.CANCELLED and await ingress.jobs.pending() == []
-            assert await ingress.jobs.in_flight(job.key_id) == 0 and await _usage(ingress) == []
+            job = await ingress.service.store.get(r.json()["error"]["job_ids"][0])
+            assert job.status is Status.CANCELLED and await ingress.service.store.pending() == []
+            assert await ingress.service.store.in_flight(job.key_id) == 0 and await _usage(ingress) == []
         gate.set()
 
     asyncio.run(go())
@@ -234,7 +236,7 @@ def test_a_burst_from_one_key_stays_within_its_caps(tmp_path):
 
     async def submit(i):
         try:
-            job, _ = await ingress.submit(prompt=f"burst {i}", width=64, height=64, seed=i, steps=None,
+            job, _ = await submit_job(ingress, prompt=f"burst {i}", width=64, height=64, seed=i, steps=None,
                                           guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
             return job
         except Exception as e:
@@ -246,11 +248,17 @@ def test_a_burst_from_one_key_stays_within_its_caps(tmp_path):
         refused = {type(o).__name__ for o in outs if isinstance(o, Exception)}
         assert len(accepted) == 5 and "TooManyJobs" in refused, (len(accepted), refused)
         assert refused <= {"TooManyJobs", "Overloaded"}  # the replica's cap (8) refused some first
-        assert await ingress.jobs.in_flight("anonymous") == 5
-        assert ingress._admitted == {j.id for j in accepted} and ingress._submitting == {}
+        assert await ingress.service.store.in_flight("anonymous") == 5
+        assert (
+            ingress.service.admission.admitted == {j.id for j in accepted}
+            and ingress.service.admission.submitting == {}
+        )
         for job in accepted:
-            await ingress.run(job)
-        assert ingress._admitted == set() and await ingress.jobs.in_flight("anonymous") == 0
+            await ingress.service.run(job)
+        assert (
+            ingress.service.admission.admitted == set()
+            and await ingress.service.store.in_flight("anonymous") == 0
+        )
 
     asyncio.run(go())
 
@@ -260,23 +268,26 @@ def test_a_key_at_its_cap_is_not_counted_twice_while_its_jobs_are_stored(tmp_pat
     and this replica's own count of it drops then, so a key sending exactly its cap of jobs, one
     after another while the earlier ones are still being stored, gets every one accepted."""
     ingress = build(tmp_path / "data", max_jobs_in_flight=5)
-    slow_writes(ingress.storage, ("pending/", "jobs/"), 0.05)
+    slow_writes(ingress.service.storage, ("pending/", "jobs/"), 0.05)
 
     async def submit(i):
         # each lists the key's jobs 25 ms after the one before stored its marker and 25 ms before it
         # stores its record: clear of the edges of the window where it would be counted twice
         await asyncio.sleep(0.075 * i)
-        job, _ = await ingress.submit(prompt=f"paced {i}", width=64, height=64, seed=i, steps=None,
+        job, _ = await submit_job(ingress, prompt=f"paced {i}", width=64, height=64, seed=i, steps=None,
                                       guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
         return job
 
     async def go():
         jobs = await asyncio.gather(*(submit(i) for i in range(5)))  # TooManyJobs if counted twice
-        assert await ingress.jobs.in_flight("anonymous") == 5 and ingress._submitting == {}
+        assert (
+            await ingress.service.store.in_flight("anonymous") == 5
+            and ingress.service.admission.submitting == {}
+        )
         with pytest.raises(TooManyJobs):
             await submit(5)
         for job in jobs:
-            await ingress.run(job)
+            await ingress.service.run(job)
 
     asyncio.run(go())
 
@@ -286,19 +297,19 @@ def test_a_key_at_its_cap_is_refused_while_its_last_job_is_being_stored(tmp_path
     submission whose pending marker lands after that snapshot but before the listing's answer is
     still counted by the replica's own tally: the key's cap holds."""
     ingress = build(tmp_path / "data", max_jobs_in_flight=1)
-    real_list = ingress.storage._list
+    real_list = ingress.service.storage._list
 
     def late_list(prefix):
         keys = real_list(prefix)  # the snapshot, answered 0.2 s later
         time.sleep(0.2)
         return keys
 
-    ingress.storage._list = late_list
-    slow_writes(ingress.storage, "pending/", 0.2)
+    ingress.service.storage._list = late_list
+    slow_writes(ingress.service.storage, "pending/", 0.2)
 
     async def submit(i, delay):
         await asyncio.sleep(delay)
-        job, _ = await ingress.submit(prompt=f"capped {i}", width=64, height=64, seed=i, steps=None,
+        job, _ = await submit_job(ingress, prompt=f"capped {i}", width=64, height=64, seed=i, steps=None,
                                       guidance=None, safety_tolerance=2, output_format="png", images=[])  # fmt: skip
         return job
 
@@ -306,8 +317,8 @@ def test_a_key_at_its_cap_is_refused_while_its_last_job_is_being_stored(tmp_path
         # the first lists at 0 and stores its marker 0.2-0.4; the second lists at 0.3, answered at 0.5
         first, second = await asyncio.gather(submit(0, 0), submit(1, 0.3), return_exceptions=True)
         assert isinstance(second, TooManyJobs), second
-        assert await ingress.jobs.in_flight("anonymous") == 1
-        await ingress.run(first)
+        assert await ingress.service.store.in_flight("anonymous") == 1
+        await ingress.service.run(first)
 
     asyncio.run(go())
 
@@ -316,7 +327,7 @@ def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
     """n=3 where one job finds the transformer's queue full: the caller gets 503, and its other
     jobs are stopped and end unbilled instead of running on to Ready for nobody."""
     ingress = build(tmp_path / "data")
-    gate, denoise = asyncio.Event(), ingress.transformer.obj.denoise
+    gate, denoise = asyncio.Event(), ingress.service.stages.transformer.obj.denoise
     calls = []
 
     async def held(params, *args):
@@ -326,8 +337,10 @@ def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
         await gate.wait()
         return await denoise(params, *args)
 
-    ingress.transformer.obj.denoise = held
-    ingress.transformer.obj.options.cancel_check_interval_s = 3600  # a short denoise never checks
+    ingress.service.stages.transformer.obj.denoise = held
+    ingress.service.stages.transformer.obj.options.cancel_check_interval_s = (
+        3600  # a short denoise never checks
+    )
 
     async def go():
         async with _client(ingress) as c:
@@ -335,11 +348,11 @@ def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
             assert r.status_code == 503 and "Retry-After" in r.headers, r.text
         gate.set()
         await asyncio.sleep(0.5)  # anything still running would finish now
-        records = [await ingress.jobs.get(j) for _, j in await ingress.jobs.pending()]
+        records = [await ingress.service.store.get(j) for _, j in await ingress.service.store.pending()]
         assert records == [], records
-        statuses = {(await ingress.jobs.get(j)).status for j in calls}
+        statuses = {(await ingress.service.store.get(j)).status for j in calls}
         assert Status.READY not in statuses and len(calls) == 3, (statuses, calls)
-        assert await _usage(ingress) == [] and ingress._admitted == set()
+        assert await _usage(ingress) == [] and ingress.service.admission.admitted == set()
 
     asyncio.run(go())
 
@@ -349,17 +362,17 @@ def test_a_caller_leaving_during_the_submissions_leaves_no_job_behind(tmp_path):
     the handler): the job already made is discarded, Cancelled and unbilled, not left Pending for the
     reaper, and nothing stays counted against the replica's or the key's caps."""
     ingress = build(tmp_path / "data")
-    submit, entered, made = ingress.submit, asyncio.Event(), []
+    submit, entered, made = ingress.service.submit, asyncio.Event(), []
 
-    async def slow_second(**kw):
+    async def slow_second(submission, **kw):
         if made:
             entered.set()
             await asyncio.sleep(3600)  # the caller leaves meanwhile
-        job, replayed = await submit(**kw)
+        job, replayed = await submit(submission, **kw)
         made.append(job)
         return job, replayed
 
-    ingress.submit = slow_second
+    ingress.service.submit = slow_second
 
     async def go():
         async with _client(ingress) as c:
@@ -370,8 +383,12 @@ def test_a_caller_leaving_during_the_submissions_leaves_no_job_behind(tmp_path):
             request.cancel()
             await asyncio.gather(request, return_exceptions=True)
         assert len(made) == 1
-        assert (await ingress.jobs.get(made[0].id)).status is Status.CANCELLED
-        assert await ingress.jobs.pending() == [] and await _usage(ingress) == []
-        assert ingress._admitted == set() and ingress._submitting == {} and ingress._running == {}
+        assert (await ingress.service.store.get(made[0].id)).status is Status.CANCELLED
+        assert await ingress.service.store.pending() == [] and await _usage(ingress) == []
+        assert (
+            ingress.service.admission.admitted == set()
+            and ingress.service.admission.submitting == {}
+            and ingress.service.runner.running == {}
+        )
 
     asyncio.run(go())

@@ -11,28 +11,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.jobs import Status
-from tests.serving.inprocess import build
+from deployments.jobs.records import Status
+from tests.serving.inprocess import build, submit_job
 
 
 async def _jobs(ingress, specs):
     jobs = []
     for prompt, seed in specs:
-        job, _ = await ingress.submit(prompt=prompt, width=64, height=64, seed=seed, steps=None, guidance=None,
+        job, _ = await submit_job(ingress, prompt=prompt, width=64, height=64, seed=seed, steps=None, guidance=None,
                                       safety_tolerance=2, output_format="png", images=[])  # fmt: skip
         jobs.append(job)
     return jobs
 
 
 async def _image(ingress, job_id):
-    job = await ingress.jobs.get(job_id)
-    return np.asarray(Image.open(io.BytesIO(await ingress.storage.get(job.result.key))))
+    job = await ingress.service.store.get(job_id)
+    return np.asarray(Image.open(io.BytesIO(await ingress.service.storage.get(job.result.key))))
 
 
 def _poison(ingress, stage: str, batches: list[int]):
     """Make `stage` raise for any batch that holds the poisoned request; record batch sizes tried."""
     if stage == "embed":
-        te = ingress.embedder.obj
+        te = ingress.service.stages.embedder.obj
         te._embed_batch.set_batch_wait_timeout_s(0.2)
         real = te.embedder
 
@@ -44,7 +44,7 @@ def _poison(ingress, stage: str, batches: list[int]):
 
         te.embedder = embedder
     elif stage == "denoise":
-        ft = ingress.transformer.obj
+        ft = ingress.service.stages.transformer.obj
         ft._batched.set_batch_wait_timeout_s(0.5)
         real = ft._run_group
 
@@ -56,7 +56,7 @@ def _poison(ingress, stage: str, batches: list[int]):
 
         ft._run_group = run_group
     else:
-        codec = ingress.codec.obj
+        codec = ingress.service.stages.codec.obj
         codec._finish_batch.set_batch_wait_timeout_s(0.5)
         real = codec.post.flagged
 
@@ -80,16 +80,16 @@ def test_poisoned_request_fails_alone(tmp_path, stage):
 
     async def go():
         jobs = await _jobs(ingress, specs)
-        await asyncio.gather(*(ingress.run(j) for j in jobs))
-        statuses = [(await ingress.jobs.get(j.id)).status for j in jobs]
+        await asyncio.gather(*(ingress.service.run(j) for j in jobs))
+        statuses = [(await ingress.service.store.get(j.id)).status for j in jobs]
         assert statuses == [Status.READY, Status.ERROR, Status.READY, Status.READY], statuses
         assert max(batches) > 1, batches  # the poisoned request did share a batch
-        usage = await ingress.storage.list("usage")
+        usage = await ingress.service.storage.list("usage")
         assert len(usage) == 3 and not any(jobs[1].id in k for k in usage)  # the failure is not billed
         # batch-mates got exactly the images they get alone
         ref = await _jobs(clean, [specs[0], specs[3]])
         for j in ref:
-            await clean.run(j)
+            await clean.service.run(j)
         assert np.array_equal(await _image(ingress, jobs[0].id), await _image(clean, ref[0].id))
         assert np.array_equal(await _image(ingress, jobs[3].id), await _image(clean, ref[1].id))
 
@@ -102,7 +102,7 @@ def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not
     Requests for three different jobs failing in a row do; a success clears the count. The failure
     comes from the denoising steps, where a device fails (setting up a batch does not touch it)."""
     ingress = build(tmp_path / "data")
-    ft = ingress.transformer.obj
+    ft = ingress.service.stages.transformer.obj
     real, broken = ft._start, {"all": False}
     tries: list[int] = []
 
@@ -122,22 +122,22 @@ def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not
 
     async def go():
         (poisoned,) = await _jobs(ingress, [("a fox", 666)])
-        await ingress.run(poisoned)
-        assert (await ingress.jobs.get(poisoned.id)).status == Status.ERROR
-        assert tries == [1] * ingress.options.max_attempts and len(tries) >= 3
+        await ingress.service.run(poisoned)
+        assert (await ingress.service.store.get(poisoned.id)).status == Status.ERROR
+        assert tries == [1] * ingress.service.options.max_attempts and len(tries) >= 3
         await ft.check_health()  # one job, however often it failed
 
         broken["all"] = True  # now every request fails, whichever job
         others = await _jobs(ingress, [("a hare", 2), ("a lynx", 3)])
         for job in others:
-            await ingress.run(job)
+            await ingress.service.run(job)
         with pytest.raises(RuntimeError, match="3 different jobs failed"):
             await ft.check_health()
 
         broken["all"] = False
         (clean,) = await _jobs(ingress, [("an owl", 4)])
-        await ingress.run(clean)
-        assert (await ingress.jobs.get(clean.id)).status == Status.READY
+        await ingress.service.run(clean)
+        assert (await ingress.service.store.get(clean.id)).status == Status.READY
         await ft.check_health()
 
     asyncio.run(go())
@@ -147,22 +147,22 @@ def test_a_codec_whose_decoder_fails_every_image_turns_unhealthy(tmp_path):
     """The codec catches each image's decode failure (its batch-mates go on), so its health is
     judged per request: three different jobs failing to decode mark it unhealthy."""
     ingress = build(tmp_path / "data")
-    codec = ingress.codec.obj
+    codec = ingress.service.stages.codec.obj
 
     def decode(z):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     async def go():
         (first,) = await _jobs(ingress, [("a fox", 1)])
-        await ingress.run(first)
+        await ingress.service.run(first)
         await codec.check_health()
         codec.vae.decode = decode
         jobs = await _jobs(ingress, [("a hare", 2), ("a lynx", 3), ("an owl", 4)])
         for job in jobs[:2]:
-            await ingress.run(job)
+            await ingress.service.run(job)
         await codec.check_health()  # two different jobs so far
-        await ingress.run(jobs[2])
-        assert (await ingress.jobs.get(jobs[2].id)).status == Status.ERROR
+        await ingress.service.run(jobs[2])
+        assert (await ingress.service.store.get(jobs[2].id)).status == Status.ERROR
         with pytest.raises(RuntimeError, match="3 different jobs failed"):
             await codec.check_health()
 
@@ -172,11 +172,11 @@ def test_a_codec_whose_decoder_fails_every_image_turns_unhealthy(tmp_path):
 def test_an_unreadable_reference_fails_only_the_edit_that_needs_it(tmp_path):
     """With C2PA on, the codec reads each edit's references (its ingredients) for the batch; a read
     that fails must fail that edit alone, not its batch-mates (a text-to-image job needs none)."""
-    from deployments.payloads import FinishParams
+    from deployments.stages.payloads import FinishParams
     from deployments.storage import StorageError
 
     ingress = build(tmp_path / "data")
-    codec = ingress.codec.obj
+    codec = ingress.service.stages.codec.obj
 
     def params(job, keys):
         return FinishParams(job, f"images/{job}.png", "png", "p", "m", 1, input_keys=tuple(keys))
@@ -204,7 +204,7 @@ def test_the_embedder_judges_each_prompt(tmp_path):
     """The embedder's health counts failed prompts, one poisoned prompt once however often it is
     retried: three different failing prompts in a row mark it unhealthy."""
     ingress = build(tmp_path / "data")
-    te = ingress.embedder.obj
+    te = ingress.service.stages.embedder.obj
     real, broken = te.embedder, {"all": False}
 
     def embedder(prompts):
@@ -236,14 +236,14 @@ def test_a_failing_cancel_check_does_not_fail_the_denoise(tmp_path):
 
     ingress = build(tmp_path / "data")
 
-    async def down(job_id):
+    async def down(job_ids):
         raise StorageError("s3 get_object failed: connection refused")
 
-    ingress.transformer.obj.jobs.cancel_requested = down
+    ingress.service.stages.transformer.obj.cancel = down
 
     async def go():
         jobs = await _jobs(ingress, [("a fox", 1), ("a hare", 2)])
-        await asyncio.gather(*(ingress.run(j) for j in jobs))
-        assert [(await ingress.jobs.get(j.id)).status for j in jobs] == [Status.READY] * 2
+        await asyncio.gather(*(ingress.service.run(j) for j in jobs))
+        assert [(await ingress.service.store.get(j.id)).status for j in jobs] == [Status.READY] * 2
 
     asyncio.run(go())

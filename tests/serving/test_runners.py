@@ -12,9 +12,9 @@ import time
 import pytest
 from PIL import Image
 
-from deployments.jobs import Status
+from deployments.jobs.records import Status, idempotency_key, marker_key
 from deployments.storage import StorageOptions
-from tests.serving.inprocess import build
+from tests.serving.inprocess import build, submit_job
 
 
 def _args(**kw):
@@ -25,7 +25,7 @@ def _args(**kw):
 async def _expire(ingress, job):
     """As if the job's replica died during its first attempt: lease run out, Pending."""
     job.attempts, job.lease_until = 1, time.time() - 1
-    await ingress.jobs.save(job)
+    await ingress.service.store.save(job)
 
 
 def _barrier(*methods):
@@ -65,23 +65,25 @@ def test_racing_reapers_restart_an_abandoned_job_once(tmp_path, shared_storage):
     a, b = build(None, storage=shared_storage), build(None, storage=shared_storage)
     denoised = []
     for ingress in (a, b):
-        real = ingress.transformer.obj.denoise
+        real = ingress.service.stages.transformer.obj.denoise
 
         async def denoise(params, *args, real=real):
             denoised.append(params.job_id)
             return await real(params, *args)
 
-        ingress.transformer.obj.denoise = denoise
+        ingress.service.stages.transformer.obj.denoise = denoise
 
     async def go():
-        job, _ = await a.submit(**_args())
+        job, _ = await submit_job(a, **_args())
         await _expire(a, job)
-        undo = _barrier((a.jobs, "get"), (b.jobs, "get"))  # both read it expired before either writes
-        restarted = await asyncio.gather(a.reap(), b.reap())
+        undo = _barrier(
+            (a.service.store, "get"), (b.service.store, "get")
+        )  # both read it expired before either writes
+        restarted = await asyncio.gather(a.service.reaper.reap(), b.service.reaper.reap())
         undo()
         assert sorted(restarted) == [0, 1]
-        await asyncio.gather(*a._running.values(), *b._running.values())
-        stored = await a.jobs.get(job.id)
+        await asyncio.gather(*a.service.runner.running.values(), *b.service.runner.running.values())
+        stored = await a.service.store.get(job.id)
         assert stored.status is Status.READY and stored.attempts == 2
         assert denoised == [job.id]  # one re-run, not two
 
@@ -93,33 +95,33 @@ def test_a_runner_whose_job_was_taken_over_stops_without_writing(tmp_path):
 
     async def go():
         # taken over before the runner renews its lease: it stops before running anything
-        job, _ = await a.submit(**_args())
-        theirs = await b.jobs.get(job.id)
+        job, _ = await submit_job(a, **_args())
+        theirs = await b.service.store.get(job.id)
         theirs.attempts = 5  # another runner's mark on the record
-        await b.jobs.save(theirs)
-        assert await a.run(job) is None
+        await b.service.store.save(theirs)
+        assert await a.service.run(job) is None
         assert job.attempts == 5 and job.status is Status.PENDING  # the caller sees the stored record
-        assert await a.storage.get(job.output_key) is None
+        assert await a.service.storage.get(job.output_key) is None
 
         # taken over while it ran: its end is refused, and the charge it wrote is not left behind
-        job, _ = await a.submit(**_args(seed=2))
+        job, _ = await submit_job(a, **_args(seed=2))
         takeover = asyncio.Event()
-        real = a._record_usage
+        real = a.service.billing.record
 
         async def record_usage(j):
             await real(j)
-            theirs = await b.jobs.get(j.id)
+            theirs = await b.service.store.get(j.id)
             theirs.status, theirs.error = Status.ERROR, "ended by another replica"
-            await b.jobs.finish(theirs)
+            await b.service.store.finish(theirs)
             takeover.set()
 
-        a._record_usage = record_usage
-        assert await a.run(job, fresh=True) is None
+        a.service.billing.record = record_usage
+        assert await a.service.run(job, fresh=True) is None
         assert takeover.is_set()
-        stored = await a.jobs.get(job.id)
+        stored = await a.service.store.get(job.id)
         assert stored.status is Status.ERROR and stored.error == "ended by another replica"
         assert job.status is Status.ERROR  # adopted
-        assert await a.storage.list("usage") == []  # no charge for a job that ended in Error
+        assert await a.service.storage.list("usage") == []  # no charge for a job that ended in Error
 
     asyncio.run(go())
 
@@ -132,33 +134,36 @@ def test_racing_submissions_with_one_idempotency_key_make_one_job(tmp_path):
 
     def both_past_the_lookup(x, y):
         """Hold each submission after its idempotency lookup until both have made it: the race."""
-        return _barrier((x.jobs, "in_flight"), (y.jobs, "in_flight"))
+        return _barrier((x.service.store, "in_flight"), (y.service.store, "in_flight"))
 
     async def go():
         # on two replicas, the same body: one job, one submission told it replays it
         undo = both_past_the_lookup(a, b)
         common = _args(images=[("input_image", png.getvalue(), image)], idempotency_key="k1", body_hash="h1")
-        (j1, replay1), (j2, replay2) = await asyncio.gather(a.submit(**common), b.submit(**common))
+        (j1, replay1), (j2, replay2) = await asyncio.gather(submit_job(a, **common), submit_job(b, **common))
         undo()
         assert j1.id == j2.id and sorted([replay1, replay2]) == [False, True]
-        assert len(await a.storage.list("jobs")) == 1 and len(await a.storage.list("pending")) == 1
-        inputs = await a.storage.list(f"inputs/{j1.id}")
-        assert inputs == (await a.jobs.get(j1.id)).request.input_keys  # the loser's copy was removed
+        assert (
+            len(await a.service.storage.list("jobs")) == 1
+            and len(await a.service.storage.list("pending")) == 1
+        )
+        inputs = await a.service.storage.list(f"inputs/{j1.id}")
+        assert inputs == (await a.service.store.get(j1.id)).request.input_keys  # the loser's copy was removed
 
         # on one replica: one job, and it runs
         undo = both_past_the_lookup(a, a)
         twin = _args(idempotency_key="k2", body_hash="h2")
-        (j1, replay1), (j2, replay2) = await asyncio.gather(a.submit(**twin), a.submit(**twin))
+        (j1, replay1), (j2, replay2) = await asyncio.gather(submit_job(a, **twin), submit_job(a, **twin))
         undo()
         assert j1.id == j2.id and sorted([replay1, replay2]) == [False, True]
-        await a.run(j2 if replay1 else j1, fresh=True)
-        assert (await a.jobs.get(j1.id)).status is Status.READY
+        await a.service.run(j2 if replay1 else j1, fresh=True)
+        assert (await a.service.store.get(j1.id)).status is Status.READY
 
         # the same key with another body: the loser is told it conflicts (409)
         undo = both_past_the_lookup(a, b)
         results = await asyncio.gather(
-            a.submit(**_args(idempotency_key="k3", body_hash="h3")),
-            b.submit(**_args(prompt="a cat", idempotency_key="k3", body_hash="other")),
+            submit_job(a, **_args(idempotency_key="k3", body_hash="h3")),
+            submit_job(b, **_args(prompt="a cat", idempotency_key="k3", body_hash="other")),
             return_exceptions=True,
         )
         undo()
@@ -166,20 +171,20 @@ def test_racing_submissions_with_one_idempotency_key_make_one_job(tmp_path):
 
         # a submission that ended between its record and its pending marker (the caller left) is
         # listed for the reaper again by the retry that finds it, not left Pending unseen forever
-        job, _ = await a.submit(**_args(idempotency_key="k4", body_hash="h4"))
-        await a.storage.delete(f"pending/anonymous/{job.id}")
-        await a.storage.delete(a._idempotency_key("anonymous", "k4"))
-        again, replayed = await b.submit(**_args(idempotency_key="k4", body_hash="h4"))
-        assert replayed and again.id == job.id and ("anonymous", job.id) in await b.jobs.pending()
+        job, _ = await submit_job(a, **_args(idempotency_key="k4", body_hash="h4"))
+        await a.service.storage.delete(marker_key("anonymous", job.id))
+        await a.service.storage.delete(idempotency_key("anonymous", "k4"))
+        again, replayed = await submit_job(b, **_args(idempotency_key="k4", body_hash="h4"))
+        assert replayed and again.id == job.id and ("anonymous", job.id) in await b.service.store.pending()
 
         # a twin that missed the idempotency record and arrives after the job finished: the pending
         # marker it wrote before finding the record is taken away again (no phantom job in flight)
-        job, _ = await a.submit(**_args(idempotency_key="k5", body_hash="h5"))
-        await a.run(job, fresh=True)
-        await a.storage.delete(a._idempotency_key("anonymous", "k5"))
-        late, replayed = await b.submit(**_args(idempotency_key="k5", body_hash="h5"))
+        job, _ = await submit_job(a, **_args(idempotency_key="k5", body_hash="h5"))
+        await a.service.run(job, fresh=True)
+        await a.service.storage.delete(idempotency_key("anonymous", "k5"))
+        late, replayed = await submit_job(b, **_args(idempotency_key="k5", body_hash="h5"))
         assert replayed and late.status is Status.READY
-        assert ("anonymous", job.id) not in await b.jobs.pending()
+        assert ("anonymous", job.id) not in await b.service.store.pending()
 
     asyncio.run(go())
 
@@ -188,7 +193,7 @@ def test_a_sync_caller_leaving_while_its_charge_is_written_is_not_billed(tmp_pat
     """The usage record is written just before Ready; a sync caller leaving during that write ends
     the job Cancelled, and the charge that write left is withdrawn."""
     ingress = build(tmp_path / "data")
-    storage = ingress.storage
+    storage = ingress.service.storage
     real_put, writing, written = storage._put, threading.Event(), threading.Event()
 
     def slow_put(key, *args):
@@ -204,14 +209,14 @@ def test_a_sync_caller_leaving_while_its_charge_is_written_is_not_billed(tmp_pat
     storage._put = slow_put
 
     async def go():
-        job, _ = await ingress.submit(**_args(sync=True))
-        run = asyncio.ensure_future(ingress.run(job, fresh=True))
+        job, _ = await submit_job(ingress, **_args(sync=True))
+        run = asyncio.ensure_future(ingress.service.run(job, fresh=True))
         while not writing.is_set():  # until the usage write is under way
             await asyncio.sleep(0.01)
         run.cancel()
         await asyncio.gather(run, return_exceptions=True)
         await asyncio.to_thread(written.wait, 5)  # the write a cancel cannot stop has landed
-        stored = await ingress.jobs.get(job.id)
+        stored = await ingress.service.store.get(job.id)
         assert stored.status is Status.CANCELLED
         assert await storage.list("usage") == []
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.jobs import Status
-from deployments.postprocess import ProvenanceOptions, SafetyOptions
+from deployments.jobs.records import Status
+from deployments.stages.postprocess import ProvenanceOptions, SafetyOptions
 from klein import GenerationRequest, ModelSource, Pipeline
 from klein.provenance import BFL_WATERMARK_BITS, decode_watermark, hamming, parse_bits, read_manifest
 from klein.safety import THRESHOLDS, NSFWClassifier, PromptFilter, threshold
 from tests.certs import make_test_pki
-from tests.serving.inprocess import build
+from tests.serving.inprocess import build, submit_job
 
 PROMPT, SIZE = "a quiet harbour", 256
 
@@ -88,11 +88,11 @@ def _ingress(tmp_path, classifier_dir, pki, **safety):
 
 
 async def _job(ingress, seed=1, tolerance=2, images=(), prompt=PROMPT, fmt="png"):
-    job, _ = await ingress.submit(prompt=prompt, width=SIZE, height=SIZE, seed=seed, steps=None, guidance=None,
+    job, _ = await submit_job(ingress, prompt=prompt, width=SIZE, height=SIZE, seed=seed, steps=None, guidance=None,
                                   safety_tolerance=tolerance, output_format=fmt, images=list(images))  # fmt: skip
     if not job.status.terminal:
-        await ingress.run(job)
-    return await ingress.jobs.get(job.id)
+        await ingress.service.run(job)
+    return await ingress.service.store.get(job.id)
 
 
 def test_output_moderation_stores_and_bills_nothing(tmp_path, classifier_dir, pki):
@@ -101,11 +101,11 @@ def test_output_moderation_stores_and_bills_nothing(tmp_path, classifier_dir, pk
     async def go():
         flagged = await _job(ingress, seed=1, tolerance=2)
         assert flagged.status is Status.CONTENT_MODERATED and flagged.result is None
-        assert await ingress.storage.get(flagged.output_key) is None
-        assert await ingress.storage.list("usage") == []
+        assert await ingress.service.storage.get(flagged.output_key) is None
+        assert await ingress.service.storage.list("usage") == []
         assert (await _job(ingress, seed=1, tolerance=3)).status is Status.READY  # 0.9 < 0.92
         assert (await _job(ingress, seed=2, tolerance=0)).status is Status.READY  # 0.1 < 0.2
-        assert len(await ingress.storage.list("usage")) == 2
+        assert len(await ingress.service.storage.list("usage")) == 2
 
     asyncio.run(go())
 
@@ -117,14 +117,14 @@ def test_input_moderation_before_generation(tmp_path, classifier_dir, pki, image
     ref = [("input_image", buf.getvalue(), images[0])]
 
     async def go():
-        denoised = len(ingress.transformer.obj.batch_sizes)
+        denoised = len(ingress.service.stages.transformer.obj.batch_sizes)
         job = await _job(ingress, tolerance=2, images=ref)
         assert job.status is Status.REQUEST_MODERATED
-        assert len(ingress.transformer.obj.batch_sizes) == denoised  # no generation ran
-        assert await ingress.storage.list(f"inputs/{job.id}") == []  # its inputs are not kept
+        assert len(ingress.service.stages.transformer.obj.batch_sizes) == denoised  # no generation ran
+        assert await ingress.service.storage.list(f"inputs/{job.id}") == []  # its inputs are not kept
         edited = await _job(ingress, tolerance=4, images=ref)
         assert edited.status is Status.READY
-        data = await ingress.storage.get(edited.result.key)
+        data = await ingress.service.storage.get(edited.result.key)
         state, manifest = read_manifest(data, "image/png")
         actions = [a["action"] for a in manifest["assertions"][0]["data"]["actions"]]
         assert (
@@ -142,7 +142,7 @@ def test_prompt_terms_are_request_moderated(tmp_path, classifier_dir, pki):
     async def go():
         job = await _job(ingress, prompt="a forbidden thing at dusk")
         assert job.status is Status.REQUEST_MODERATED and job.attempts == 0
-        assert await ingress.jobs.pending() == []
+        assert await ingress.service.store.pending() == []
 
     asyncio.run(go())
 
@@ -154,7 +154,7 @@ def test_watermark_and_c2pa_on_generated_images(tmp_path, classifier_dir, pki, f
     async def go():
         job = await _job(ingress, seed=2, tolerance=2, fmt=fmt)
         assert job.status is Status.READY
-        return await ingress.storage.get(job.result.key)
+        return await ingress.service.storage.get(job.result.key)
 
     data = asyncio.run(go())
     state, manifest = read_manifest(data, mime)
@@ -188,7 +188,7 @@ def test_klein_verify(tmp_path, classifier_dir, pki, capsys):
 
     async def go():
         job = await _job(ingress, seed=2)
-        return await ingress.storage.get(job.result.key)
+        return await ingress.service.storage.get(job.result.key)
 
     path = tmp_path / "out.png"
     path.write_bytes(asyncio.run(go()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from deployments.auth import KeyRing
+from deployments.api.auth import KeyRing
 from serve.settings import Settings
 from tests.serving.conftest import S3_KEY, S3_SECRET
 from tests.serving.inprocess import build
@@ -71,7 +71,7 @@ def test_api_keys_never_logged_or_echoed(tmp_path, caplog):
                     f"/v1/{MODEL}", json={"prompt": "x", "width": 64, "height": 64}, headers=headers
                 )
                 answers.append(r)
-            await asyncio.gather(*list(ingress._running.values()))
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
             job = answers[-1].json()["id"]
             answers.append(await c.get("/v1/get_result", params={"id": job}, headers={"x-key": key}))
             answers.append(await c.get("/v1/usage?start=2026-01-01&end=2026-12-31", headers={"x-key": key}))

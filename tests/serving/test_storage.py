@@ -9,13 +9,13 @@ import httpx
 import pytest
 
 from deployments.storage import (
-    LocalStorage,
     PreconditionFailed,
     StorageError,
     StorageOptions,
     check_key,
     open_storage,
 )
+from deployments.storage.local import LocalStorage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -104,6 +104,25 @@ def test_s3_a_body_read_that_breaks_off_is_retried(s3):
 
     storage.client.get_object = get_object
     assert asyncio.run(storage.get("inputs/j/0")) == b"reference bytes"
+    assert not broken
+
+
+def test_s3_a_5xx_that_botocore_fails_to_parse_is_retried(s3):
+    """botocore can trip over its own parsing of a 5xx error response (seen under load against
+    rclone: `'StreamingChecksumBody' object has no attribute 'strip'`): a failed call, retried, not
+    an AttributeError that answers the client 500."""
+    storage = open_storage(StorageOptions(**s3.options(bucket=f"t{int(time.time() * 1e6)}")))
+    asyncio.run(storage.put("jobs/x.json", b"{}"))
+    real, broken = storage.client.get_object, [True]
+
+    def get_object(**kw):
+        if broken:
+            broken.pop()
+            raise AttributeError("'StreamingChecksumBody' object has no attribute 'strip'")
+        return real(**kw)
+
+    storage.client.get_object = get_object
+    assert asyncio.run(storage.get("jobs/x.json")) == b"{}"
     assert not broken
 
 

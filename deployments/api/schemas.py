@@ -1,33 +1,17 @@
-"""HTTP request and response schemas (BFL-compatible async API, OpenAI-compatible images API) and
-input-image decoding. Every rejection names the field and its bound (HTTP 422)."""
+"""HTTP request and response schemas: the BFL-compatible async API and the OpenAI-compatible images
+API. Every rejection names the field and its bound (HTTP 422)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import re
-import warnings
 from typing import Literal
 
-from PIL import Image
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
+from deployments.jobs.errors import FieldError
 from klein.request import MAX_PROMPT_CHARS, MAX_SEED
 
 OutputFormat = Literal["jpeg", "png", "webp"]
-IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
-# What klein.image.to_rgb turns into 8-bit RGB (16-bit greyscale scaled, alpha dropped, CMYK converted).
-PIXEL_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I;16",
-               "I;16L", "I;16B", "I;16N", "I", "F"}  # fmt: skip
-
-
-class FieldError(ValueError):
-    """A request field broke a bound: becomes a 422 with `loc` pointing at the field."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
 
 
 # --- BFL-compatible async API ---
@@ -144,57 +128,3 @@ def parse_size(size: str, field: str = "size") -> tuple[int, int] | None:
     if not m:
         raise FieldError(field, f"must be 'WIDTHxHEIGHT' or 'auto', got {size!r}")
     return int(m[1]), int(m[2])
-
-
-# --- input images ---
-
-
-def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
-    """base64 / data URI / raw bytes -> (file bytes, PIL image), with caps checked before any pixel
-    is decoded (no decompression bombs). The file is decoded in full to prove it is sound, then the
-    pixels are let go: the image returned is opened again lazily (header only; it has the size and
-    mode validation needs), so a request of four 40 MP references does not hold 0.5 GB while its
-    job is submitted. The Codec decodes the bytes again where the pixels are used."""
-    if isinstance(data, str):
-        if data.startswith(("http://", "https://")):
-            raise FieldError(field, "URLs are not accepted here (fetching is off); send base64 or a data URI")
-        if data.startswith("data:"):
-            head, _, data = data.partition(",")
-            if ";base64" not in head:
-                raise FieldError(field, "data URI must be base64-encoded")
-        if len(data) > max_bytes * 4 // 3 + 4:
-            raise FieldError(field, f"image must be at most {max_bytes // 2**20} MB", 413)
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise FieldError(field, "not valid base64") from None
-    else:
-        raw = data
-    if len(raw) > max_bytes:
-        raise FieldError(field, f"image must be at most {max_bytes // 2**20} MB", 413)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.format not in IMAGE_FORMATS:
-                raise FieldError(field, f"unsupported image format {image.format}")
-            w, h = image.size
-            if w * h > max_pixels:
-                raise FieldError(
-                    field, f"image is {w}x{h}; at most {max_pixels / 1e6:g} MP are accepted", 413
-                )
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1 and image.format != "MPO":  # MPO: a camera JPEG whose first frame is the photo
-                kind = "multi-page" if image.format == "TIFF" else "animated"
-                raise FieldError(field, f"{kind} images ({frames} frames) are not accepted; send one frame")
-            image.load()
-            if image.mode not in PIXEL_MODES:
-                raise FieldError(field, f"unsupported pixel mode {image.mode}")
-    except FieldError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise FieldError(field, f"image exceeds {max_pixels / 1e6:g} MP", 413) from None
-    except Exception as e:  # truncated or corrupt files raise many kinds of errors
-        raise FieldError(field, f"cannot decode image: {e}") from None
-    image.close()
-    return raw, Image.open(io.BytesIO(raw))

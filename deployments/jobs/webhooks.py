@@ -8,9 +8,11 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 
 import httpx
 
+from deployments.jobs.records import JobRecord, Status
 from deployments.netguard import TargetRefused, pinned
 
 log = logging.getLogger(__name__)
@@ -51,3 +53,27 @@ async def deliver(
                 await asyncio.sleep(backoff_s * 2**i)
     log.error("webhook %s for job %s: gave up after %d attempts", url, payload.get("id"), attempts)
     return False
+
+
+class Webhooks:
+    """Sends a job's webhook when it ends, in the background; the tasks are referenced until done
+    (a task nobody references may be collected mid-flight)."""
+
+    def __init__(self, attempts: int, allow_private: bool, link: Callable[[str, str], str]):
+        """`link(key, base_url)`: a URL the receiver can fetch a result object at."""
+        self.attempts, self.allow_private, self.link = attempts, allow_private, link
+        self.tasks: set[asyncio.Task] = set()
+
+    def announce(self, job: JobRecord, default_base_url: str | None) -> None:
+        r = job.request
+        if not r.webhook_url:
+            return
+        sample = None
+        if job.status is Status.READY and job.result is not None:
+            sample = self.link(job.result.key, r.public_url or default_base_url or "")
+        payload = {"id": job.id, "status": job.status.value, "result": job.summary(sample)}
+        task = asyncio.create_task(
+            deliver(r.webhook_url, payload, r.webhook_secret, self.attempts, allow_private=self.allow_private)
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

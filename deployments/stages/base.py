@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from deployments.payloads import JobCancelled
+from deployments.stages.payloads import JobCancelled
 from klein import DTYPES, FastPath
 
 log = logging.getLogger(__name__)

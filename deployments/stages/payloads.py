@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 def tokens(width: int, height: int, ref_shapes=()) -> int:
@@ -67,3 +68,9 @@ class ContentModerated(Exception):
 
 class RequestModerated(Exception):
     """The prompt or an input image was flagged before any generation."""
+
+
+class CancelCheck(Protocol):
+    """Which of these jobs their clients cancelled (the FlowTransformer asks between steps)."""
+
+    async def __call__(self, job_ids: list[str]) -> set[str]: ...

@@ -2,13 +2,13 @@
 
 A batch is capped by tokens (image + reference), not by count (`batch_size_fn`). Inside a batch,
 requests are grouped by (size, steps, CFG, reference shapes) and each group runs as one batch of
-the model; every request keeps its own seed and noise. Between steps the stage checks whether
-its jobs were cancelled and stops a group once all of its jobs are.
+the model; every request keeps its own seed and noise. Between steps the stage asks its cancel
+check (handed to it: it knows nothing of where jobs live) and stops a group once all of its jobs
+are cancelled.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -19,11 +19,9 @@ from ray import serve
 from torch import Tensor
 
 from deployments import metrics, telemetry
-from deployments.jobs import JobStore
 from deployments.options import DeploymentOptions
-from deployments.payloads import DenoiseParams, JobCancelled
-from deployments.stage import Stage, StageOptions, gated, isolating
-from deployments.storage import StorageOptions, open_storage
+from deployments.stages.base import Stage, StageOptions, gated, isolating
+from deployments.stages.payloads import CancelCheck, DenoiseParams, JobCancelled
 from klein import ModelSource
 from klein import fast as fastpath
 from klein.pipeline import References
@@ -61,13 +59,17 @@ def _tokens(items: list[_Item]) -> int:
 
 class FlowTransformer(Stage):
     def __init__(
-        self, source: ModelSource, options: FlowTransformerOptions, storage: StorageOptions, tracing=None
+        self,
+        source: ModelSource,
+        options: FlowTransformerOptions,
+        cancel: CancelCheck | None = None,
+        tracing=None,
     ):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
         self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
-        self.jobs = JobStore(open_storage(storage))
+        self.cancel = cancel
         self.options = options
         self.speed_up(self.model, fastpath.setup_transformer, fastpath.warm_up_transformer, "forward",
                       cfg=self.spec.sampling.cfg, multiple=self.spec.multiple)  # fmt: skip
@@ -124,12 +126,13 @@ class FlowTransformer(Stage):
     async def _cancelled(self, jobs: list[str]) -> set[str]:
         """The jobs cancelled by their clients; a failed check (storage unreachable) counts as none:
         it must not fail the batch."""
+        if self.cancel is None:
+            return set()
         try:
-            flags = await asyncio.gather(*(self.jobs.cancel_requested(j) for j in jobs))
+            return await self.cancel(jobs)
         except Exception as e:
             log.warning("denoise: cancel check failed (%s: %s); going on", type(e).__name__, e)
             return set()
-        return {j for j, flag in zip(jobs, flags, strict=True) if flag}
 
     def _latents(self, img: Tensor, p: DenoiseParams) -> list[Tensor]:
         m = self.spec.multiple

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
-from deployments.stage import LRU, Stage, StageOptions, gated, isolating
+from deployments.stages.base import LRU, Stage, StageOptions, gated, isolating
 from klein import ModelSource
 from klein import fast as fastpath
 

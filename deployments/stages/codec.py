@@ -16,15 +16,14 @@ from ray import serve
 from torch import Tensor
 
 from deployments import metrics, telemetry
-from deployments.jobs import CONTENT_TYPES
 from deployments.options import DeploymentOptions
-from deployments.payloads import FinishParams, FinishResult
-from deployments.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
-from deployments.stage import LRU, Stage, StageOptions, gated, isolating
+from deployments.stages.base import LRU, Stage, StageOptions, gated, isolating
+from deployments.stages.payloads import FinishParams, FinishResult
+from deployments.stages.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein import fast as fastpath
-from klein.image import to_pil
+from klein.image import CONTENT_TYPES, to_pil
 from klein.pipeline import References, encode_references
 
 SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"

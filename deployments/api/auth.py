@@ -8,8 +8,11 @@ import hmac
 import logging
 from pathlib import Path
 
+from fastapi import HTTPException, Request
+
+from deployments.jobs.records import ANONYMOUS
+
 log = logging.getLogger(__name__)
-ANONYMOUS = "anonymous"  # the key id when the service runs without keys (loopback only)
 
 
 def key_id(key: str) -> str:
@@ -87,3 +90,18 @@ def presented_key(headers) -> str | None:
     auth = headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def caller(request: Request) -> str:
+    """FastAPI dependency: the calling API key's id; 401 without a known key (when keys are set)."""
+    keys: KeyRing = request.app.state.keys
+    if not keys.enabled:
+        return ANONYMOUS
+    kid = keys.identify(presented_key(request.headers))
+    if kid is None:
+        raise HTTPException(
+            401,
+            "missing or unknown API key: send it as `x-key` or `Authorization: Bearer`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return kid

@@ -12,7 +12,7 @@ from typing import Literal
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from deployments.payloads import ContentModerated, FinishParams
+from deployments.stages.payloads import ContentModerated, FinishParams
 from klein.provenance import BFL_WATERMARK_BITS, C2PASigner, Watermarker, parse_bits
 from klein.safety import NSFWClassifier, PromptFilter
 

@@ -1,0 +1,134 @@
+"""The BFL-compatible async API: submit, poll, cancel, usage."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, date, datetime
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from deployments.api.auth import caller
+from deployments.api.deps import base_url, images_of, sample_url, service_of, submit_trace
+from deployments.api.errors import documented, json_error
+from deployments.api.schemas import GenerateRequest, ResultResponse, SubmitResponse
+from deployments.jobs.errors import FieldError
+from deployments.jobs.idempotency import IdempotencyClaim
+from deployments.jobs.metering import summarize
+from deployments.jobs.records import Status
+from deployments.jobs.service import Submission, Webhook
+
+router = APIRouter()
+MAX_USAGE_DAYS = 366
+
+
+@router.get(
+    "/v1/get_result",
+    response_model=ResultResponse,
+    response_model_exclude_none=True,
+    responses=documented(401, 503),
+)
+async def get_result(request: Request, id: str = Query(..., max_length=64), key_id: str = Depends(caller)):
+    job = await service_of(request).get(id, key_id)
+    if job is None:  # another key's job does not exist for this caller
+        return ResultResponse(id=id, status=Status.NOT_FOUND.value)
+    sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
+    return ResultResponse(
+        id=job.id,
+        status=job.status.value,
+        result=job.summary(sample),
+        progress=1.0 if job.status.terminal else None,
+        details={"error": job.error} if job.error else None,
+        cost=job.cost,
+        input_mp=job.input_mp,
+        output_mp=job.output_mp,
+    )
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=202, responses=documented(401, 404, 409, 503))
+async def cancel(request: Request, job_id: str, key_id: str = Depends(caller)):
+    service = service_of(request)
+    job = await service.get(job_id, key_id)
+    if job is None:
+        return JSONResponse({"id": job_id, "status": Status.NOT_FOUND.value}, status_code=404)
+    if job.status.terminal:
+        return JSONResponse({"id": job_id, "status": job.status.value, "detail": "already finished"}, 409)
+    await service.cancel(job_id)
+    return JSONResponse({"id": job_id, "status": job.status.value, "cancel_requested": True}, status_code=202)
+
+
+@router.get("/v1/usage", responses=documented(401, 503))
+async def usage(
+    request: Request,
+    start: date | None = Query(
+        None, description="first day, YYYY-MM-DD (UTC, by submission); default: the 1st of this month"
+    ),
+    end: date | None = Query(None, description="last day, inclusive; default: today (UTC)"),
+    group_by: str = Query("day", pattern="^(day|model)$", description="day or model"),
+    key_id: str = Depends(caller),
+):
+    today = datetime.now(UTC).date()
+    end = end or today
+    start = start or end.replace(day=1)
+    if end < start:
+        raise FieldError("end", f"must not be before start ({start})")
+    if (end - start).days > MAX_USAGE_DAYS:
+        raise FieldError("end", f"the range must be at most {MAX_USAGE_DAYS} days")
+    records = await service_of(request).usage(key_id, start, end)
+    total = summarize(records, "key_id")
+    return {
+        "key_id": key_id,
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "group_by": group_by,
+        "groups": summarize(records, group_by),
+        "total": total[0] if total else {"jobs": 0, "input_mp": 0.0, "output_mp": 0.0, "cost": 0.0},
+    }
+
+
+@router.post(
+    "/v1/{model}", response_model=SubmitResponse, responses=documented(400, 401, 404, 409, 413, 415, 429, 503)
+)
+async def submit(
+    model: str,
+    body: GenerateRequest,
+    request: Request,
+    key_id: str = Depends(caller),
+    idempotency_key: str | None = Header(None, max_length=255),
+):
+    service = service_of(request)
+    if model != service.model_id:
+        return json_error(404, f"unknown model {model!r}; this service runs {service.model_id}")
+    images = [await images_of(request).read(field, data) for field, data in body.images()]
+    claim = None
+    if idempotency_key is not None:
+        claim = IdempotencyClaim(
+            idempotency_key, hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest()
+        )
+    webhook = None
+    if body.webhook_url:
+        webhook = Webhook(str(body.webhook_url), body.webhook_secret, base_url(request))
+    submission = Submission(
+        prompt=body.prompt,
+        width=body.width,
+        height=body.height,
+        seed=body.seed,
+        steps=body.steps,
+        guidance=body.guidance,
+        images=tuple(images),
+        output_format=body.output_format,
+        safety_tolerance=body.safety_tolerance,
+        key_id=key_id,
+        webhook=webhook,
+        idempotency=claim,
+        trace=submit_trace(request, model=model),
+        field_names={"references": "input_image"},
+    )
+    job, _ = await service.submit(submission, start=True)
+    return SubmitResponse(
+        id=job.id,
+        polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",
+        cost=job.cost,
+        input_mp=job.input_mp,
+        output_mp=job.output_mp,
+    )

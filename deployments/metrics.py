@@ -48,8 +48,13 @@ def job_finished(model: str, status: str, seconds: float, input_mp: float, outpu
     _metric("counter", "klein_jobs_total", "jobs that reached a terminal status", ("model", "status")).inc(
         1, tags
     )
-    _metric("histogram", "klein_job_seconds", "submission to terminal status", ("model", "status"),
-            tuple(LATENCY_BUCKETS)).observe(seconds, tags)  # fmt: skip
+    _metric(
+        "histogram",
+        "klein_job_seconds",
+        "submission to terminal status",
+        ("model", "status"),
+        tuple(LATENCY_BUCKETS),
+    ).observe(seconds, tags)
     if status == "Ready":
         mp = _metric("counter", "klein_megapixels_total", "billed megapixels", ("model", "direction"))
         mp.inc(output_mp, {"model": model, "direction": "output"})
@@ -62,8 +67,9 @@ def stage_batch(stage: str, size: int, seconds: float) -> None:
     _metric("histogram", "klein_batch_size", "requests per batch", ("stage",), tuple(BATCH_BUCKETS)).observe(
         size, tags
     )
-    _metric("histogram", "klein_stage_seconds", "batch execution time", ("stage",),
-            tuple(LATENCY_BUCKETS)).observe(seconds, tags)  # fmt: skip
+    _metric(
+        "histogram", "klein_stage_seconds", "batch execution time", ("stage",), tuple(LATENCY_BUCKETS)
+    ).observe(seconds, tags)
 
 
 def gather_prometheus(timeout_s: float = 3.0) -> str:

@@ -30,18 +30,49 @@ def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def resolve(url: str, allow_private: bool = False) -> tuple[str, str]:
-    """(host, checked IP address) for an http(s) URL; TargetRefused when it may not be reached."""
-    parts = urlsplit(url)
+MAX_HOST = 253  # DNS: a name of at most 253 characters, in labels of at most 63
+MAX_LABEL = 63
+
+
+def check_url(url: str) -> str:
+    """The URL's host if it is an http(s) URL with a host that DNS could name; else TargetRefused
+    saying what is wrong (no network access: for validating requests)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a bad port raises here
+    except ValueError as e:
+        raise TargetRefused(f"not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TargetRefused("only http and https URLs with a host are allowed")
     if parts.username or parts.password:
         raise TargetRefused("URLs with credentials are not allowed")
     host = parts.hostname
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)  # fmt: skip
-    except OSError:
+        ipaddress.ip_address(host.strip("[]"))
+        return host
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise TargetRefused("the host is not a valid domain name (IDNA)") from None
+    labels = ascii_host.rstrip(".").split(".")
+    if len(ascii_host) > MAX_HOST or any(not 0 < len(label) <= MAX_LABEL for label in labels):
+        raise TargetRefused(
+            f"the host is not a valid domain name (at most {MAX_HOST} characters, labels of 1-{MAX_LABEL})"
+        )
+    return host
+
+
+def resolve(url: str, allow_private: bool = False) -> tuple[str, str]:
+    """(host, checked IP address) for an http(s) URL; TargetRefused when it may not be reached."""
+    host = check_url(url)
+    parts = urlsplit(url)
+    try:
+        infos = socket.getaddrinfo(
+            host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
+    except (OSError, UnicodeError):
         raise TargetRefused(f"cannot resolve host {host!r}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:
@@ -72,8 +103,9 @@ def pinned(url: str, allow_private: bool) -> tuple[str, dict, dict]:
     return urlunsplit(parts._replace(netloc=netloc)), headers, extensions
 
 
-async def fetch(url: str, max_bytes: int, timeout_s: float, allow_private: bool = False,
-                max_redirects: int = 3) -> bytes:  # fmt: skip
+async def fetch(
+    url: str, max_bytes: int, timeout_s: float, allow_private: bool = False, max_redirects: int = 3
+) -> bytes:
     """GET `url` (following up to `max_redirects` checked redirects): the body, at most `max_bytes`."""
 
     async def go() -> bytes:

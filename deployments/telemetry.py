@@ -50,17 +50,22 @@ class _JsonLinesExporter:
 
         lines = []
         for s in spans:
-            lines.append(json.dumps({
-                "name": s.name,
-                "trace_id": f"{s.context.trace_id:032x}",
-                "span_id": f"{s.context.span_id:016x}",
-                "parent_id": f"{s.parent.span_id:016x}" if s.parent else None,
-                "start": s.start_time, "end": s.end_time,
-                "attributes": dict(s.attributes or {}),
-                "service": s.resource.attributes.get("service.name"),
-                "component": s.resource.attributes.get("klein.component"),
-                "pid": os.getpid(),
-            }))  # fmt: skip
+            lines.append(
+                json.dumps(
+                    {
+                        "name": s.name,
+                        "trace_id": f"{s.context.trace_id:032x}",
+                        "span_id": f"{s.context.span_id:016x}",
+                        "parent_id": f"{s.parent.span_id:016x}" if s.parent else None,
+                        "start": s.start_time,
+                        "end": s.end_time,
+                        "attributes": dict(s.attributes or {}),
+                        "service": s.resource.attributes.get("service.name"),
+                        "component": s.resource.attributes.get("klein.component"),
+                        "pid": os.getpid(),
+                    }
+                )
+            )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, ("\n".join(lines) + "\n").encode())

@@ -86,9 +86,12 @@ def serve_forever(args, parser) -> int:
         try:
             from serve.settings import Settings
 
-            keyed = Settings(**(app.args or {})).key_ring().enabled
+            settings = Settings(**(app.args or {}))
+            keyed = settings.key_ring().enabled
         except Exception as e:
             parser.error(f"--config: application {app.name!r}: {e}")
+        if settings.storage.backend == "local":
+            print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
         if not keyed and not _is_loopback(host):
             parser.error(
                 f"--host: refusing to serve on {host} without API keys; set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE "

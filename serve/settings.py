@@ -51,7 +51,6 @@ class Settings(BaseSettings):
     require_api_keys: bool | None = Field(
         None, description="refuse to start without keys; default: required unless bound to loopback"
     )
-    webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
 
     storage: StorageOptions = Field(default_factory=StorageOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
@@ -62,10 +61,6 @@ class Settings(BaseSettings):
     telemetry: TelemetryOptions = Field(default_factory=TelemetryOptions)
     safety: SafetyOptions = Field(default_factory=SafetyOptions)
     provenance: ProvenanceOptions = Field(default_factory=ProvenanceOptions)
-    c2pa_cert_chain: Path | None = Field(
-        None, description="PEM chain for C2PA signing (KLEIN_C2PA_CERT_CHAIN)"
-    )
-    c2pa_key: Path | None = Field(None, description="PEM private key for C2PA signing (KLEIN_C2PA_KEY)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -73,13 +68,6 @@ class Settings(BaseSettings):
             self.preset = "tiny"
         if self.random_weights and any((self.weights, self.transformer, self.vae, self.text_encoder)):
             raise ValueError("random_weights: give a preset, not weights")
-        if self.webhook_allow_private:
-            self.ingress.webhook_allow_private = True
-        if self.c2pa_cert_chain is not None:
-            self.provenance.c2pa_cert_chain = self.c2pa_cert_chain
-        if self.c2pa_key is not None:
-            self.provenance.c2pa_key = self.c2pa_key
-        self.provenance._both_or_neither()  # again, with the top-level paths (KLEIN_C2PA_*) applied
         return self
 
     def key_ring(self) -> KeyRing:

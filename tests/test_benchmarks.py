@@ -80,6 +80,7 @@ def test_bad_flags_are_refused_by_name(monkeypatch, capsys, argv, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
     """benchmarks/gpu_fast_path.py rehearsed on the tiny preset, so the one GPU call cannot fail on a
     typo: every variant runs and writes its line (CUDA-only ones say so), the figures are sane."""

@@ -143,6 +143,7 @@ def test_console_script_runs(tmp_path):
     assert out.exists()
 
 
+@pytest.mark.slow
 def test_generate_compiled_and_fp8(tmp_path, capsys):
     """--compile (inductor, warmed up at the request's size first) and --quantize fp8, in a fresh
     process as a user runs it; the image matches the eager FP8 run within one level."""

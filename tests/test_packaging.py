@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -69,6 +70,7 @@ def _dockerfile_sources() -> list[str]:
     return sources
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_has_the_configs_and_the_locustfile(tmp_path: Path):
     # Built from a copy of what the image gets (no stale build/ of the checkout's, nothing else beside it),
     # installed into a plain folder, imported from outside the repository.

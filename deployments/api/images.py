@@ -18,8 +18,26 @@ from deployments.options import IngressOptions
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
 # What klein.image.to_rgb turns into 8-bit RGB (16-bit greyscale scaled, alpha dropped, CMYK converted).
-PIXEL_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
-               "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # fmt: skip
+PIXEL_MODES = {
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+    "I",
+    "F",
+}
 
 
 class ImageReader:

@@ -87,7 +87,8 @@ async def edits(request: Request, key_id: str = Depends(caller)):
             raise FieldError("image", "must be a file upload")
         files.append(await images_of(request).read("image", await upload.read()))
     try:
-        body = ImagesRequest(**{k: v for k, v in form.items() if k not in ("image", "image[]")})
+        fields = {k: v for k, v in form.items() if k not in ("image", "image[]")}
+        body = ImagesRequest.model_validate(fields, strict=False)  # a form's values are all text
     except ValidationError as e:
         err = e.errors()[0]
         raise FieldError(".".join(map(str, err["loc"])), err["msg"]) from None
@@ -98,8 +99,13 @@ async def images(request: Request, body: ImagesRequest, files: list[InputImage],
     """n jobs, run here while the caller waits; the images (or links to them) in one answer."""
     service, options = service_of(request), options_of(request)
     if body.model is not None and body.model != service.model_id:
-        return openai_error(404, f"model {body.model!r} not found", "invalid_request_error", param="model",
-                            code="model_not_found")  # fmt: skip
+        return openai_error(
+            404,
+            f"model {body.model!r} not found",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
     if body.n > options.max_images_per_request:
         raise FieldError("n", f"must be at most {options.max_images_per_request}, got {body.n}")
     jobs = await _submit_all(service, request, body, files, key_id)
@@ -111,19 +117,32 @@ async def images(request: Request, body: ImagesRequest, files: list[InputImage],
         await _abandon(service, jobs, runs)
         if not isinstance(e, TimeoutError):
             raise
-        return openai_error(504, f"no result within {options.sync_timeout_s:g} s; use the async API for long jobs",
-                            "timeout", job_ids=[j.id for j in jobs])  # fmt: skip
+        return openai_error(
+            504,
+            f"no result within {options.sync_timeout_s:g} s; use the async API for long jobs",
+            "timeout",
+            job_ids=[j.id for j in jobs],
+        )
     failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
     if moderated := [j for j in failed if j.status in MODERATED]:
         message = f"{moderated[0].status.value}: {moderated[0].error}"
-        return openai_error(400, message, "invalid_request_error", code="content_policy_violation",
-                            job_ids=[j.id for j in moderated])  # fmt: skip
+        return openai_error(
+            400,
+            message,
+            "invalid_request_error",
+            code="content_policy_violation",
+            job_ids=[j.id for j in moderated],
+        )
     if failed:
         job = failed[0]
         message = f"job {job.id}: {job.status.value}: {job.error or ''}".strip()
         return openai_error(500, message, "server_error", code=job.status.value.lower().replace(" ", "_"))
-    data = [ImageData(b64_json=base64.b64encode(r.data).decode()) if b64 else ImageData(url=sample_url(request, r.key))
-            for r in results]  # fmt: skip
+    data = [
+        ImageData(b64_json=base64.b64encode(r.data).decode())
+        if b64
+        else ImageData(url=sample_url(request, r.key))
+        for r in results
+    ]
     return ImagesResponse(
         created=int(time.time()),
         data=data,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from deployments.jobs.errors import FieldError
+from deployments.netguard import TargetRefused, check_url
 from klein.request import MAX_PROMPT_CHARS, MAX_SEED
 
 OutputFormat = Literal["jpeg", "png", "webp"]
@@ -29,21 +30,47 @@ class GenerateRequest(BaseModel):
     input_image_2: str | None = Field(None, description="second reference image")
     input_image_3: str | None = Field(None, description="third reference image")
     input_image_4: str | None = Field(None, description="fourth reference image")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; random when omitted")
+    seed: int | None = Field(
+        strict=True, default=None, ge=0, le=MAX_SEED, description="noise seed; random when omitted"
+    )
     width: int | None = Field(
-        None, ge=64, le=2048, multiple_of=16, description="default 1024 or the first input's"
+        strict=True,
+        default=None,
+        ge=64,
+        le=2048,
+        multiple_of=16,
+        description="default 1024 or the first input's",
     )
     height: int | None = Field(
-        None, ge=64, le=2048, multiple_of=16, description="default 1024 or the first input's"
+        strict=True,
+        default=None,
+        ge=64,
+        le=2048,
+        multiple_of=16,
+        description="default 1024 or the first input's",
     )
-    steps: int | None = Field(None, ge=1, le=100, description="denoising steps (default: the model's)")
-    guidance: float | None = Field(None, ge=1, le=20, description="CFG scale, Base models only")
-    safety_tolerance: int = Field(2, ge=0, le=5, description="0 strict ... 5 permissive")
+    steps: int | None = Field(
+        strict=True, default=None, ge=1, le=100, description="denoising steps (default: the model's)"
+    )
+    guidance: float | None = Field(
+        strict=True, default=None, ge=1, le=20, description="CFG scale, Base models only"
+    )
+    safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5, description="0 strict ... 5 permissive")
     output_format: OutputFormat = Field("jpeg", description="jpeg, png or webp")
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed {id, status, result} when the job ends")
     webhook_secret: str | None = Field(
         None, max_length=256, description="HMAC-SHA256 key for X-Klein-Signature"
     )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_host(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None:
+            try:
+                check_url(str(url))
+            except TargetRefused as e:
+                raise ValueError(str(e)) from None
+        return url
 
     def images(self) -> list[tuple[str, str]]:
         fields = ("input_image", "input_image_2", "input_image_3", "input_image_4")
@@ -92,7 +119,10 @@ class ImagesRequest(BaseModel):
     prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, description="a served model id (GET /v1/models)")
     n: int = Field(
-        1, ge=1, description="images to generate (seeds seed, seed+1, ...); at most max_images_per_request"
+        strict=True,
+        default=1,
+        ge=1,
+        description="images to generate (seeds seed, seed+1, ...); at most max_images_per_request",
     )
     size: str = Field(
         "auto", description="'WxH' (multiples of 16, 64-2048) or 'auto' (1024x1024, or the first image's)"
@@ -100,10 +130,10 @@ class ImagesRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     output_format: OutputFormat = "png"
     user: str | None = Field(None, max_length=256)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=100)
-    guidance: float | None = Field(None, ge=1, le=20)
-    safety_tolerance: int = Field(2, ge=0, le=5)
+    seed: int | None = Field(strict=True, default=None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(strict=True, default=None, ge=1, le=100)
+    guidance: float | None = Field(strict=True, default=None, ge=1, le=20)
+    safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
 
 
 class ImageData(BaseModel):

@@ -158,8 +158,11 @@ class JobService:
         n = tokens(req.width, req.height, ref_shapes)
         if self.max_request_tokens is not None and n > self.max_request_tokens:  # never batchable
             where = s.field_names.get("references", "references") if images else "width"
-            raise FieldError(where, f"the image and its references come to {n} tokens (one per 16x16 pixels), "
-                                    f"over this deployment's limit of {self.max_request_tokens}")  # fmt: skip
+            raise FieldError(
+                where,
+                f"the image and its references come to {n} tokens (one per 16x16 pixels), "
+                f"over this deployment's limit of {self.max_request_tokens}",
+            )
         webhook = s.webhook or Webhook("")
         job = JobRecord(
             id=job_id,

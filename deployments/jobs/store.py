@@ -50,8 +50,9 @@ class JobStore:
         job.updated_at = time.time()
         data = job.model_dump_json().encode()
         try:
-            job._etag = await self.storage.put(job_key(job.id), data, "application/json",
-                                               if_match=job._etag, if_none_match=job._etag is None)  # fmt: skip
+            job._etag = await self.storage.put(
+                job_key(job.id), data, "application/json", if_match=job._etag, if_none_match=job._etag is None
+            )
         except PreconditionFailed:
             raise Superseded(job.id) from None
 

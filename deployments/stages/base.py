@@ -87,11 +87,17 @@ class FastPathOptions(BaseModel):
     def fast_path(self) -> FastPath:
         sizes = tuple(tuple(int(v) for v in s.split("x")) for s in self.warmup_sizes)
         return FastPath(
-            compile=self.compile, cuda_graphs=self.cuda_graphs, attention=self.attention,
-            quantize=self.quantize, dynamic=self.dynamic, new_shapes=self.new_shapes,
-            max_shapes=self.max_shapes, warmup_sizes=sizes, warmup_batches=tuple(self.warmup_batch_sizes),
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            attention=self.attention,
+            quantize=self.quantize,
+            dynamic=self.dynamic,
+            new_shapes=self.new_shapes,
+            max_shapes=self.max_shapes,
+            warmup_sizes=sizes,
+            warmup_batches=tuple(self.warmup_batch_sizes),
             backend=self.backend,
-        )  # fmt: skip
+        )
 
 
 class StageOptions(BaseModel):
@@ -132,8 +138,12 @@ class LRU:
             self.bytes -= self.size_of(old)
 
     def stats(self) -> dict:
-        return {"cache_entries": len(self.entries), "cache_bytes": self.bytes, "hits": self.hits,
-                "misses": self.misses}  # fmt: skip
+        return {
+            "cache_entries": len(self.entries),
+            "cache_bytes": self.bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
 
 class Stage:
@@ -253,8 +263,13 @@ def gated(batch_fn):
 
 
 def _one_by_one(what: str, items: list, error: Exception) -> None:
-    log.warning("%s: a batch of %d failed (%s: %s); running its requests one by one",
-                what, len(items), type(error).__name__, error)  # fmt: skip
+    log.warning(
+        "%s: a batch of %d failed (%s: %s); running its requests one by one",
+        what,
+        len(items),
+        type(error).__name__,
+        error,
+    )
 
 
 async def isolating(run_batch, items: list, what: str) -> list:

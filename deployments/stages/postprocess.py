@@ -53,9 +53,11 @@ class ProvenanceOptions(BaseModel):
     watermark: bool = Field(True, description="invisible watermark (dwtDct) in every output of 256 px and up")
     watermark_bits: str = Field(BFL_WATERMARK_BITS, description="48-bit payload; default: BFL's FLUX.2 mark")
     c2pa_cert_chain: Path | None = Field(
-        None, description="PEM certificate chain, leaf first (KLEIN_C2PA_CERT_CHAIN)"
+        None, description="PEM certificate chain, leaf first (KLEIN_PROVENANCE__C2PA_CERT_CHAIN)"
     )
-    c2pa_key: Path | None = Field(None, description="PEM private key of the leaf (KLEIN_C2PA_KEY)")
+    c2pa_key: Path | None = Field(
+        None, description="PEM private key of the leaf (KLEIN_PROVENANCE__C2PA_KEY)"
+    )
     c2pa_alg: Literal["ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "ED25519"] = "ES256"
 
     @field_validator("watermark_bits")
@@ -75,9 +77,8 @@ class PostProcessor:
     """Built in each Codec replica: classifier, watermark, C2PA signer, each optional."""
 
     def __init__(self, safety: SafetyOptions, provenance: ProvenanceOptions, device="cpu"):
+        # (without a classifier or C2PA credentials the app builder said so, once)
         self.classifier = NSFWClassifier(safety.classifier, device) if safety.classifier else None
-        if self.classifier is None:  # (require_classifier without one is refused by SafetyOptions)
-            log.warning("NO SAFETY CLASSIFIER: outputs and inputs are not moderated (set safety.classifier)")
         self.watermark = Watermarker(provenance.watermark_bits) if provenance.watermark else None
         signer = None
         if provenance.c2pa_cert_chain and provenance.c2pa_key:
@@ -86,10 +87,6 @@ class PostProcessor:
                 provenance.c2pa_key,
                 version=service_version(),
                 alg=provenance.c2pa_alg,
-            )
-        else:  # (one of the two without the other is refused by ProvenanceOptions)
-            log.warning(
-                "C2PA signing off: outputs carry no content credentials (set KLEIN_C2PA_CERT_CHAIN, KLEIN_C2PA_KEY)"
             )
         self.signer = signer
 

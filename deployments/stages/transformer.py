@@ -71,8 +71,14 @@ class FlowTransformer(Stage):
         self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
         self.cancel = cancel
         self.options = options
-        self.speed_up(self.model, fastpath.setup_transformer, fastpath.warm_up_transformer, "forward",
-                      cfg=self.spec.sampling.cfg, multiple=self.spec.multiple)  # fmt: skip
+        self.speed_up(
+            self.model,
+            fastpath.setup_transformer,
+            fastpath.warm_up_transformer,
+            "forward",
+            cfg=self.spec.sampling.cfg,
+            multiple=self.spec.multiple,
+        )
         self._batched.set_max_batch_size(options.max_batch_tokens)
         self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 

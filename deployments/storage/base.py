@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import time
 from abc import ABC, abstractmethod
@@ -33,9 +34,20 @@ class PreconditionFailed(Exception):
     or already there (`if_none_match`). Not retried: the caller re-reads and decides."""
 
 
+def default_root() -> Path:
+    """The local backend's directory unless configured: under the user's data directory, so an
+    installed `klein serve` run from anywhere keeps its results in one place."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "klein-serve"
+
+
 class StorageOptions(BaseModel):
     backend: Literal["local", "s3"] = Field("local", description="'local' directory or 's3'-compatible")
-    root: Path = Field(Path("klein-data"), description="local backend: the directory holding every object")
+    root: Path = Field(
+        default_factory=lambda: default_root(),
+        description="local backend: the directory holding every object (default: the user's data "
+        "directory, $XDG_DATA_HOME/klein-serve or ~/.local/share/klein-serve)",
+    )
     bucket: str = Field("klein", description="s3 backend: bucket name")
     prefix: str = Field("", description="s3 backend: key prefix inside the bucket (e.g. 'prod/')")
     endpoint_url: str | None = Field(None, description="s3 backend: endpoint of an S3-compatible server")
@@ -119,8 +131,9 @@ class Storage(ABC):
             except StorageError as e:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.warning("storage %s(%s) failed, retrying in %.1f s: %s", fn.__name__.strip("_"),
-                            args[0], delay, e)  # fmt: skip
+                log.warning(
+                    "storage %s(%s) failed, retrying in %.1f s: %s", fn.__name__.strip("_"), args[0], delay, e
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

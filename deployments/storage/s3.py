@@ -81,8 +81,9 @@ class S3Storage(Storage):
             condition["IfNoneMatch"] = "*"
         if condition and self._probe() == "rejected":
             condition = {}  # the server refuses the headers: write as before conditions existed
-        r = self._call(self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type,
-                       **condition)  # fmt: skip
+        r = self._call(
+            self.client.put_object, Key=self.prefix + key, Body=data, ContentType=content_type, **condition
+        )
         return r["ETag"]
 
     def _get(self, key):
@@ -129,9 +130,12 @@ class S3Storage(Storage):
             if self._conditions is None:
                 self._conditions = self._try_conditions()
                 if self._conditions != "enforced":
-                    log.warning("the S3 server %s conditional writes%s: one job can get two runners (racing "
-                                "reapers or Idempotency-Key twins), though it is billed once", self._conditions,
-                                ", so they are sent without" if self._conditions == "rejected" else "")  # fmt: skip
+                    log.warning(
+                        "the S3 server %s conditional writes%s: one job can get two runners (racing "
+                        "reapers or Idempotency-Key twins), though it is billed once",
+                        self._conditions,
+                        ", so they are sent without" if self._conditions == "rejected" else "",
+                    )
             return self._conditions
 
     def _try_conditions(self) -> str:

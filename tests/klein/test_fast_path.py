@@ -137,6 +137,7 @@ def test_new_shapes_compile_on_demand_within_max_shapes(source):
     assert len(model.forward.shapes) == 2 and model.forward.eager_calls == 2
 
 
+@pytest.mark.slow  # inductor builds C++ kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_with_inductor_matches_eager(source, dtype):
     """Inductor for real (it generates and builds C++ kernels: ~20 s per dtype here): fp32 within

@@ -104,6 +104,19 @@ BFL_FIELDS = [
     ("webhook_url loopback", {"webhook_url": "http://127.0.0.1:9/hook"}, 422, "webhook_url"),
     ("webhook_url link-local", {"webhook_url": "http://169.254.169.254/latest"}, 422, "webhook_url"),
     ("webhook_secret too long", {"webhook_secret": "s" * 257}, 422, "webhook_secret"),
+    (
+        "webhook_url host of 3000 characters",
+        {"webhook_url": f"http://{'a' * 3000}.com/h"},
+        422,
+        "webhook_url",
+    ),
+    ("webhook_url label over 63", {"webhook_url": f"http://{'b' * 64}.example.com/h"}, 422, "webhook_url"),
+    ("webhook_url bad IDNA", {"webhook_url": "http://xn--a.example.com/h"}, 422, "webhook_url"),
+    ("seed true", {"seed": True}, 422, "seed"),
+    ("steps true", {"steps": True}, 422, "steps"),
+    ("safety_tolerance true", {"safety_tolerance": True}, 422, "safety_tolerance"),
+    ("width a numeric string", {"width": "64"}, 422, "width"),
+    ("guidance a numeric string", {"guidance": "1"}, 422, "guidance"),
 ]
 BAD_IMAGES = [
     ("not base64", "@@@not-base64@@@", 422, "not valid base64"),
@@ -225,6 +238,9 @@ def test_bad_input_matrix(client_and_ingress):
                 ("prompt with BEL", {"prompt": "ding\x07"}, 422, "prompt"),
                 ("steps zero", {"steps": 0}, 422, "steps"),
                 ("model unknown", {"model": "dall-e-3"}, 404, "model"),
+                ("n a numeric string", {"n": "2"}, 422, "n"),
+                ("n true", {"n": True}, 422, "n"),
+                ("seed a numeric string", {"seed": "7"}, 422, "seed"),
             ]:
                 await expect(case, status, field, "POST", gen, json={**ok, **over})
             await expect("generations as form", 415, "application/json", "POST", gen, data=ok)

@@ -200,6 +200,9 @@ def test_usage_counts_ready_jobs_exactly_once(ingress):
             assert by_model["groups"][0]["model"] == MODEL and by_model["groups"][0]["jobs"] == 4
             other = (await c.get(f"/v1/usage?start={TODAY}&end={TODAY}", headers={"x-key": KEY_B})).json()
             assert other["total"]["jobs"] == 0
+            default = (await c.get("/v1/usage", headers={"x-key": KEY_A})).json()  # this UTC month to date
+            assert (default["start"], default["end"]) == (TODAY[:8] + "01", TODAY)
+            assert default["total"] == u["total"]
             r = await c.get(f"/v1/usage?start={TODAY}&end=2000-01-01", headers={"x-key": KEY_A})
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "end"]
             r = await c.get(f"/v1/usage?start={TODAY}&end={TODAY}&group_by=week", headers={"x-key": KEY_A})

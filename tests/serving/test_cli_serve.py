@@ -10,8 +10,11 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.serving.conftest import free_port
+
+pytestmark = pytest.mark.slow  # `klein serve` with its own Ray
 
 
 def test_klein_serve_starts_serves_and_stops(tmp_path):
@@ -33,6 +36,7 @@ def test_klein_serve_starts_serves_and_stops(tmp_path):
             if "klein-serve is up" in line:
                 break
         assert any(f"http://127.0.0.1:{port}/" in line for line in lines), "".join(lines[-30:])
+        assert any(f"are stored in {tmp_path / 'data'}" in line for line in lines), "".join(lines[-30:])
         c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
         job = c.post("/v1/flux-2-klein-tiny", json={"prompt": "hello", "width": 64, "height": 64}).json()
         for _ in range(300):

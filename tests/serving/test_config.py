@@ -86,7 +86,22 @@ def test_contradictory_safety_and_provenance_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="c2pa_cert_chain and c2pa_key"):
         Settings(provenance={"c2pa_key": str(tmp_path / "key.pem")})
     with pytest.raises(ValueError, match="c2pa_cert_chain and c2pa_key"):
-        Settings(c2pa_cert_chain=tmp_path / "chain.pem")  # KLEIN_C2PA_CERT_CHAIN alone
+        Settings(provenance={"c2pa_cert_chain": str(tmp_path / "chain.pem")})
+
+
+def test_each_setting_has_one_name(monkeypatch, tmp_path):
+    """One level per field: the C2PA paths and the webhook switch live in their sections, and the
+    environment names them there; a half-configured section fails when parsed, naming the fields."""
+    monkeypatch.setenv("KLEIN_PROVENANCE__C2PA_KEY", str(tmp_path / "key.pem"))
+    with pytest.raises(ValueError, match="c2pa_cert_chain and c2pa_key"):
+        Settings()
+    monkeypatch.setenv("KLEIN_PROVENANCE__C2PA_CERT_CHAIN", str(tmp_path / "chain.pem"))
+    monkeypatch.setenv("KLEIN_INGRESS__WEBHOOK_ALLOW_PRIVATE", "true")
+    s = Settings()
+    assert s.provenance.c2pa_key == tmp_path / "key.pem" and s.ingress.webhook_allow_private
+    for old in ("c2pa_key", "c2pa_cert_chain", "webhook_allow_private"):
+        with pytest.raises(ValueError, match=old):
+            Settings(**{old: "x"})
 
 
 def test_klein_serve_refuses_a_contradictory_config_before_deploying(tmp_path, capsys):

@@ -12,6 +12,8 @@ from PIL import Image
 
 from tests.serving.conftest import App, tiny_settings
 
+pytestmark = pytest.mark.slow  # a second served app
+
 WARM = {"compile": True, "backend": "aot_eager", "warmup_sizes": ["64x64"], "warmup_batch_sizes": [1]}
 
 

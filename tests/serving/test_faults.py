@@ -12,8 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from deployments.storage import StorageOptions, open_storage
+
+pytestmark = pytest.mark.slow  # replicas killed and S3 stopped under load
 
 MODEL = "flux-2-klein-tiny"
 TERMINAL = {"Ready", "Error", "Cancelled", "Content Moderated", "Request Moderated"}
@@ -53,10 +56,27 @@ def _usage_by_job(s3) -> dict[str, list[dict]]:
     return asyncio.run(go())
 
 
+def _replicas(ray, deployment: str) -> set[str]:
+    """Names of the app's live replicas of a deployment (SERVE_REPLICA::klein#<deployment>#<id>)."""
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"klein#{deployment}#" in a["name"]
+    }
+
+
 def _kill(ray, deployment: str) -> None:
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if deployment in a["name"]:  # SERVE_REPLICA::klein#<deployment>#<id>
+        if f"klein#{deployment}#" in a["name"]:
             ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout} s")
+        time.sleep(0.1)
 
 
 def _load(url: str, stop: threading.Event, accepted: list, rejected: list, sync: list) -> None:
@@ -88,12 +108,15 @@ def test_killing_every_stage_and_the_ingress_under_load(app, s3, ray_local):
     stop, accepted, rejected, sync = threading.Event(), [], [], []
     with ThreadPoolExecutor(3) as pool:
         workers = [pool.submit(_load, app.url, stop, accepted, rejected, sync) for _ in range(3)]
-        time.sleep(3)
+        _wait_for(lambda: len(accepted) >= 3, 60, "jobs accepted under load")
         for deployment in ("TextEmbedder", "FlowTransformer", "Codec", "Ingress"):
+            before, seen = _replicas(ray, deployment), len(accepted)
             killed_at = time.monotonic()
             _kill(ray, deployment)
-            time.sleep(4)
-        time.sleep(3)
+            _wait_for(lambda d=deployment, b=before: _replicas(ray, d) - b, 60, f"a new {deployment} replica")
+            _wait_for(
+                lambda n=seen: len(accepted) >= n + 2, 60, f"submissions accepted after killing {deployment}"
+            )
         stop.set()
         for w in workers:
             w.result()
@@ -174,7 +197,7 @@ def test_overload_on_the_real_dag(app, s3, ray_local):
     from serve.settings import Settings
     from tests.serving.conftest import tiny_settings
 
-    settings = tiny_settings(s3.options(), max_running_jobs=8, retry_after_s=1)
+    settings = tiny_settings(s3.options(), app.traces, max_running_jobs=8, retry_after_s=1)  # tracing kept
     settings["transformer_stage"]["deployment"] |= {"max_ongoing_requests": 1, "max_queued_requests": 2}
     serve.run(build_app(Settings(**settings)), name="klein", route_prefix="/")
     client = httpx.Client(base_url=app.url, timeout=120)

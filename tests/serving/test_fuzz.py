@@ -53,6 +53,8 @@ from deployments.jobs import service as service_module
 from deployments.jobs import webhooks as webhooks_module
 from tests.serving.inprocess import build
 
+pytestmark = pytest.mark.slow  # hundreds of generated requests
+
 MODEL = "flux-2-klein-tiny"
 MAX_EXAMPLES = 40  # per operation and generation mode
 MAX_SIDE, MAX_STEPS = 128, 4  # what generated jobs that will run are bounded to

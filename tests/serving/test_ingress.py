@@ -15,7 +15,6 @@ from PIL import Image
 from deployments.jobs.errors import FieldError
 from deployments.jobs.idempotency import IdempotencyClaim, IdempotencyIndex
 from deployments.jobs.records import Status
-from deployments.stages.payloads import JobCancelled
 from deployments.storage import StorageError
 from tests.serving.inprocess import build, slow_writes, submit_job
 
@@ -118,7 +117,6 @@ def test_cancel_between_steps(ingress):
         assert (await ingress.service.store.get(job.id)).status is Status.CANCELLED
 
     asyncio.run(go())
-    assert issubclass(JobCancelled, Exception)
 
 
 def test_submit_validation_names_fields(ingress):
@@ -174,7 +172,6 @@ def test_http_api_over_asgi(ingress):
             assert r.status_code == 422
 
     asyncio.run(go())
-    assert np.__name__  # numpy is used by the PIL round trips above
 
 
 def test_openai_edit_with_n_images_stores_its_references_once(ingress, tmp_path):

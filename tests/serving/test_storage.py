@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,15 @@ def storage(request, tmp_path, s3):
     if request.param == "local":
         return open_storage(StorageOptions(root=tmp_path / "data"))
     return open_storage(StorageOptions(**s3.options(bucket=f"t{int(time.time() * 1e6)}")))
+
+
+def test_the_local_root_defaults_to_the_users_data_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert StorageOptions().root == tmp_path / "xdg" / "klein-serve"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert StorageOptions().root == tmp_path / "home" / ".local" / "share" / "klein-serve"
+    assert StorageOptions(root="elsewhere").root == Path("elsewhere")
 
 
 def test_round_trip_list_delete(storage):
@@ -72,6 +82,7 @@ def test_urls_fetch_and_expire(storage, tmp_path):
         assert httpx.get(short).status_code in (400, 403)  # presigned URLs expire (rclone answers 400)
 
 
+@pytest.mark.slow
 def test_s3_bad_credentials_and_missing_bucket(s3):
     bad = open_storage(
         StorageOptions(**{**s3.options(), "secret_access_key": "wrong", "create_bucket": False})

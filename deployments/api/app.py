@@ -49,7 +49,7 @@ def build_api(service: JobService, keys: KeyRing) -> FastAPI:
         )
     app.include_router(system)
     app.include_router(openai.router)
-    app.include_router(bfl.router)  # last: its POST /v1/{model} would match /v1/images/...
+    app.include_router(bfl.router)
     return app
 
 

@@ -137,8 +137,8 @@ class JobRunner:
                 await self.store.save(job)
             try:
                 result = await self._attempt(job, return_bytes, check_cancel=not first)
-            except tuple(_ENDINGS) as e:
-                job.status, job.error = _ENDINGS[type(e)]
+            except tuple(_ENDINGS) as e:  # by isinstance: through Ray, a RayTaskError(...) subclass arrives
+                job.status, job.error = next(end for kind, end in _ENDINGS.items() if isinstance(e, kind))
                 if isinstance(e, RequestModerated):
                     await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_keys))
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up

@@ -98,17 +98,18 @@ class JobStore:
 
 class CancelFlags:
     """The FlowTransformer's cancel check (stages.payloads.CancelCheck) over the job store: picklable
-    (built from storage options), it opens storage in the replica that uses it."""
+    (its storage options travel; the replica that unpickles it opens storage there, at start-up)."""
 
     def __init__(self, storage: StorageOptions):
         self.options = storage
-        self._jobs: JobStore | None = None
+        self._jobs = JobStore(open_storage(storage))
 
     def __getstate__(self):
-        return {"options": self.options, "_jobs": None}
+        return {"options": self.options}
+
+    def __setstate__(self, state):
+        self.__init__(state["options"])
 
     async def __call__(self, job_ids: list[str]) -> set[str]:
-        if self._jobs is None:
-            self._jobs = JobStore(open_storage(self.options))
         flags = await asyncio.gather(*(self._jobs.cancel_requested(j) for j in job_ids))
         return {j for j, flag in zip(job_ids, flags, strict=True) if flag}

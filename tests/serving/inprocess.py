@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import traceback
 
 import ray.serve.batching as batching
+from ray.exceptions import RayTaskError
 
 from deployments.api.auth import KeyRing
 from deployments.ingress import Ingress, IngressConfig
@@ -42,10 +44,13 @@ class FakeMethod:
     def remote(self, *args):
         async def call():
             resolved = [await a if isinstance(a, FakeResponse) else a for a in args]
-            if self.failures:
-                raise self.failures.pop(0)
-            out = self.fn(*resolved)
-            return await out if inspect.isawaitable(out) else out
+            try:
+                if self.failures:
+                    raise self.failures.pop(0)
+                out = self.fn(*resolved)
+                return await out if inspect.isawaitable(out) else out
+            except Exception as e:  # as Serve delivers a replica's exception: a RayTaskError(<cause>)
+                raise RayTaskError(self.fn.__name__, traceback.format_exc(), e).as_instanceof_cause() from e
 
         return FakeResponse(call())
 

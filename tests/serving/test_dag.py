@@ -164,7 +164,8 @@ def test_cancel(app):
     ).json()
     r = app.http.delete(f"/v1/jobs/{sub['id']}")
     assert r.status_code == 202, r.text
-    res = app.wait(sub["id"])
+    # by its own run, between two steps: well before its lease (20 s here) would let a reaper end it
+    res = app.wait(sub["id"], timeout=10)
     assert res["status"] == "Cancelled", res
 
 

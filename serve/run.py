@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -112,9 +111,12 @@ def serve_forever(args, parser) -> int:
     from ray.serve._private import api as serve_api  # the path `serve run config.yaml` takes
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
-    stop = threading.Event()
+    # A signal handler runs between two bytecodes of the main thread, possibly inside a lock it holds:
+    # it must take none (a threading.Event's would deadlock a second Ctrl-C arriving during the first's
+    # Event.set). Appending to a list is atomic and lock-free.
+    stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     try:
         client = serve_api.serve_start(
             http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
@@ -126,8 +128,8 @@ def serve_forever(args, parser) -> int:
         http = config.http_options
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
         print(f"klein-serve is up: http://{host}:{http.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
-        while not stop.wait(1.0):
-            pass
+        while not stopping:
+            time.sleep(0.2)
         print("shutting down", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as e:

@@ -1,5 +1,6 @@
 """`klein serve` as a user runs it: a subprocess with its own Ray, the embedded default config,
-a request served, and a clean exit on SIGTERM."""
+a request served, and a clean exit on SIGTERM (sent twice: a signal handler that took a lock could
+deadlock on the second)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_klein_serve_starts_serves_and_stops(tmp_path):
         assert (
             tmp_path / "data" / "jobs" / f"{job['id']}.json"
         ).exists()  # KLEIN_ settings reach the replicas
-    finally:
+    finally:  # twice at once, as an impatient Ctrl-C or a supervisor and its child both signal
+        proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
         try:
             out, _ = proc.communicate(timeout=120)

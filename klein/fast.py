@@ -32,6 +32,7 @@ from torch import Tensor
 
 from klein import transformer as dit
 from klein.fp8 import fp8_unsupported_reason, log_once, quantize_linears
+from klein.transformer import LoraSelection
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ShapeGate:
     def __call__(self, *args, **kwargs):
         # what compiled code is specialised to: shapes, dtypes, and inference tensors vs others (an
         # argument left out and one passed as None match)
-        named = (*enumerate(args), *kwargs.items())
+        named = [(i, a) for i, arg in (*enumerate(args), *kwargs.items()) for a in _tensors(arg)]
         key = (torch.is_grad_enabled(),) + tuple(
             (i, tuple(a.shape), a.dtype, a.is_inference()) for i, a in named if isinstance(a, Tensor)
         )
@@ -126,6 +127,11 @@ class ShapeGate:
         self.eager_calls += 1
         with torch.compiler.set_stance("force_eager"):
             return self.fn(*args, **kwargs)
+
+
+def _tensors(arg) -> tuple:
+    """An argument's tensors (a tuple's, such as a LoRA selection, one by one), else the argument."""
+    return tuple(arg) if isinstance(arg, tuple) else (arg,)
 
 
 def _close_after_warm_up(fn, opts: FastPath, report: Report) -> None:
@@ -308,7 +314,11 @@ def warm_up_transformer(
         pe = model.rope(
             text_ids(context_len).expand(n, -1, -1).to(device), grid_ids(gh, gw).expand(n, -1, -1).to(device)
         )
-        model(img, torch.full((1,), 0.5, device=device), ctx, pe)
+        t = torch.full((1,), 0.5, device=device)
+        model(img, t, ctx, pe)
+        if places := getattr(model, "lora_places", None):  # and with adapters (klein.lora): the empty one
+            zeros = torch.zeros(n, places, device=device)
+            model(img, t, ctx, pe, None, LoraSelection(zeros.long(), zeros))
         report.warmed.append(f"{w}x{h}x{n}")
     _sync(device)
     report.warmup_s = time.perf_counter() - start

@@ -20,7 +20,8 @@ from klein.config import ModelSpec
 from klein.fast import FastPath
 from klein.image import prepare_reference, to_pil
 from klein.loader import ModelSource
-from klein.request import GenerationRequest, validate
+from klein.lora import LoraBank, LoraOptions, LoraSelection, load_lora
+from klein.request import MAX_LORAS, GenerationRequest, validate
 from klein.sampler import pack, reference_ids, sample, unpack
 from klein.vae import AutoEncoder
 
@@ -60,8 +61,11 @@ class Pipeline:
         device: str | torch.device = "cpu",
         dtype=torch.float32,
         fast: FastPath | None = None,
+        lora: LoraOptions | None = None,
     ):
-        """`fast`: the fast path's options (klein.fast); `warm_up` compiles their sizes."""
+        """`fast`: the fast path's options (klein.fast); `warm_up` compiles their sizes. `lora`: the
+        adapter bank's size (klein.lora), made now so that warm-up covers it; without it, the first
+        request with adapters makes one of the default size."""
         self.source = source
         self.spec = source.spec
         self.device = torch.device(device)
@@ -70,6 +74,8 @@ class Pipeline:
         self.transformer = source.load_transformer(device, dtype)
         self.vae = source.load_vae(device, dtype)
         self._negative: Tensor | None = None
+        self.lora_options = lora or LoraOptions()
+        self.lora_bank = None if lora is None else self._bank()
         self.fast = fast or FastPath()
         self.reports = [
             fastpath.setup_text_embedder(self.text_embedder, self.fast),
@@ -91,6 +97,19 @@ class Pipeline:
         for report in reports:
             log.info("%s", report)
         return reports
+
+    def _bank(self) -> LoraBank:
+        o = self.lora_options
+        return LoraBank(self.transformer, slots=o.slots, max_rank=o.max_rank, places=MAX_LORAS)
+
+    def lora_selection(self, requests: list[GenerationRequest]) -> LoraSelection | None:
+        """The requests' adapters (by file path) in the bank; None when none has any."""
+        if not any(r.loras for r in requests):
+            return None
+        if self.lora_bank is None:
+            self.lora_bank = self._bank()
+        adapters = [[(lora.path, lora.scale) for lora in r.loras] for r in requests]
+        return self.lora_bank.selection(adapters, lambda path: load_lora(path, self.spec.transformer))
 
     def embed(self, prompts: list[str]) -> Tensor:
         """(B, 512, context_dim)."""
@@ -144,6 +163,7 @@ class Pipeline:
             ref=torch.cat([r.tokens for r in refs]) if refs[0].tokens is not None else None,
             ref_shapes=refs[0].shapes,
             pixels_per_token=self.spec.multiple,
+            lora=self.lora_selection(requests),
         )
         img = None
         for i, latents in enumerate(steps, start=1):
@@ -152,6 +172,19 @@ class Pipeline:
                 on_step(i, first.steps)
         m = self.spec.multiple
         return unpack(img, first.height // m, first.width // m)
+
+    def _fit_bank(self, group: list[int], requests: list[GenerationRequest]) -> list[list[int]]:
+        """A group split where its requests need more adapters at once than the bank holds."""
+        capacity = self.lora_options.slots - 1
+        parts, current, keys = [], [], set()
+        for i in group:
+            mine = {lora.path for lora in requests[i].loras}
+            if current and len(keys | mine) > capacity:
+                parts.append(current)
+                current, keys = [], set()
+            current.append(i)
+            keys |= mine
+        return parts + [current]
 
     def generate(
         self, requests: list[GenerationRequest], on_step: Callable[[int, int], None] | None = None
@@ -164,7 +197,7 @@ class Pipeline:
             key = (r.width, r.height, r.steps, r.guidance is not None and r.guidance > 1.0, ref.shapes)
             groups.setdefault(key, []).append(i)
         images: list[Image.Image | None] = [None] * len(requests)
-        for idx in groups.values():
+        for idx in (part for group in groups.values() for part in self._fit_bank(group, requests)):
             latents = self.generate_latents([requests[i] for i in idx], [refs[i] for i in idx], on_step)
             for i, image in zip(idx, self.decode(latents), strict=True):
                 images[i] = image

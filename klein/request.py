@@ -17,6 +17,10 @@ MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000  # the text encoder reads the first 512 tokens (template included) anyway
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_ASPECT = 8.0
+MAX_LORAS = 3  # adapters per request (fal's limit for klein)
+# LoRA scales: fal takes 0-4; negative scales subtract a concept (slider LoRAs), so -4..4. Past 4
+# in either direction the delta swamps the base weights and images fall apart.
+LORA_SCALE = 4.0
 
 
 class InvalidRequest(ValueError):
@@ -30,6 +34,12 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class LoraRequest:
+    path: str  # what names the adapter: a file path (klein generate) or a registry name / URL (served)
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     width: int | None = None  # None: the first reference's processed size, else the model default
@@ -38,6 +48,7 @@ class GenerationRequest:
     steps: int | None = None  # None: the variant's default
     guidance: float | None = None  # None: the variant's default; distilled models take only 1 (none)
     references: tuple[Image.Image, ...] = ()
+    loras: tuple[LoraRequest, ...] = ()
 
     @property
     def megapixels(self) -> float:
@@ -71,6 +82,20 @@ def check_reference(image: Image.Image, field: str, index: int | None = None) ->
         raise InvalidRequest(field, msg, index)
 
 
+def check_loras(loras: tuple[LoraRequest, ...]) -> None:
+    if len(loras) > MAX_LORAS:
+        raise InvalidRequest("loras", f"at most {MAX_LORAS} adapters per request, got {len(loras)}")
+    for i, lora in enumerate(loras):
+        if not isinstance(lora.path, str) or not lora.path.strip():
+            raise InvalidRequest(f"loras[{i}].path", "must name an adapter", i)
+        if not -LORA_SCALE <= lora.scale <= LORA_SCALE:
+            raise InvalidRequest(
+                f"loras[{i}].scale",
+                f"must be between {-LORA_SCALE:g} and {LORA_SCALE:g}, got {lora.scale:g}",
+                i,
+            )
+
+
 def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
     """Check `req` against the model's bounds and fill in the defaults; returns a complete request."""
     if not isinstance(req.prompt, str):
@@ -86,6 +111,7 @@ def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
         )
     for i, image in enumerate(req.references):
         check_reference(image, f"references[{i}]", i)
+    check_loras(req.loras)
     if not 0 <= req.seed <= MAX_SEED:
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {req.seed}")
 

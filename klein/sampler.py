@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from klein.transformer import Flux2
+from klein.transformer import Flux2, LoraSelection
 
 REFERENCE_T_SCALE = 10  # reference k (0-based) sits at t = 10 + 10 k on RoPE axis 0
 
@@ -91,17 +91,19 @@ def denoise(
     sigmas: list[float],
     ref: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    lora: LoraSelection | None = None,
 ) -> Iterator[Tensor]:
     """Distilled sampling: one forward per step. Yields the latents (B, L_img, C) after each step,
     so the caller can report progress or stop between steps.
 
-    img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens, attended after them.
+    img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens, attended after them;
+    lora: each request's LoRA adapters (klein.lora).
     """
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(ctx_ids, x_ids)
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         t = torch.full((1,), t_curr, device=img.device)  # shared by the batch (see Flux2.forward)
-        pred = model(img, t, ctx, pe, ref)
+        pred = model(img, t, ctx, pe, ref, lora)
         img = _euler(img, pred, t_curr, t_next)
         yield img
 
@@ -117,6 +119,7 @@ def denoise_cfg(
     guidance: float | Tensor,
     ref: Tensor | None = None,
     ref_ids: Tensor | None = None,
+    lora: LoraSelection | None = None,
 ) -> Iterator[Tensor]:
     """Base-model sampling with classifier-free guidance: v = v_neg + g (v_cond - v_neg).
 
@@ -128,9 +131,10 @@ def denoise_cfg(
     ctx2 = torch.cat((neg_ctx, ctx))  # (2B, L_txt, D): [uncond; cond]
     ref2 = None if ref is None else torch.cat((ref, ref))
     g = torch.as_tensor(guidance, dtype=torch.float32, device=img.device).reshape(-1, 1, 1)
+    lora2 = None if lora is None else lora.repeat(2)  # the adapters act on both halves
     for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         t = torch.full((1,), t_curr, device=img.device)
-        pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2).float().chunk(2)
+        pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2, lora2).float().chunk(2)
         img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
         yield img
 
@@ -148,6 +152,7 @@ def sample(
     ref: Tensor | None = None,
     ref_shapes: tuple[tuple[int, int], ...] = (),
     pixels_per_token: int = 16,
+    lora: LoraSelection | None = None,
 ) -> Iterator[Tensor]:
     """Sample a batch that shares size, step count and reference shapes; each request has its own
     seed (noise), prompt (`ctx`, (B, L, D)) and references (`ref`, (B, L_ref, C)).
@@ -169,10 +174,12 @@ def sample(
         ref = ref.to(device, dtype)
         ref_ids = reference_ids(list(ref_shapes)).expand(b, -1, -1).to(device)
     sigmas = get_schedule(steps, h * w)
+    if lora is not None:
+        lora = LoraSelection(lora.slots.to(device), lora.scales.to(device))
     if guidance is None:
-        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids)
+        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids, lora)
     else:
         neg = neg_ctx.to(device, dtype)
         yield from denoise_cfg(
-            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids
+            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids, lora
         )

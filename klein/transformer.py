@@ -8,6 +8,7 @@ Token layout: joint attention runs over [txt | img | ref_1 .. ref_N], text first
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,33 @@ def _bf16_gemm_is_native() -> bool:
 _WIDEN_BF16_ON_CPU = not _bf16_gemm_is_native()
 
 
+class LoraSelection(NamedTuple):
+    """Per request of a batch: the bank slots of its adapters (B, S) and their scales (B, S).
+    Unused places hold slot 0 (the empty adapter) with scale 0."""
+
+    slots: Tensor
+    scales: Tensor
+
+    def repeat(self, n: int) -> LoraSelection:
+        """For a batch run n times over (CFG's unconditional and conditional halves)."""
+        return LoraSelection(self.slots.repeat(n, 1), self.scales.repeat(n, 1))
+
+
+def lora_delta(
+    x: Tensor, bank_a: Tensor, bank_b: Tensor, selection: LoraSelection, rows: slice = slice(None)
+) -> Tensor:
+    """sum over places s: scale[b, s] * B_{slot[b, s]} (A_{slot[b, s]} x_b), for output rows `rows`;
+    x (B, L, in) -> (B, L, out). Each request's arithmetic is its own (a batched matmul per place)."""
+    out = None
+    for s in range(selection.slots.shape[1]):
+        index = selection.slots[:, s]
+        t = torch.bmm(x, bank_a[index].transpose(1, 2))  # (B, L, R)
+        d = torch.bmm(t, bank_b[index][:, rows].transpose(1, 2))  # (B, L, out)
+        d = d * selection.scales[:, s].to(d.dtype)[:, None, None]
+        out = d if out is None else out + d
+    return out
+
+
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
     """x @ weight.T; an FP8 `weight` with its per-row `scale` runs as an FP8 GEMM (klein.fp8)."""
     if scale is not None:
@@ -120,9 +148,19 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.register_buffer("weight_scale", None)  # not in the state dict until it holds a tensor
+        self.register_buffer("lora_A", None)  # LoRA slot banks (klein.lora.enable_lora)
+        self.register_buffer("lora_B", None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.weight_scale)
+    def forward(self, x: Tensor, lora: LoraSelection | None = None) -> Tensor:
+        return self.with_lora(linear(x, self.weight, self.weight_scale), x, lora)
+
+    def with_lora(
+        self, y: Tensor, x: Tensor, lora: LoraSelection | None, rows: slice = slice(None)
+    ) -> Tensor:
+        """y plus the requests' adapters on output rows `rows` (klein.lora)."""
+        if lora is None or self.lora_A is None:
+            return y
+        return y + lora_delta(x, self.lora_A, self.lora_B, lora, rows)
 
     def split_rows(self, sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
         """(weight, scale) of consecutive blocks of output rows, as views."""
@@ -139,7 +177,7 @@ class MLPEmbedder(nn.Module):
         self.out_layer = Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
+        return self.out_layer(F.silu(self.in_layer(x)))  # the timestep: shared, never LoRA
 
 
 class RMSNorm(nn.Module):
@@ -192,10 +230,16 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = Linear(dim, dim)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+    def qkv_heads(self, x: Tensor, lora: LoraSelection | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = rearrange(self.qkv(x, lora), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k)
         return q, k, v
+
+
+def mlp(layers: nn.Sequential, x: Tensor, lora: LoraSelection | None) -> Tensor:
+    """A double block's MLP, `layers` = (Linear, SwiGLU, Linear), each linear with its adapters."""
+    up, act, down = layers
+    return down(act(up(x, lora)), lora)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -210,22 +254,24 @@ class DoubleStreamBlock(nn.Module):
             )
             self.add_module(f"{s}_mlp", mlp)
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Rope, mod_img, mod_txt) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, txt: Tensor, pe: Rope, mod_img, mod_txt, lora: LoraSelection | None = None
+    ) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1), lora)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1), lora)
         q = torch.cat((txt_q, img_q), dim=2)  # (B, H, L_txt + L_img, D)
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
         attn = attention(q, k, v, pe)  # (B, L_txt + L_img, hidden)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        img = img + img_gate1 * self.img_attn.proj(img_attn, lora)
+        img = img + img_gate2 * mlp(self.img_mlp, modulate(img, img_shift2, img_scale2), lora)
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn, lora)
+        txt = txt + txt_gate2 * mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2), lora)
         return img, txt
 
 
@@ -240,21 +286,26 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = Linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
 
-    def forward(self, x: Tensor, pe: Rope, mod, rows: slice = slice(None)) -> Tensor:
+    def forward(
+        self, x: Tensor, pe: Rope, mod, rows: slice = slice(None), lora: LoraSelection | None = None
+    ) -> Tensor:
         """x (B, L, hidden) -> the updated `rows` of x. Every token is a key and a value, but only
         `rows` are queried and go through the MLP: the last block skips the tokens nobody reads."""
         ((shift, scale, gate),) = mod
         x_mod = modulate(x, shift, scale)
-        qkv, mlp = self.linear1.split_rows([3 * self.hidden, self.linear1.out_features - 3 * self.hidden])
-        q, k, v = rearrange(linear(x_mod, *qkv), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        n_qkv = 3 * self.hidden
+        qkv, up = self.linear1.split_rows([n_qkv, self.linear1.out_features - n_qkv])
+        qkv = self.linear1.with_lora(linear(x_mod, *qkv), x_mod, lora, slice(0, n_qkv))
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q[:, :, rows], k)
-        gate_up = linear(x_mod[:, rows], *mlp)  # (B, L_rows, 2 * mlp_hidden)
+        x_rows = x_mod[:, rows]
+        gate_up = self.linear1.with_lora(linear(x_rows, *up), x_rows, lora, slice(n_qkv, None))
 
         attn = sdpa(apply_rope(q, pe[:, :, rows]), apply_rope(k, pe), v)
         g, u = gate_up.chunk(2, dim=-1)
         # linear2 reads [attention | SwiGLU(mlp)]
         return x[:, rows] + gate * self.linear2(
-            torch.cat((attn.transpose(1, 2).flatten(2), F.silu(g) * u), -1)
+            torch.cat((attn.transpose(1, 2).flatten(2), F.silu(g) * u), -1), lora
         )
 
 
@@ -264,9 +315,9 @@ class LastLayer(nn.Module):
         self.linear = Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, lora: LoraSelection | None = None) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order: shift first
-        return self.linear(modulate(x, shift, 1 + scale))
+        return self.linear(modulate(x, shift, 1 + scale), lora)
 
 
 class Flux2(nn.Module):
@@ -301,7 +352,13 @@ class Flux2(nn.Module):
         return rope(torch.cat((ctx_ids, x_ids), dim=1), self.config.axes_dim, self.config.theta)
 
     def forward(
-        self, img: Tensor, timesteps: Tensor, ctx: Tensor, pe: Rope, ref: Tensor | None = None
+        self,
+        img: Tensor,
+        timesteps: Tensor,
+        ctx: Tensor,
+        pe: Rope,
+        ref: Tensor | None = None,
+        lora: LoraSelection | None = None,
     ) -> Tensor:
         """Velocity of the noisy image tokens.
 
@@ -312,6 +369,7 @@ class Flux2(nn.Module):
           GEMM would round differently from B = 1 and make an image depend on its batch-mates.
         ctx (B, L_txt, context_in_dim): text embeddings.
         pe: `self.rope(ctx_ids, cat(img_ids, ref_ids))`, computed once per sampling run.
+        lora: each request's LoRA adapters (klein.lora), or None.
         Returns (B, L_img, in_channels).
         """
         vec = self.time_in(timestep_embedding(timesteps).to(self.dtype))  # (B or 1, hidden)
@@ -321,14 +379,14 @@ class Flux2(nn.Module):
 
         n_img = img.shape[1]
         x = img if ref is None else torch.cat((img, ref.to(img.dtype)), dim=1)
-        img = self.img_in(x.to(self.dtype))
-        txt = self.txt_in(ctx.to(self.dtype))
+        img = self.img_in(x.to(self.dtype), lora)
+        txt = self.txt_in(ctx.to(self.dtype), lora)
         for block in self.double_blocks:
-            img, txt = block(img, txt, pe, mod_img, mod_txt)
+            img, txt = block(img, txt, pe, mod_img, mod_txt, lora)
 
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img + L_ref, hidden)
         for block in self.single_blocks[:-1]:
-            x = block(x, pe, mod_single)
-        x = self.single_blocks[-1](x, pe, mod_single, rows=slice(n_txt, n_txt + n_img))
-        return self.final_layer(x, vec)
+            x = block(x, pe, mod_single, lora=lora)
+        x = self.single_blocks[-1](x, pe, mod_single, rows=slice(n_txt, n_txt + n_img), lora=lora)
+        return self.final_layer(x, vec, lora)

@@ -2,7 +2,7 @@
 
     klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
-                   --steps N --guidance G] [--dtype bf16|fp32] [--device cpu|cuda]
+                   --steps N --guidance G] [--lora FILE[:SCALE] ...] [--dtype bf16|fp32] [--device cpu|cuda]
                    [--compile] [--cuda-graphs] [--quantize fp8] [--attention NAME] --out FILE.png
     klein serve [--preset NAME [--random-weights] | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
@@ -22,7 +22,7 @@ from pathlib import Path
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Request fields -> the flags that set them, for error messages.
 FLAGS = {"prompt": "--prompt", "width": "--width", "height": "--height", "seed": "--seed",
-         "steps": "--steps", "guidance": "--guidance", "references": "--ref"}  # fmt: skip
+         "steps": "--steps", "guidance": "--guidance", "references": "--ref", "loras": "--lora"}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--transformer", type=Path, metavar="FILE", help="BFL or FP8 transformer single file")
     src.add_argument("--vae", type=Path, metavar="FILE", help="BFL ae.safetensors")
     src.add_argument("--text-encoder", type=Path, metavar="DIR", help="Qwen3 folder (config.json + weights)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA adapter (.safetensors; diffusers, ai-toolkit, kohya formats) and its scale "
+                        "(-4..4, default 1); up to 3")  # fmt: skip
     g.add_argument("--ref", type=Path, action="extend", nargs="+", default=[], metavar="IMAGE",
                    help="reference image(s) for editing / multi-reference generation")  # fmt: skip
     g.add_argument(
@@ -125,6 +128,7 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
 
     from klein import DTYPES, FastPath, GenerationRequest, InvalidRequest, ModelSource, Pipeline
     from klein.checkpoint import CheckpointError
+    from klein.lora import LoraError, LoraOptions
     from klein.request import validate
 
     fmt = OUTPUT_FORMATS.get(args.out.suffix.lower())
@@ -163,7 +167,7 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--ref: cannot read image {path}: {e}")
     request = GenerationRequest(
         prompt=args.prompt, width=args.width, height=args.height, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, references=tuple(refs),
+        steps=args.steps, guidance=args.guidance, references=tuple(refs), loras=_loras(args.lora, parser),
     )  # fmt: skip
     try:
         request = validate(source.spec, request)
@@ -181,12 +185,17 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     )  # fmt: skip
 
     t0 = time.perf_counter()
-    pipe = Pipeline(source, device=device, dtype=dtype, fast=fast)
+    pipe = Pipeline(
+        source, device=device, dtype=dtype, fast=fast, lora=LoraOptions() if request.loras else None
+    )
     t1 = time.perf_counter()
     warm = sum(r.warmup_s for r in pipe.warm_up(cfg=request.guidance is not None and request.guidance > 1))
     t2 = time.perf_counter()
     progress = _progress(request.steps)
-    image = pipe.generate([request], on_step=progress)[0]
+    try:
+        image = pipe.generate([request], on_step=progress)[0]
+    except LoraError as e:
+        parser.error(f"--lora: {e}")
     image.save(args.out, format=fmt)
     t3 = time.perf_counter()
     speed = "".join(f"\n  {r}" for r in pipe.reports if r.actions)
@@ -195,6 +204,23 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
         f"model={source.spec.name} load={t1 - t0:.2f}s warm-up={warm:.2f}s generate={t3 - t2:.2f}s{speed}"
     )
     return 0
+
+
+def _loras(values: list[str], parser: argparse.ArgumentParser) -> tuple:
+    """--lora FILE[:SCALE] -> LoraRequests; a missing file names the flag."""
+    from klein.request import LoraRequest
+
+    out = []
+    for value in values:
+        path, _, scale = value.rpartition(":")
+        try:
+            path, scale = (path, float(scale)) if path else (value, 1.0)
+        except ValueError:
+            path, scale = value, 1.0
+        if not Path(path).is_file():
+            parser.error(f"--lora: {path} is not a file")
+        out.append(LoraRequest(path, scale))
+    return tuple(out)
 
 
 def _loadtest(args, parser: argparse.ArgumentParser) -> int:

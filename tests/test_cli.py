@@ -187,3 +187,26 @@ def test_generate_compiled_and_fp8(tmp_path, capsys):
 )
 def test_bad_serve_flags_name_the_flag(capsys, extra, message):
     assert message in _error(capsys, ["serve", *extra])
+
+
+def test_generate_with_lora_adapters(tmp_path, capsys):
+    from tests.klein.test_lora import _factors, write
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write(a, "ai-toolkit", _factors(1))
+    write(b, "kohya", _factors(2), alpha=2.0)
+    base = ["generate", "--prompt", "a fox", "--width", "64", "--height", "64", "--seed", "1", "--out"]
+    assert main([*base, str(tmp_path / "plain.png")]) == 0
+    assert main([*base, str(tmp_path / "lora.png"), "--lora", f"{a}:0.8", "--lora", str(b)]) == 0
+    plain, lora = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("plain.png", "lora.png"))
+    assert np.abs(plain - lora).max() > 8
+    assert "--lora: /nope.safetensors is not a file" in _error(
+        capsys, [*base, str(tmp_path / "x.png"), "--lora", "/nope.safetensors"]
+    )
+    assert "--lora: must be between -4 and 4, got 9" in _error(
+        capsys, [*base, str(tmp_path / "x.png"), "--lora", f"{a}:9"]
+    )
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not safetensors")
+    err = _error(capsys, [*base, str(tmp_path / "x.png"), "--lora", str(bad)])
+    assert "--lora: bad.safetensors:" in err and "not a safetensors file" in err

@@ -66,7 +66,7 @@ class ConstantVelocity(torch.nn.Module):
     def rope(self, ctx_ids, x_ids):
         return None
 
-    def forward(self, img, t, ctx, pe, ref=None):
+    def forward(self, img, t, ctx, pe, ref=None, lora=None):
         self.calls.append((img.shape, t.clone(), None if ref is None else ref.shape))
         return self.v(img, ctx) if callable(self.v) else self.v.expand(img.shape[0], -1, -1)
 

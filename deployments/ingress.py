@@ -18,6 +18,7 @@ from deployments.jobs.metering import Price
 from deployments.jobs.pipeline import StageHandles
 from deployments.jobs.service import JobService
 from deployments.options import IngressOptions
+from deployments.stages.adapters import Adapters, LoraSettings
 from deployments.stages.postprocess import SafetyOptions
 from deployments.storage import StorageOptions, open_storage
 from klein.config import ModelSpec
@@ -38,6 +39,7 @@ class IngressConfig:
     tracing: telemetry.TelemetryOptions = field(default_factory=telemetry.TelemetryOptions)
     safety: SafetyOptions = field(default_factory=SafetyOptions)
     max_request_tokens: int | None = None  # the FlowTransformer's max_batch_tokens: larger is refused
+    lora: LoraSettings = field(default_factory=LoraSettings)  # where requests' adapters come from
 
 
 class Ingress:
@@ -55,6 +57,9 @@ class Ingress:
             prompt_filter=config.safety.prompt_filter(),
             moderate_inputs=config.safety.classifier is not None and config.safety.check_inputs,
             max_request_tokens=config.max_request_tokens,
+            adapters=Adapters(config.lora, config.storage, config.spec.transformer)
+            if config.lora.enabled
+            else None,
         )
 
     def __serve_build_asgi_app__(self):

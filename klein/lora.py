@@ -26,8 +26,10 @@ recompilation per adapter, and a request's arithmetic does not depend on its bat
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,8 +40,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from klein.checkpoint import _DIT_RENAMES_RE, CheckpointError, SafetensorsFile, _apply_renames
+from klein.checkpoint import _DIT_RENAMES_RE, _DTYPES, CheckpointError, SafetensorsFile, _apply_renames
 from klein.config import TransformerConfig
+from klein.request import MAX_LORAS
 from klein.transformer import Flux2, LoraSelection, lora_delta  # noqa: F401 (re-exported)
 
 MAX_LORA_BYTES = 2 * 2**30
@@ -72,6 +75,7 @@ class LoraAdapter:
         )
 
 
+@functools.cache
 def lora_targets(config: TransformerConfig, shared: bool = False) -> dict[str, tuple[int, int]]:
     """Every linear of the transformer a LoRA may target: name -> (in_features, out_features); with
     `shared`, those whose input is shared by the batch too (which adapters may not target)."""
@@ -100,6 +104,40 @@ def read_lora(path: str | Path, max_bytes: int = MAX_LORA_BYTES) -> tuple[dict[s
         detail = str(e).replace(f"{path}: ", "").replace(str(path), path.name)
         raise LoraError(f"{path.name}: not a safetensors file ({detail})") from None
     return tensors, f.metadata
+
+
+def read_lora_bytes(data: bytes, name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file held in memory; LoraError for anything else."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > len(data) - 8 or n > 100_000_000:
+            raise ValueError(f"header of {n} bytes")
+        header = json.loads(data[8 : 8 + n])
+        metadata = header.pop("__metadata__", None) or {}
+        body = memoryview(data)[8 + n :]
+        tensors = {}
+        for key, e in header.items():
+            start, end = e["data_offsets"]
+            if end > len(body) or start > end:
+                raise ValueError(f"{key!r} lies past the end of the file (truncated?)")
+            raw = torch.frombuffer(bytearray(body[start:end]), dtype=torch.uint8)
+            tensors[key] = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, RuntimeError) as e:
+        raise LoraError(f"{name}: not a safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def split_for_bank(keys: list[set[str]], capacity: int) -> list[list[int]]:
+    """Indices of requests (each needing a set of adapter keys) cut into consecutive runs whose
+    adapters fit the bank together."""
+    parts, current, needed = [], [], set()
+    for i, mine in enumerate(keys):
+        if current and len(needed | mine) > capacity:
+            parts.append(current)
+            current, needed = [], set()
+        current.append(i)
+        needed |= mine
+    return parts + [current]
 
 
 def load_lora(
@@ -341,6 +379,7 @@ def put_adapter(model: nn.Module, slot: int, adapter: LoraAdapter | None) -> Non
 class LoraOptions:
     slots: int = 8  # adapters resident at once, plus the empty slot 0
     max_rank: int = 64  # adapters of higher rank are refused
+    max_loras: int = MAX_LORAS  # adapters per request
 
 
 class LoraBank:
@@ -350,8 +389,10 @@ class LoraBank:
     def __init__(self, model: nn.Module, slots: int = 8, max_rank: int = 64, places: int = 3):
         """`slots` - 1 adapters resident at once (slot 0 is the empty one); `places`: adapters per
         request (fixed, so that the selection's shape never changes)."""
-        if slots < 2:
-            raise ValueError(f"slots must be at least 2, got {slots}")
+        if slots < places + 1:  # one request's adapters must fit at once
+            raise ValueError(
+                f"slots must be at least {places + 1} for {places} adapters per request, got {slots}"
+            )
         self.model, self.max_rank, self.places = model, max_rank, places
         self.bytes = enable_lora(model, slots, max_rank)
         model.lora_places = places  # what warm-up (klein.fast) compiles the adapter path for

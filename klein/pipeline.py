@@ -20,8 +20,8 @@ from klein.config import ModelSpec
 from klein.fast import FastPath
 from klein.image import prepare_reference, to_pil
 from klein.loader import ModelSource
-from klein.lora import LoraBank, LoraOptions, LoraSelection, load_lora
-from klein.request import MAX_LORAS, GenerationRequest, validate
+from klein.lora import LoraBank, LoraOptions, LoraSelection, load_lora, split_for_bank
+from klein.request import GenerationRequest, validate
 from klein.sampler import pack, reference_ids, sample, unpack
 from klein.vae import AutoEncoder
 
@@ -100,7 +100,7 @@ class Pipeline:
 
     def _bank(self) -> LoraBank:
         o = self.lora_options
-        return LoraBank(self.transformer, slots=o.slots, max_rank=o.max_rank, places=MAX_LORAS)
+        return LoraBank(self.transformer, slots=o.slots, max_rank=o.max_rank, places=o.max_loras)
 
     def lora_selection(self, requests: list[GenerationRequest]) -> LoraSelection | None:
         """The requests' adapters (by file path) in the bank; None when none has any."""
@@ -175,22 +175,14 @@ class Pipeline:
 
     def _fit_bank(self, group: list[int], requests: list[GenerationRequest]) -> list[list[int]]:
         """A group split where its requests need more adapters at once than the bank holds."""
-        capacity = self.lora_options.slots - 1
-        parts, current, keys = [], [], set()
-        for i in group:
-            mine = {lora.path for lora in requests[i].loras}
-            if current and len(keys | mine) > capacity:
-                parts.append(current)
-                current, keys = [], set()
-            current.append(i)
-            keys |= mine
-        return parts + [current]
+        keys = [{lora.path for lora in requests[i].loras} for i in group]
+        return [[group[j] for j in part] for part in split_for_bank(keys, self.lora_options.slots - 1)]
 
     def generate(
         self, requests: list[GenerationRequest], on_step: Callable[[int, int], None] | None = None
     ) -> list[Image.Image]:
         """Validate, group by shape, run each group as a batch; images come back in request order."""
-        requests = [validate(self.spec, r) for r in requests]
+        requests = [validate(self.spec, r, self.lora_options.max_loras) for r in requests]
         refs = [self.encode_references(r.references) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, ref) in enumerate(zip(requests, refs, strict=True)):

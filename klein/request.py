@@ -17,7 +17,8 @@ MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000  # the text encoder reads the first 512 tokens (template included) anyway
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_ASPECT = 8.0
-MAX_LORAS = 3  # adapters per request (fal's limit for klein)
+MAX_LORAS = 3  # adapters per request by default (fal's limit for klein)
+LORA_PLACES_LIMIT = 8  # the most a deployment may allow (each place is a gather + two small GEMMs per layer)
 # LoRA scales: fal takes 0-4; negative scales subtract a concept (slider LoRAs), so -4..4. Past 4
 # in either direction the delta swamps the base weights and images fall apart.
 LORA_SCALE = 4.0
@@ -82,9 +83,9 @@ def check_reference(image: Image.Image, field: str, index: int | None = None) ->
         raise InvalidRequest(field, msg, index)
 
 
-def check_loras(loras: tuple[LoraRequest, ...]) -> None:
-    if len(loras) > MAX_LORAS:
-        raise InvalidRequest("loras", f"at most {MAX_LORAS} adapters per request, got {len(loras)}")
+def check_loras(loras: tuple[LoraRequest, ...], max_loras: int = MAX_LORAS) -> None:
+    if len(loras) > max_loras:
+        raise InvalidRequest("loras", f"at most {max_loras} adapters per request, got {len(loras)}")
     for i, lora in enumerate(loras):
         if not isinstance(lora.path, str) or not lora.path.strip():
             raise InvalidRequest(f"loras[{i}].path", "must name an adapter", i)
@@ -96,7 +97,7 @@ def check_loras(loras: tuple[LoraRequest, ...]) -> None:
             )
 
 
-def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
+def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS) -> GenerationRequest:
     """Check `req` against the model's bounds and fill in the defaults; returns a complete request."""
     if not isinstance(req.prompt, str):
         raise InvalidRequest("prompt", "must be a string")
@@ -111,7 +112,7 @@ def validate(spec: ModelSpec, req: GenerationRequest) -> GenerationRequest:
         )
     for i, image in enumerate(req.references):
         check_reference(image, f"references[{i}]", i)
-    check_loras(req.loras)
+    check_loras(req.loras, max_loras)
     if not 0 <= req.seed <= MAX_SEED:
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {req.seed}")
 

@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from deployments.ingress import Ingress, IngressConfig
 from deployments.jobs.store import CancelFlags
+from deployments.stages.adapters import Adapters
 from deployments.stages.codec import Codec
 from deployments.stages.text_embedder import TextEmbedder
 from deployments.stages.transformer import FlowTransformer
@@ -61,10 +62,18 @@ def build_app(settings: Settings) -> Application:
         tracing=tracing,
         safety=settings.safety,
         max_request_tokens=settings.transformer_stage.max_batch_tokens,
+        lora=settings.lora,
     )
+    adapters = Adapters(settings.lora, storage, source.spec.transformer) if settings.lora.enabled else None
     return ingress.bind(
         embedder.bind(source, settings.text_embedder, tracing=tracing),
-        transformer.bind(source, settings.transformer_stage, cancel=CancelFlags(storage), tracing=tracing),
+        transformer.bind(
+            source,
+            settings.transformer_stage,
+            cancel=CancelFlags(storage),
+            adapters=adapters,
+            tracing=tracing,
+        ),
         codec.bind(
             source,
             settings.codec,

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from deployments.api.auth import KeyRing, parse_keys
 from deployments.jobs.metering import DEFAULT_PRICES, Price
 from deployments.options import IngressOptions
+from deployments.stages.adapters import LoraSettings
 from deployments.stages.codec import CodecOptions
 from deployments.stages.postprocess import ProvenanceOptions, SafetyOptions
 from deployments.stages.text_embedder import TextEmbedderOptions
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     telemetry: TelemetryOptions = Field(default_factory=TelemetryOptions)
     safety: SafetyOptions = Field(default_factory=SafetyOptions)
     provenance: ProvenanceOptions = Field(default_factory=ProvenanceOptions)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @model_validator(mode="after")
     def _one_source(self):

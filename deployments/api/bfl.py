@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from deployments.api.auth import caller
 from deployments.api.deps import base_url, images_of, sample_url, service_of, submit_trace
 from deployments.api.errors import documented, json_error
-from deployments.api.schemas import GenerateRequest, ResultResponse, SubmitResponse
+from deployments.api.schemas import GenerateRequest, ResultResponse, SubmitResponse, lora_requests
 from deployments.jobs.idempotency import IdempotencyClaim
 from deployments.jobs.records import Status
 from deployments.jobs.service import Submission, Webhook
@@ -83,6 +83,7 @@ async def submit(
         steps=body.steps,
         guidance=body.guidance,
         images=tuple(images),
+        loras=lora_requests(body.loras),
         output_format=body.output_format,
         safety_tolerance=body.safety_tolerance,
         key_id=key_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from deployments.api.auth import caller
 from deployments.api.deps import images_of, options_of, sample_url, service_of, submit_trace
 from deployments.api.errors import documented, openai_error
-from deployments.api.schemas import ImageData, ImagesRequest, ImagesResponse, parse_size
+from deployments.api.schemas import ImageData, ImagesRequest, ImagesResponse, lora_requests, parse_size
 from deployments.jobs.errors import FieldError
 from deployments.jobs.records import JobRecord, Status
 from deployments.jobs.service import InputImage, JobService, Submission
@@ -88,6 +89,11 @@ async def edits(request: Request, key_id: str = Depends(caller)):
         files.append(await images_of(request).read("image", await upload.read()))
     try:
         fields = {k: v for k, v in form.items() if k not in ("image", "image[]")}
+        if "loras" in fields:  # a JSON list in a form field
+            try:
+                fields["loras"] = json.loads(fields["loras"])
+            except ValueError:
+                raise FieldError("loras", "must be a JSON list of {path, scale}") from None
         body = ImagesRequest.model_validate(fields, strict=False)  # a form's values are all text
     except ValidationError as e:
         err = e.errors()[0]
@@ -176,6 +182,7 @@ async def _submit_all(
                 steps=body.steps,
                 guidance=body.guidance,
                 images=tuple(files),
+                loras=lora_requests(body.loras),
                 output_format=body.output_format,
                 safety_tolerance=body.safety_tolerance,
                 key_id=key_id,

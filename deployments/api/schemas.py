@@ -10,12 +10,36 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from deployments.jobs.errors import FieldError
 from deployments.netguard import TargetRefused, check_url
-from klein.request import MAX_PROMPT_CHARS, MAX_SEED
+from klein.request import LORA_PLACES_LIMIT, LORA_SCALE, MAX_PROMPT_CHARS, MAX_SEED, LoraRequest
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 
 
 # --- BFL-compatible async API ---
+
+
+class LoraSpec(BaseModel):
+    """One LoRA adapter for a request (an extension of both APIs, as fal's klein endpoints take it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=2048,
+        description="a registry adapter's name, or an http(s) URL where allowed",
+    )
+    scale: float = Field(
+        strict=True, default=1.0, ge=-LORA_SCALE, le=LORA_SCALE, description="strength; negative subtracts"
+    )
+
+
+# the deployment's own limit (lora.max_loras, 3 by default) is checked at submission
+Loras = Field(
+    None,
+    max_length=LORA_PLACES_LIMIT,
+    description="LoRA adapters, added together (3 at most unless the deployment says otherwise)",
+)
 
 
 class GenerateRequest(BaseModel):
@@ -61,6 +85,7 @@ class GenerateRequest(BaseModel):
     webhook_secret: str | None = Field(
         None, max_length=256, description="HMAC-SHA256 key for X-Klein-Signature"
     )
+    loras: list[LoraSpec] | None = Loras
 
     @field_validator("webhook_url")
     @classmethod
@@ -95,6 +120,7 @@ class ResultSample(BaseModel):
     start_time: float
     end_time: float
     duration: float
+    loras: list[LoraSpec] | None = None  # the adapters used, as the request named them
 
 
 class ResultResponse(BaseModel):
@@ -134,6 +160,7 @@ class ImagesRequest(BaseModel):
     steps: int | None = Field(strict=True, default=None, ge=1, le=100)
     guidance: float | None = Field(strict=True, default=None, ge=1, le=20)
     safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
+    loras: list[LoraSpec] | None = Loras
 
 
 class ImageData(BaseModel):
@@ -158,3 +185,7 @@ def parse_size(size: str, field: str = "size") -> tuple[int, int] | None:
     if not m:
         raise FieldError(field, f"must be 'WIDTHxHEIGHT' or 'auto', got {size!r}")
     return int(m[1]), int(m[2])
+
+
+def lora_requests(loras: list[LoraSpec] | None) -> tuple[LoraRequest, ...]:
+    return tuple(LoraRequest(lora.path, lora.scale) for lora in loras or ())

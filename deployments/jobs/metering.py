@@ -18,6 +18,9 @@ class Price(BaseModel):
     per_mp: float = Field(
         ..., ge=0, description="credits per further output megapixel and per input megapixel"
     )
+    lora_per_mp: float = Field(
+        0.0, ge=0, description="surcharge per output megapixel for a job with LoRA adapters (however many)"
+    )
 
 
 DEFAULT_PRICES = {  # docs.bfl.ai pricing, 2026: klein 4B 1.4 + 0.1 / MP, klein 9B 1.5 + 0.2 / MP
@@ -34,9 +37,11 @@ def megapixels(pixels: int) -> float:
     return pixels / 1e6
 
 
-def cost(price: Price, output_mp: float, input_mp: float) -> float:
-    """first MP + (output MP - 1) * price + input MP * price; megapixels unrounded."""
-    return round(price.first_mp + max(output_mp - 1.0, 0.0) * price.per_mp + input_mp * price.per_mp, 6)
+def cost(price: Price, output_mp: float, input_mp: float, loras: int = 0) -> float:
+    """first MP + (output MP - 1) * price + input MP * price (+ output MP * LoRA surcharge with any
+    adapter); megapixels unrounded."""
+    base = price.first_mp + max(output_mp - 1.0, 0.0) * price.per_mp + input_mp * price.per_mp
+    return round(base + (output_mp * price.lora_per_mp if loras else 0.0), 6)
 
 
 class UsageRecord(BaseModel):
@@ -48,6 +53,7 @@ class UsageRecord(BaseModel):
     output_mp: float
     cost: float
     finished_at: float
+    loras: list[str] = Field(default_factory=list)  # the adapters' paths, as the request named them
 
 
 def summarize(records: list[UsageRecord], group_by: str) -> list[dict]:
@@ -82,6 +88,7 @@ class Billing:
             output_mp=job.output_mp,
             cost=job.cost,
             finished_at=job.finished_at or time.time(),
+            loras=[lora["path"] for lora in job.request.loras],
         )
         key = usage_key(job.key_id, job.day, job.id)
         write = asyncio.ensure_future(

@@ -68,6 +68,7 @@ class Pipeline:
             ref_shapes=tuple(map(tuple, r.ref_shapes)),
             trace=trace,
             since=since,
+            loras=tuple((lora["key"], lora["scale"]) for lora in r.loras),
         )
         ctx = embedder.embed.remote(r.prompt, trace)
         neg = embedder.embed.remote("", None) if cfg else None

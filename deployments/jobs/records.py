@@ -98,6 +98,7 @@ class JobRequest(BaseModel):
     webhook_url: str | None = None
     webhook_secret: str | None = None
     public_url: str | None = None  # the base URL the client reached us at: links in the webhook
+    loras: list[dict] = Field(default_factory=list)  # LoRA adapters: {path, scale, key (versioned)}
 
 
 class JobResult(BaseModel):
@@ -166,7 +167,11 @@ class JobRecord(BaseModel):
             "start_time": self.started_at,
             "end_time": self.finished_at,
             "duration": (self.finished_at or 0) - (self.started_at or 0),
-        }
+        } | ({"loras": self.adapters()} if self.request.loras else {})
+
+    def adapters(self) -> list[dict]:
+        """The LoRA adapters the job used, as the request named them."""
+        return [{"path": lora["path"], "scale": lora["scale"]} for lora in self.request.loras]
 
 
 def new_job_id() -> str:

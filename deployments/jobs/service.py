@@ -30,10 +30,12 @@ from deployments.jobs.store import JobStore, Superseded
 from deployments.jobs.webhooks import Webhooks
 from deployments.netguard import is_private_target
 from deployments.options import IngressOptions
+from deployments.stages.adapters import AdapterError, Adapters
 from deployments.stages.payloads import FinishResult, tokens
 from deployments.storage import Storage
 from klein.config import ModelSpec
-from klein.request import GenerationRequest, InvalidRequest, reference_size, validate
+from klein.lora import LoraError
+from klein.request import MAX_LORAS, GenerationRequest, InvalidRequest, LoraRequest, reference_size, validate
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Submission:
     steps: int | None = None
     guidance: float | None = None
     images: tuple[InputImage, ...] = ()
+    loras: tuple[LoraRequest, ...] = ()
     output_format: str = "jpeg"
     safety_tolerance: int = 2
     key_id: str = ANONYMOUS
@@ -88,11 +91,13 @@ class JobService:
         prompt_filter,
         moderate_inputs: bool,
         max_request_tokens: int | None = None,
+        adapters: Adapters | None = None,
     ):
+        """`adapters`: where requests' LoRA adapters come from; None: this deployment serves none."""
         self.spec, self.model_id, self.options, self.price = spec, model_id, options, price
         self.storage, self.presign_expiry_s = storage, presign_expiry_s
         self.prompt_filter, self.max_request_tokens = prompt_filter, max_request_tokens
-        self.stages = stages
+        self.stages, self.adapters = stages, adapters
         self.store = JobStore(storage)
         self.admission = Admission(
             self.store,
@@ -131,6 +136,7 @@ class JobService:
             await self.admission.check_key_cap(s.key_id, job_id)
             await self._check_webhook(s.webhook)
             job = self._new_record(job_id, s)
+            await self._check_adapters(job)
             if (term := self.prompt_filter.match(job.request.prompt)) is not None:
                 return await self._moderated(job, term, s)
             shared = await self._store_inputs(job, s)
@@ -146,11 +152,13 @@ class JobService:
         """Validated against the model (FieldError naming the protocol's field), priced, leased."""
         seed = secrets.randbelow(2**32) if s.seed is None else s.seed
         images = tuple(im.image for im in s.images)
-        request = GenerationRequest(s.prompt, s.width, s.height, seed, s.steps, s.guidance, images)
+        request = GenerationRequest(s.prompt, s.width, s.height, seed, s.steps, s.guidance, images, s.loras)
         try:
-            req = validate(self.spec, request)
+            max_loras = self.adapters.settings.max_loras if self.adapters else MAX_LORAS
+            req = validate(self.spec, request, max_loras)
         except InvalidRequest as e:
-            name = s.images[e.index].field if e.index is not None else e.field
+            reference = e.index is not None and e.field.startswith("references")
+            name = s.images[e.index].field if reference else e.field
             raise FieldError(s.field_names.get(name, name), e.message) from None
         m = self.spec.multiple
         sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for im in images]
@@ -181,6 +189,7 @@ class JobService:
                 public_url=webhook.public_url if webhook.url else None,
                 webhook_secret=webhook.secret,
                 ref_shapes=ref_shapes,
+                loras=[{"path": lora.path, "scale": lora.scale} for lora in req.loras],
             ),
             input_mp=megapixels(sum(w * h for w, h in sizes)),
             output_mp=megapixels(req.width * req.height),
@@ -189,8 +198,21 @@ class JobService:
             sync=s.sync,
             body_sha256=s.idempotency.body_sha256 if s.idempotency else None,
         )
-        job.cost = cost(self.price, job.output_mp, job.input_mp)
+        job.cost = cost(self.price, job.output_mp, job.input_mp, len(req.loras))
         return job
+
+    async def _check_adapters(self, job: JobRecord) -> None:
+        """Each adapter found, read and fitted to the model before any GPU work (422 naming it);
+        the record keeps the versioned key the transformer loads."""
+        loras = job.request.loras
+        if loras and self.adapters is None:
+            raise FieldError("loras", "this deployment serves no LoRA adapters")
+        for i, lora in enumerate(loras):
+            try:
+                lora["key"] = await self.adapters.resolve(lora["path"])
+                await self.adapters.load(lora["key"])
+            except (AdapterError, LoraError) as e:
+                raise FieldError(f"loras[{i}].path", str(e)) from None
 
     async def _moderated(self, job: JobRecord, term: str, s: Submission) -> tuple[JobRecord, bool]:
         """A blocked prompt: the job is recorded Request Moderated, never run, never billed."""

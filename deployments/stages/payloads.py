@@ -23,6 +23,7 @@ class DenoiseParams:
     ref_shapes: tuple[tuple[int, int], ...] = ()  # token grids (h, w) of the encoded references
     trace: dict[str, str] | None = None  # W3C carrier of the job's span
     since: float | None = None  # when this attempt began (epoch s): cancels are checked once it waited
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters: (versioned key, scale), in order
 
     @property
     def tokens(self) -> int:

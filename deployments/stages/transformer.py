@@ -20,10 +20,12 @@ from torch import Tensor
 
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
+from deployments.stages.adapters import Adapters
 from deployments.stages.base import Stage, StageOptions, gated, isolating
 from deployments.stages.payloads import CancelCheck, DenoiseParams, JobCancelled
 from klein import ModelSource
 from klein import fast as fastpath
+from klein.lora import LoraBank, LoraSelection, split_for_bank
 from klein.pipeline import References
 from klein.sampler import sample, unpack
 
@@ -63,14 +65,20 @@ class FlowTransformer(Stage):
         source: ModelSource,
         options: FlowTransformerOptions,
         cancel: CancelCheck | None = None,
+        adapters: Adapters | None = None,
         tracing=None,
     ):
+        """`adapters`: where LoRA adapters come from (deployments.stages.adapters); None: no LoRA."""
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
         self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
         self.cancel = cancel
         self.options = options
+        self.adapters, self.bank = adapters, None
+        if adapters is not None:  # before the fast path: warm-up covers the adapter path
+            s = adapters.settings
+            self.bank = self.on_worker(lambda: LoraBank(self.model, s.slots, s.max_rank, places=s.max_loras))
         self.speed_up(
             self.model,
             fastpath.setup_transformer,
@@ -99,14 +107,40 @@ class FlowTransformer(Stage):
         for i, item in enumerate(items):
             groups.setdefault(item.params.group, []).append(i)
         results: list[Tensor | BaseException | None] = [None] * len(items)
-        for idx in groups.values():  # a failing group fails alone, and within it only the culprit
+        for idx in (part for group in groups.values() for part in self._fit_bank(group, items)):
+            # a failing group fails alone, and within it only the culprit
             outs = await isolating(self._run_group, [items[i] for i in idx], "denoise")
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
             self.judge([items[i].params.job_id for i in idx], outs)
         return results
 
-    def _start(self, items: list[_Item]):
+    def _fit_bank(self, group: list[int], items: list[_Item]) -> list[list[int]]:
+        """A group cut where its requests need more adapters at once than the bank holds."""
+        if self.bank is None:
+            return [group]
+        keys = [{key for key, _ in items[i].params.loras} for i in group]
+        return [[group[j] for j in part] for part in split_for_bank(keys, self.bank.capacity)]
+
+    async def _selection(self, items: list[_Item]) -> LoraSelection | None:
+        """The requests' adapters in the bank, loading those not resident (their bytes read here,
+        parsed and written into slots on the worker thread)."""
+        wanted = [list(it.params.loras) for it in items]
+        if not any(wanted):
+            return None
+        if self.bank is None:
+            raise ValueError("this deployment serves no LoRA adapters")
+        start, loaded = time.time_ns(), {}
+        for key in {k for adapters in wanted for k, _ in adapters} - set(self.bank.resident):
+            loaded[key] = await self.adapters.load(key)
+        selection = await self.attempt(self.bank.selection, wanted, loaded.__getitem__)
+        traces = [it.params.trace for it in items if it.params.loras]
+        telemetry.record(
+            "lora", traces, start, adapters=len(set().union(*map(dict, wanted))), loaded=len(loaded)
+        )
+        return selection
+
+    def _start(self, items: list[_Item], lora: LoraSelection | None = None):
         """The batch's sampling generator (its inputs stacked here, on the worker thread)."""
         p, refs = items[0].params, items[0].refs
         cfg = p.guidance is not None
@@ -127,6 +161,7 @@ class FlowTransformer(Stage):
             ref=ref,
             ref_shapes=refs.shapes if refs is not None else (),
             pixels_per_token=self.spec.multiple,
+            lora=lora,
         )
 
     async def _cancelled(self, jobs: list[str]) -> set[str]:
@@ -148,7 +183,8 @@ class FlowTransformer(Stage):
         p = items[0].params
         jobs = [it.params.job_id for it in items]
         self.batch_sizes.append(len(items))
-        steps = await self.attempt(self._start, items)
+        lora = await self._selection(items)
+        steps = await self.attempt(self._start, items, lora)
         cancelled: set[str] = set()
         # checked before the first step too once a job has waited (queued here or upstream) that long
         last_check = min(it.params.since or time.time() for it in items)
@@ -172,3 +208,9 @@ class FlowTransformer(Stage):
             JobCancelled(it.params.job_id) if it.params.job_id in cancelled else z
             for z, it in zip(latents, items, strict=True)
         ]
+
+    async def stats(self) -> dict:
+        out = await super().stats()
+        if self.bank is not None:
+            out["lora"] = self.bank.stats() | self.adapters.stats()
+        return out

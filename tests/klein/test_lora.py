@@ -159,6 +159,25 @@ def test_a_batch_of_four_adapter_sets_gives_each_its_own_image(ours, tmp_path):
         assert torch.equal(ours.generate_latents([r], refs[:1])[0], together[i]), i
 
 
+def test_a_bank_smaller_than_the_batch_needs_splits_the_batch(ours, tiny_dir, tmp_path):
+    """Four adapters over a bank of three slots (two resident besides the empty one): the batch
+    runs in parts that fit, adapters are evicted least recently used first, every image as alone."""
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"{i}.safetensors")
+        write(files[-1], "ai-toolkit", _factors(20 + i))
+    small = Pipeline(ModelSource.from_paths(tiny_dir), lora=LoraOptions(slots=3, max_rank=16, max_loras=2))
+    sets = [((files[0], 1.0),), ((files[1], 0.5), (files[2], 1.0)), ((files[3], 1.0),), ((files[0], -1.0),)]
+    reqs = [GenerationRequest(f"p{i}", 64, 64, seed=i, loras=tuple(LoraRequest(str(p), s) for p, s in a))
+            for i, a in enumerate(sets)]  # fmt: skip
+    together = small.generate(reqs)
+    assert small.lora_bank.stats()["loads"] >= 5  # file 0 came back after it was evicted
+    for r, image in zip(reqs, together, strict=True):
+        assert np.array_equal(np.asarray(image), np.asarray(ours.generate([r])[0]))
+    with pytest.raises(ValueError, match="slots must be at least 3 for 2 adapters per request"):
+        Pipeline(ModelSource.from_paths(tiny_dir), lora=LoraOptions(slots=2, max_loras=2)).generate(reqs[:1])
+
+
 def test_an_adapter_over_an_fp8_transformer(tiny_bfl_dir, tmp_path):
     path = tmp_path / "a.safetensors"
     write(path, "ai-toolkit", _factors(5))

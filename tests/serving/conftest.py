@@ -1,5 +1,5 @@
 """Real parts for the serving tests: an S3-compatible server (rclone serve s3) on 127.0.0.1 with
-SigV4 auth, and one local Ray with the tiny app deployed on it."""
+SigV4 auth, one local Ray with the tiny app deployed on it, and a webhook receiver."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -134,7 +136,7 @@ class App:
 @pytest.fixture(scope="session")
 def app(ray_local, s3, tmp_path_factory):
     """The tiny DAG on S3 storage, served over real HTTP on a free loopback port; spans of every
-    replica go to one JSON-lines file."""
+    replica go to one JSON-lines file; LoRA adapters come from the bucket's loras/ prefix."""
     from ray import serve
 
     from serve.app import build_app
@@ -143,5 +145,35 @@ def app(ray_local, s3, tmp_path_factory):
     port = free_port()
     traces = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(Settings(**tiny_settings(s3.options(), traces))), name="klein", route_prefix="/")
+    settings = tiny_settings(s3.options(), traces) | {"lora": {"root": "storage:loras"}}  # adapters in S3
+    serve.run(build_app(Settings(**settings)), name="klein", route_prefix="/")
     return App(f"http://127.0.0.1:{port}", "klein", traces)
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[bytes, dict]] = []
+    failures_left = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        cls = type(self)
+        if cls.failures_left > 0:
+            cls.failures_left -= 1
+            self.send_response(500)
+        else:
+            cls.received.append((body, dict(self.headers)))
+            self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    """A webhook endpoint on 127.0.0.1 that keeps what it was sent (after failing `failures_left` times)."""
+    Receiver.received, Receiver.failures_left = [], 0
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()

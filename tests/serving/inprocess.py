@@ -18,6 +18,7 @@ from deployments.jobs.metering import Price
 from deployments.jobs.service import InputImage, Submission, Webhook
 from deployments.jobs.store import CancelFlags
 from deployments.options import IngressOptions
+from deployments.stages.adapters import Adapters, LoraSettings
 from deployments.stages.codec import Codec, CodecOptions
 from deployments.stages.postprocess import SafetyOptions
 from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
@@ -88,9 +89,11 @@ def _fresh_batch_queues() -> None:
 
 
 def build(
-    root, keys=None, safety=None, provenance=None, max_batch_tokens=32768, storage=None, **ingress
-) -> Ingress:
-    """`root`: a local storage directory, unless `storage` (StorageOptions) names another backend."""
+    root, keys=None, safety=None, provenance=None, max_batch_tokens=32768, storage=None, lora=None, price=None,
+    **ingress,
+) -> Ingress:  # fmt: skip
+    """`root`: a local storage directory, unless `storage` (StorageOptions) names another backend;
+    `lora`: LoraSettings (adapters served), `price`: the model's Price."""
     _fresh_batch_queues()
     source = ModelSource.preset("tiny")
     storage = storage or StorageOptions(root=root)
@@ -100,18 +103,20 @@ def build(
             source,
             FlowTransformerOptions(cancel_check_interval_s=0, max_batch_tokens=max_batch_tokens),
             cancel=CancelFlags(storage),
+            adapters=Adapters(lora, storage, source.spec.transformer) if lora else None,
         )
     )
     codec = FakeHandle(Codec(source, CodecOptions(), storage, safety=safety, provenance=provenance))
     config = IngressConfig(
         spec=source.spec,
         model_id="flux-2-klein-tiny",
-        price=Price(first_mp=1.4, per_mp=0.1),
+        price=price or Price(first_mp=1.4, per_mp=0.1),
         options=IngressOptions(retry_backoff_s=0, reaper_interval_s=3600, **ingress),
         storage=storage,
         keys=keys or KeyRing(),
         safety=safety or SafetyOptions(),
         max_request_tokens=max_batch_tokens,
+        lora=lora or LoraSettings(),
     )
     return Ingress(embedder, transformer, codec, config=config)
 

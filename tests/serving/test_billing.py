@@ -7,10 +7,8 @@ import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from deployments.api.auth import KeyRing, key_id
 from deployments.jobs.records import Status
 from deployments.jobs.webhooks import SIGNATURE_HEADER
+from tests.serving.conftest import Receiver
 from tests.serving.inprocess import build
 
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
@@ -210,34 +209,6 @@ def test_usage_counts_ready_jobs_exactly_once(ingress):
             assert len(await ingress.service.storage.list(f"usage/{key_id(KEY_A)}")) == 4
 
     asyncio.run(go())
-
-
-class Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[bytes, dict]] = []
-    failures_left = 0
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        cls = type(self)
-        if cls.failures_left > 0:
-            cls.failures_left -= 1
-            self.send_response(500)
-        else:
-            cls.received.append((body, dict(self.headers)))
-            self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def receiver():
-    Receiver.received, Receiver.failures_left = [], 0
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hook"
-    server.shutdown()
 
 
 def test_signed_webhook_delivered_and_retried(ingress, receiver, monkeypatch):

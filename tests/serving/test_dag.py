@@ -72,6 +72,52 @@ def test_same_seed_same_image_as_the_pipeline(app):
     assert np.abs(served - local).max() <= 1
 
 
+def test_lora_adapter_from_the_bucket(app, s3, tmp_path):
+    """An adapter the operator put under the bucket's loras/ prefix, named by the request: the image
+    `klein generate --lora` makes, loaded once by the transformer replica (its span in the trace)."""
+    import asyncio
+    import json
+
+    from deployments.storage import StorageOptions, open_storage
+    from klein.lora import LoraOptions
+    from klein.request import LoraRequest
+    from tests.klein.test_lora import _factors, write
+
+    write(tmp_path / "ink.safetensors", "kohya", _factors(7), alpha=2.0)
+    asyncio.run(
+        open_storage(StorageOptions(**s3.options())).put(
+            "loras/styles/ink.safetensors", (tmp_path / "ink.safetensors").read_bytes()
+        )
+    )
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    body = {"prompt": "inked", "width": 64, "height": 64, "seed": 3, "output_format": "png",
+            "loras": [{"path": "styles/ink", "scale": 1.5}]}  # fmt: skip
+    sub = app.http.post(
+        f"/v1/{MODEL}", json=body, headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    )
+    assert sub.status_code == 200, sub.text
+    res = app.wait(sub.json()["id"])
+    assert res["status"] == "Ready" and res["result"]["loras"] == [{"path": "styles/ink", "scale": 1.5}], res
+    served = np.asarray(_fetch(res["result"]["sample"]).convert("RGB")).astype(int)
+    local = Pipeline(ModelSource.preset("tiny"), lora=LoraOptions())
+    want = local.generate(
+        [GenerationRequest("inked", 64, 64, 3, loras=(LoraRequest(str(tmp_path / "ink.safetensors"), 1.5),))]
+    )
+    assert np.abs(served - np.asarray(want[0]).astype(int)).max() <= 1
+    plain = local.generate([GenerationRequest("inked", 64, 64, 3)])[0]
+    assert np.abs(served - np.asarray(plain).astype(int)).max() > 8  # the adapter did change the image
+    r = app.http.post(f"/v1/{MODEL}", json=body | {"loras": [{"path": "styles/missing"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "loras[0].path"], r.text
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spans = [json.loads(line) for line in app.traces.read_text().splitlines()]
+        lora = [s for s in spans if s["trace_id"] == trace_id and s["name"] == "lora"]
+        if lora:
+            break
+        time.sleep(0.2)
+    assert lora[0]["component"] == "FlowTransformer" and lora[0]["attributes"]["loaded"] == 1, lora
+
+
 def test_openai_client(app):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)

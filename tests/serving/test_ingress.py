@@ -302,12 +302,12 @@ def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
         await gate.wait()
         return await denoise(*args)
 
-    def start(items):
-        for out in real(items):
+    def start(items, lora=None):
+        for out in real(items, lora):
             steps.append(1)
             yield out
 
-    ft.denoise, ft._start = queued, lambda items: start(items)
+    ft.denoise, ft._start = queued, start
 
     async def go():
         job = await _submit(ingress)

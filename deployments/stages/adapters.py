@@ -1,0 +1,186 @@
+"""LoRA adapters for the served model: where they come from, how replicas name them, and each
+replica's cache of parsed ones.
+
+A request names an adapter by `path`: a file of the operator's registry (`lora.root`: a local
+folder, or `storage:PREFIX` for a prefix in the service's own storage), or, where the operator
+allows it, an http(s) URL, fetched through the SSRF guard with a size cap and stored once under
+`loras/url/<sha256>.safetensors` so every replica reads the same bytes. Between replicas an adapter
+travels as a key with its version (`file:/abs/path@mtime`, `storage:key@etag`): the ingress resolves
+and validates it before any GPU work, the FlowTransformer loads it into its slot bank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+
+from deployments import netguard
+from deployments.storage import StorageOptions, open_storage
+from klein.config import TransformerConfig
+from klein.lora import LoraAdapter, LoraError, parse_lora, read_lora_bytes
+from klein.request import LORA_PLACES_LIMIT, MAX_LORAS
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
+
+
+class LoraSettings(BaseModel):
+    root: str | None = Field(
+        None,
+        description="adapter registry: a local folder, or storage:PREFIX for a prefix of the service's "
+        "storage; a request's loras[].path names a file in it (.safetensors may be left out)",
+    )
+    allow_urls: bool = Field(False, description="accept http(s) URLs as loras[].path (fetched, SSRF-guarded)")
+    allow_private: bool = Field(False, description="allow adapter URLs on private/loopback addresses")
+    max_mb: int = Field(512, ge=1, description="largest adapter file")
+    fetch_timeout_s: float = Field(60.0, gt=0, le=600, description="time cap for fetching one adapter")
+    cache_mb: int = Field(1024, ge=0, description="parsed adapters kept per replica, by bytes")
+    slots: int = Field(
+        8, ge=2, le=256, description="adapters resident in the transformer at once, plus one empty"
+    )
+    max_rank: int = Field(64, ge=1, le=1024, description="highest adapter rank (the slots' padded rank)")
+    max_loras: int = Field(MAX_LORAS, ge=1, le=LORA_PLACES_LIMIT, description="adapters one request may name")
+
+    @model_validator(mode="after")
+    def _one_request_fits(self):
+        if self.slots < self.max_loras + 1:
+            raise ValueError(
+                f"lora.slots must be at least lora.max_loras + 1 = {self.max_loras + 1} (one slot stays "
+                f"empty; one request's adapters must be resident together), got {self.slots}"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None or self.allow_urls
+
+
+class AdapterError(ValueError):
+    """A request's adapter cannot be used; the message says why (the caller names the field)."""
+
+
+class Adapters:
+    """Resolves `path`s to versioned keys, reads and parses adapters (cached, least recently used
+    out by bytes). Picklable: a replica that unpickles it opens storage there."""
+
+    def __init__(self, settings: LoraSettings, storage: StorageOptions, config: TransformerConfig):
+        self.settings, self.storage_options, self.config = settings, storage, config
+        self.storage = open_storage(storage)
+        self.cache: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.cache_bytes = self.hits = self.loads = 0
+        self.load_seconds = 0.0
+
+    def __getstate__(self):
+        return {"settings": self.settings, "storage": self.storage_options, "config": self.config}
+
+    def __setstate__(self, state):
+        self.__init__(state["settings"], state["storage"], state["config"])
+
+    @property
+    def max_bytes(self) -> int:
+        return self.settings.max_mb * 2**20
+
+    async def resolve(self, path: str) -> str:
+        """The versioned key of the adapter `path` names; AdapterError saying why not."""
+        s = self.settings
+        if path.startswith(("http://", "https://")):
+            if not s.allow_urls:
+                raise AdapterError(
+                    "URLs are not accepted here (lora.allow_urls is off); name a registry adapter"
+                )
+            return await self._fetch(path)
+        if "://" in path:
+            raise AdapterError("must name a registry adapter or be an http(s) URL")
+        if s.root is None:
+            raise AdapterError("this deployment has no adapter registry (lora.root); name an http(s) URL")
+        name = path if path.endswith(".safetensors") else f"{path}.safetensors"
+        if len(name) > 256 or not NAME.fullmatch(name) or ".." in name.split("/"):
+            raise AdapterError("must be a relative name of letters, digits, '.', '_', '-' and '/'")
+        if s.root.startswith("storage:"):
+            key = f"{s.root.removeprefix('storage:').strip('/')}/{name}".lstrip("/")
+            found = await self.storage.get_versioned(key)
+            if found is None:
+                raise AdapterError(f"no adapter named {path!r}")
+            return f"storage:{key}@{found[1]}"
+        file = Path(s.root) / name
+        try:
+            stat = await asyncio.to_thread(file.stat)
+        except OSError:
+            raise AdapterError(f"no adapter named {path!r}") from None
+        return f"file:{file}@{stat.st_mtime_ns}"
+
+    async def _fetch(self, url: str) -> str:
+        s = self.settings
+        try:
+            data = await netguard.fetch(url, self.max_bytes, s.fetch_timeout_s, s.allow_private)
+        except netguard.TargetRefused as e:
+            if e.too_large:
+                raise AdapterError(f"the file is over the {s.max_mb} MB cap") from None
+            raise AdapterError(f"cannot use this URL: {e}") from None
+        read_lora_bytes(data, url.rsplit("/", 1)[-1])  # a safetensors file, before it is kept
+        key = f"loras/url/{hashlib.sha256(data).hexdigest()}.safetensors"
+        etag = await self.storage.put(key, data)
+        return f"storage:{key}@{etag}"
+
+    async def read(self, key: str) -> bytes:
+        kind, _, rest = key.partition(":")
+        where = rest.rsplit("@", 1)[0]
+        if kind == "file":
+            size = (await asyncio.to_thread(Path(where).stat)).st_size
+            if size > self.max_bytes:
+                raise AdapterError(f"the file is over the {self.settings.max_mb} MB cap")
+            return await asyncio.to_thread(Path(where).read_bytes)
+        data = await self.storage.get(where)
+        if data is None:
+            raise AdapterError("the adapter is gone from storage")
+        if len(data) > self.max_bytes:
+            raise AdapterError(f"the file is over the {self.settings.max_mb} MB cap")
+        return data
+
+    async def load(self, key: str) -> LoraAdapter:
+        """The adapter behind a key, parsed and checked against the model (cached)."""
+        if (adapter := self.cache.get(key)) is not None:
+            self.cache.move_to_end(key)
+            self.hits += 1
+            return adapter
+        start = time.perf_counter()
+        data = await self.read(key)
+        name = Path(key.partition(":")[2].rsplit("@", 1)[0]).name
+        adapter = await asyncio.to_thread(self._parse, data, name)
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - start
+        self._keep(key, adapter)
+        return adapter
+
+    def _parse(self, data: bytes, name: str) -> LoraAdapter:
+        tensors, metadata = read_lora_bytes(data, name)
+        adapter = parse_lora(tensors, metadata, self.config, name)
+        if adapter.rank > self.settings.max_rank:
+            raise LoraError(
+                f"{name}: rank {adapter.rank}, over this deployment's max_rank {self.settings.max_rank}"
+            )
+        return adapter
+
+    def _keep(self, key: str, adapter: LoraAdapter) -> None:
+        budget = self.settings.cache_mb * 2**20
+        if adapter.nbytes > budget:
+            return
+        self.cache[key] = adapter
+        self.cache_bytes += adapter.nbytes
+        while self.cache_bytes > budget:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.nbytes
+
+    def stats(self) -> dict:
+        return {
+            "adapters_cached": len(self.cache),
+            "adapter_cache_bytes": self.cache_bytes,
+            "adapter_hits": self.hits,
+            "adapter_loads": self.loads,
+            "adapter_load_seconds": round(self.load_seconds, 3),
+        }

@@ -19,9 +19,11 @@ not safetensors (never unpickled), and files over the size cap.
 At run time (`Linear` in klein.transformer): each LoRA-able linear holds a bank of adapter slots,
 `lora_A` (slots, R, in) and `lora_B` (slots, out, R), zero-padded to a fixed rank R; a forward takes
 a `LoraSelection`, per request the slots it uses and their scales, and adds
-scale * B_slot (A_slot x) to that request's rows only. Base weights never change (FP8 ones included),
-slot 0 is the empty adapter, and the shapes never depend on which adapters are used: no
-recompilation per adapter, and a request's arithmetic does not depend on its batch-mates.
+scale * B_slot (A_slot x) to that request's rows only (its places stacked into one rank, added by one
+batched GEMM: `lora_delta`). Base weights never change (FP8 ones included), slot 0 is the empty
+adapter, and the shapes never depend on which adapters are used: no recompilation per adapter, and
+the adapter path adds no dependence of a request on its batch-mates (bit-exact in fp32 on the CPU;
+the CPU's native bf16 GEMMs are not batch-invariant with or without adapters, see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -116,18 +116,28 @@ class LoraSelection(NamedTuple):
 
 
 def lora_delta(
-    x: Tensor, bank_a: Tensor, bank_b: Tensor, selection: LoraSelection, rows: slice = slice(None)
+    x: Tensor,
+    bank_a: Tensor,
+    bank_b: Tensor,
+    selection: LoraSelection,
+    rows: slice = slice(None),
+    y: Tensor | None = None,
 ) -> Tensor:
     """sum over places s: scale[b, s] * B_{slot[b, s]} (A_{slot[b, s]} x_b), for output rows `rows`;
-    x (B, L, in) -> (B, L, out). Each request's arithmetic is its own (a batched matmul per place)."""
-    out = None
-    for s in range(selection.slots.shape[1]):
-        index = selection.slots[:, s]
-        t = torch.bmm(x, bank_a[index].transpose(1, 2))  # (B, L, R)
-        d = torch.bmm(t, bank_b[index][:, rows].transpose(1, 2))  # (B, L, out)
-        d = d * selection.scales[:, s].to(d.dtype)[:, None, None]
-        out = d if out is None else out + d
-    return out
+    x (B, L, in) -> (B, L, out); with `y` (B, L, out), y plus that.
+
+    A request's places are stacked into one adapter of rank S·R and scaled in the rank-sized
+    intermediate, so the output is written once: by the second batched matmul, which adds into `y`
+    (per place matmuls and sums wrote four output-sized tensors per place and cost 2-9x more, see
+    docs/benchmarks.md). Each request's arithmetic is its own (batched matmuls over requests)."""
+    places, rank = selection.slots.shape[1], bank_a.shape[1]
+    down = bank_a[selection.slots].flatten(1, 2)  # (B, S·R, in)
+    up = bank_b[:, rows][selection.slots].permute(0, 2, 1, 3).flatten(2)  # (B, out, S·R)
+    t = torch.bmm(x, down.transpose(1, 2))  # (B, L, S·R)
+    t = (t.unflatten(2, (places, rank)) * selection.scales.to(t.dtype)[:, None, :, None]).flatten(2)
+    if y is None:
+        return torch.bmm(t, up.transpose(1, 2))
+    return torch.baddbmm(y, t, up.transpose(1, 2))
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -160,7 +170,7 @@ class Linear(nn.Linear):
         """y plus the requests' adapters on output rows `rows` (klein.lora)."""
         if lora is None or self.lora_A is None:
             return y
-        return y + lora_delta(x, self.lora_A, self.lora_B, lora, rows)
+        return lora_delta(x, self.lora_A, self.lora_B, lora, rows, y)
 
     def split_rows(self, sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
         """(weight, scale) of consecutive blocks of output rows, as views."""

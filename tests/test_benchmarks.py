@@ -111,3 +111,31 @@ def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
     assert {"A1", "A2", "P0", "P1", "V7", "V1-profile", "V3-profile"} <= {row["variant"] for row in rows}
     assert (tmp_path / "summary.md").read_text().count("\nV1 | ") == 2
     assert (tmp_path / "env.json").exists() and (tmp_path / "profile_compiled.txt").exists()
+
+
+def test_lora_benchmark_runs_every_variant_and_checks_each_request(monkeypatch, capsys):
+    """benchmarks/lora_batching.py on the tiny transformer, one round: the four variants timed,
+    each request bit-exact with itself alone (fp32), klein's adapter path set against its first version."""
+    from benchmarks import lora_batching
+
+    argv = [
+        "lora_batching.py",
+        "--preset",
+        "tiny",
+        "--img",
+        "64",
+        "--txt",
+        "32",
+        "--repeats",
+        "1",
+        "--loads",
+        "2",
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    lora_batching.main()
+    out = capsys.readouterr().out
+    for variant in ("none", "same", "distinct", "mixed"):
+        assert f"  {variant:<9} bit-exact (4 requests)" in out, out
+        assert f"| {variant} |" in out
+    assert "mixed's adapter-free request equals the no-adapter batch's: bit-exact" in out
+    assert "max |klein - first version|" in out

@@ -72,6 +72,25 @@ def stage_batch(stage: str, size: int, seconds: float) -> None:
     ).observe(seconds, tags)
 
 
+def lora_adapters(loads: int, hits: int, seconds: float) -> None:
+    """A transformer batch's adapters: loaded into the bank (`seconds` for all of them: read, parse,
+    slot write) or found resident."""
+    n = _metric(
+        "counter", "klein_lora_adapters_total", "adapters a batch used, by bank outcome", ("outcome",)
+    )
+    if hits:
+        n.inc(hits, {"outcome": "hit"})
+    if loads:
+        n.inc(loads, {"outcome": "load"})
+        _metric(
+            "histogram",
+            "klein_lora_load_seconds",
+            "loading a batch's missing adapters",
+            (),
+            tuple(LATENCY_BUCKETS),
+        ).observe(seconds)
+
+
 def gather_prometheus(timeout_s: float = 3.0) -> str:
     """klein and Serve metrics from every alive node's Ray metrics agent, HELP/TYPE deduplicated."""
     import httpx

@@ -131,13 +131,13 @@ class FlowTransformer(Stage):
         if self.bank is None:
             raise ValueError("this deployment serves no LoRA adapters")
         start, loaded = time.time_ns(), {}
-        for key in {k for adapters in wanted for k, _ in adapters} - set(self.bank.resident):
+        used = {k for adapters in wanted for k, _ in adapters}
+        for key in used - set(self.bank.resident):
             loaded[key] = await self.adapters.load(key)
         selection = await self.attempt(self.bank.selection, wanted, loaded.__getitem__)
+        metrics.lora_adapters(len(loaded), len(used) - len(loaded), (time.time_ns() - start) / 1e9)
         traces = [it.params.trace for it in items if it.params.loras]
-        telemetry.record(
-            "lora", traces, start, adapters=len(set().union(*map(dict, wanted))), loaded=len(loaded)
-        )
+        telemetry.record("lora", traces, start, adapters=len(used), loaded=len(loaded))
         return selection
 
     def _start(self, items: list[_Item], lora: LoraSelection | None = None):

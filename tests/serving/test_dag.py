@@ -72,23 +72,27 @@ def test_same_seed_same_image_as_the_pipeline(app):
     assert np.abs(served - local).max() <= 1
 
 
-def test_lora_adapter_from_the_bucket(app, s3, tmp_path):
-    """An adapter the operator put under the bucket's loras/ prefix, named by the request: the image
-    `klein generate --lora` makes, loaded once by the transformer replica (its span in the trace)."""
+def _put_adapter(s3, tmp_path, name: str) -> None:
+    """A kohya adapter (the tiny model's, seed 7, alpha 2) into the bucket's registry prefix."""
     import asyncio
-    import json
 
     from deployments.storage import StorageOptions, open_storage
-    from klein.lora import LoraOptions
-    from klein.request import LoraRequest
     from tests.klein.test_lora import _factors, write
 
     write(tmp_path / "ink.safetensors", "kohya", _factors(7), alpha=2.0)
-    asyncio.run(
-        open_storage(StorageOptions(**s3.options())).put(
-            "loras/styles/ink.safetensors", (tmp_path / "ink.safetensors").read_bytes()
-        )
-    )
+    data = (tmp_path / "ink.safetensors").read_bytes()
+    asyncio.run(open_storage(StorageOptions(**s3.options())).put(f"loras/{name}.safetensors", data))
+
+
+def test_lora_adapter_from_the_bucket(app, s3, tmp_path):
+    """An adapter the operator put under the bucket's loras/ prefix, named by the request: the image
+    `klein generate --lora` makes, loaded once by the transformer replica (its span in the trace)."""
+    import json
+
+    from klein.lora import LoraOptions
+    from klein.request import LoraRequest
+
+    _put_adapter(s3, tmp_path, "styles/ink")
     trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
     body = {"prompt": "inked", "width": 64, "height": 64, "seed": 3, "output_format": "png",
             "loras": [{"path": "styles/ink", "scale": 1.5}]}  # fmt: skip
@@ -313,11 +317,16 @@ def test_one_trace_spans_every_stage(app):
     assert job["attributes"]["job_id"] == sub["id"]
 
 
-def test_prometheus_metrics(app):
-    """/metrics: klein's jobs by status, megapixels, batch sizes and stage times, and Serve's queue
-    and latency metrics, gathered from the node's Ray metrics agent (exported every ~10 s)."""
+def test_prometheus_metrics(app, s3, tmp_path):
+    """/metrics: klein's jobs by status, megapixels, batch sizes and stage times, adapters loaded and
+    found in the bank, and Serve's queue and latency metrics, gathered from the node's Ray metrics
+    agent (exported every ~10 s)."""
     sub = app.http.post(f"/v1/{MODEL}", json={"prompt": "metered", "width": 64, "height": 64}).json()
     assert app.wait(sub["id"])["status"] == "Ready"
+    _put_adapter(s3, tmp_path, "metered")
+    for _ in range(2):  # loaded, then resident
+        body = {"prompt": "metered", "width": 64, "height": 64, "loras": [{"path": "metered"}]}
+        assert app.wait(app.http.post(f"/v1/{MODEL}", json=body).json()["id"])["status"] == "Ready"
     deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:
@@ -328,6 +337,7 @@ def test_prometheus_metrics(app):
             "ray_klein_jobs_total{" in text
             and "ray_klein_batch_size_bucket" in text
             and "ray_klein_megapixels_total" in text
+            and 'outcome="hit"' in text
         ):
             break
         time.sleep(2)
@@ -342,6 +352,11 @@ def test_prometheus_metrics(app):
         assert any(
             ln.startswith("ray_klein_stage_seconds_sum{") and f'stage="{stage}"' in ln for ln in lines
         ), stage
+    for outcome in ("load", "hit"):
+        assert any(
+            ln.startswith("ray_klein_lora_adapters_total{") and f'outcome="{outcome}"' in ln for ln in lines
+        )
+    assert any(ln.startswith("ray_klein_lora_load_seconds_sum") for ln in lines)
     assert any(ln.startswith("ray_serve_") for ln in lines)  # Serve's own: queues, per-deployment latency
 
 

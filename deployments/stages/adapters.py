@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from klein.config import TransformerConfig
 from klein.lora import LoraAdapter, LoraError, parse_lora, read_lora_bytes
 from klein.request import LORA_PLACES_LIMIT, MAX_LORAS
 
+log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
 
 
@@ -74,6 +76,9 @@ class Adapters:
         self.cache: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.cache_bytes = self.hits = self.loads = 0
         self.load_seconds = 0.0
+        root = settings.root
+        if root is not None and not root.startswith("storage:") and not Path(root).is_dir():
+            log.warning("lora.root %s is not a folder here: every registry adapter will be unknown", root)
 
     def __getstate__(self):
         return {"settings": self.settings, "storage": self.storage_options, "config": self.config}

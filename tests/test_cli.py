@@ -200,6 +200,16 @@ def test_generate_with_lora_adapters(tmp_path, capsys):
     assert main([*base, str(tmp_path / "lora.png"), "--lora", f"{a}:0.8", "--lora", str(b)]) == 0
     plain, lora = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("plain.png", "lora.png"))
     assert np.abs(plain - lora).max() > 8
+    # the image the library (and the served APIs, tests/serving/test_lora_serving.py) make
+    from klein import GenerationRequest, ModelSource, Pipeline
+    from klein.lora import LoraOptions
+    from klein.request import LoraRequest
+
+    loras = (LoraRequest(str(a), 0.8), LoraRequest(str(b), 1.0))
+    want = Pipeline(ModelSource.preset("tiny"), lora=LoraOptions()).generate(
+        [GenerationRequest("a fox", 64, 64, seed=1, loras=loras)]
+    )[0]
+    assert np.abs(lora - np.asarray(want).astype(int)).max() <= 1
     assert "--lora: /nope.safetensors is not a file" in _error(
         capsys, [*base, str(tmp_path / "x.png"), "--lora", "/nope.safetensors"]
     )

@@ -87,6 +87,10 @@ class IngressOptions(BaseModel):
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
     reaper_interval_s: float = Field(15.0, gt=0, description="how often abandoned jobs are looked for")
     sync_timeout_s: float = Field(300.0, gt=0, description="OpenAI-style requests give up after this")
+    events_poll_s: float = Field(
+        0.25, gt=0, le=5, description="how often an event stream looks at its job in storage"
+    )
+    events_keepalive_s: float = Field(15.0, gt=0, description="an event stream's comment line when idle")
     webhook_attempts: int = Field(5, ge=1)
     webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
     fetch_input_urls: bool = Field(False, description="accept http(s) URLs as input images (fetched here)")

@@ -8,7 +8,7 @@ Euler update runs in float32 and the latents are kept in the model dtype between
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from einops import rearrange
@@ -17,6 +17,11 @@ from torch import Tensor
 from klein.transformer import Flux2, LoraSelection
 
 REFERENCE_T_SCALE = 10  # reference k (0-based) sits at t = 10 + 10 k on RoPE axis 0
+
+# Called during step i (1-based) with the latents before it, the velocity the model predicted (guided,
+# float32) and the step's sigma: what a preview needs (klein.preview.predicted_x0). It must not
+# change the tensors it is given.
+StepHook = Callable[[int, Tensor, Tensor, float], None]
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -92,18 +97,21 @@ def denoise(
     ref: Tensor | None = None,
     ref_ids: Tensor | None = None,
     lora: LoraSelection | None = None,
+    hook: StepHook | None = None,
 ) -> Iterator[Tensor]:
     """Distilled sampling: one forward per step. Yields the latents (B, L_img, C) after each step,
     so the caller can report progress or stop between steps.
 
     img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens, attended after them;
-    lora: each request's LoRA adapters (klein.lora).
+    lora: each request's LoRA adapters (klein.lora); hook: sees each step's prediction.
     """
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(ctx_ids, x_ids)
-    for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for i, (t_curr, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True), start=1):
         t = torch.full((1,), t_curr, device=img.device)  # shared by the batch (see Flux2.forward)
         pred = model(img, t, ctx, pe, ref, lora)
+        if hook is not None:
+            hook(i, img, pred, t_curr)
         img = _euler(img, pred, t_curr, t_next)
         yield img
 
@@ -120,6 +128,7 @@ def denoise_cfg(
     ref: Tensor | None = None,
     ref_ids: Tensor | None = None,
     lora: LoraSelection | None = None,
+    hook: StepHook | None = None,
 ) -> Iterator[Tensor]:
     """Base-model sampling with classifier-free guidance: v = v_neg + g (v_cond - v_neg).
 
@@ -132,10 +141,13 @@ def denoise_cfg(
     ref2 = None if ref is None else torch.cat((ref, ref))
     g = torch.as_tensor(guidance, dtype=torch.float32, device=img.device).reshape(-1, 1, 1)
     lora2 = None if lora is None else lora.repeat(2)  # the adapters act on both halves
-    for t_curr, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for i, (t_curr, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True), start=1):
         t = torch.full((1,), t_curr, device=img.device)
         pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2, lora2).float().chunk(2)
-        img = _euler(img, pred_neg + g * (pred_cond - pred_neg), t_curr, t_next)
+        pred = pred_neg + g * (pred_cond - pred_neg)
+        if hook is not None:
+            hook(i, img, pred, t_curr)
+        img = _euler(img, pred, t_curr, t_next)
         yield img
 
 
@@ -153,12 +165,13 @@ def sample(
     ref_shapes: tuple[tuple[int, int], ...] = (),
     pixels_per_token: int = 16,
     lora: LoraSelection | None = None,
+    hook: StepHook | None = None,
 ) -> Iterator[Tensor]:
     """Sample a batch that shares size, step count and reference shapes; each request has its own
     seed (noise), prompt (`ctx`, (B, L, D)) and references (`ref`, (B, L_ref, C)).
 
     `guidance` (B,) with `neg_ctx` runs CFG; None runs the distilled single pass. Yields the packed
-    latents (B, L_img, C) after each step (see `denoise`).
+    latents (B, L_img, C) after each step (see `denoise`); `hook` sees each step's prediction.
     """
     device, dtype = model.device, model.dtype
     b, h, w = len(seeds), height // pixels_per_token, width // pixels_per_token
@@ -177,9 +190,9 @@ def sample(
     if lora is not None:
         lora = LoraSelection(lora.slots.to(device), lora.scales.to(device))
     if guidance is None:
-        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids, lora)
+        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids, lora, hook)
     else:
         neg = neg_ctx.to(device, dtype)
         yield from denoise_cfg(
-            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids, lora
+            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids, lora, hook
         )

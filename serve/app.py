@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.ingress import Ingress, IngressConfig
+from deployments.jobs.progress import ProgressBoard
 from deployments.jobs.store import CancelFlags
 from deployments.stages.adapters import Adapters
 from deployments.stages.codec import Codec
@@ -65,6 +66,14 @@ def build_app(settings: Settings) -> Application:
         lora=settings.lora,
     )
     adapters = Adapters(settings.lora, storage, source.spec.transformer) if settings.lora.enabled else None
+    codec_app = codec.bind(
+        source,
+        settings.codec,
+        storage,
+        safety=settings.safety,
+        provenance=settings.provenance,
+        tracing=tracing,
+    )
     return ingress.bind(
         embedder.bind(source, settings.text_embedder, tracing=tracing),
         transformer.bind(
@@ -72,16 +81,11 @@ def build_app(settings: Settings) -> Application:
             settings.transformer_stage,
             cancel=CancelFlags(storage),
             adapters=adapters,
+            progress=ProgressBoard(storage),
+            previewer=codec_app,  # the transformer sends previews to the Codec to render
             tracing=tracing,
         ),
-        codec.bind(
-            source,
-            settings.codec,
-            storage,
-            safety=settings.safety,
-            provenance=settings.provenance,
-            tracing=tracing,
-        ),
+        codec_app,
         config=config,
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from deployments.api import bfl, errors, openai, system, usage
+from deployments.api import bfl, errors, events, openai, page, system, usage
 from deployments.api.auth import KeyRing
 from deployments.api.images import ImageReader
 from deployments.api.middleware import BodyGuard
@@ -39,6 +39,6 @@ def build_api(service: JobService, keys: KeyRing) -> FastAPI:
             allow_headers=CORS_HEADERS,
             max_age=600,
         )
-    for api in (system, openai, bfl, usage):
+    for api in (system, openai, bfl, events, usage, page):
         app.include_router(api.router)
     return app

@@ -12,10 +12,26 @@ from deployments.api.deps import base_url, images_of, sample_url, service_of, su
 from deployments.api.errors import documented, json_error
 from deployments.api.schemas import GenerateRequest, ResultResponse, SubmitResponse, lora_requests
 from deployments.jobs.idempotency import IdempotencyClaim
-from deployments.jobs.records import Status
+from deployments.jobs.progress import Step, progress_of
+from deployments.jobs.records import MAX_PREVIEWS, JobRecord, Status
 from deployments.jobs.service import Submission, Webhook
 
 router = APIRouter()
+
+
+def result_body(request: Request, job: JobRecord, step: Step | None) -> ResultResponse:
+    """What get_result answers for a job (and the event stream's last event)."""
+    sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
+    return ResultResponse(
+        id=job.id,
+        status=job.status.value,
+        result=job.summary(sample),
+        progress=progress_of(job, step),
+        details={"error": job.error} if job.error else None,
+        cost=job.cost,
+        input_mp=job.input_mp,
+        output_mp=job.output_mp,
+    )
 
 
 @router.get(
@@ -25,20 +41,11 @@ router = APIRouter()
     responses=documented(401, 503),
 )
 async def get_result(request: Request, id: str = Query(..., max_length=64), key_id: str = Depends(caller)):
-    job = await service_of(request).get(id, key_id)
+    service = service_of(request)
+    job = await service.get(id, key_id)
     if job is None:  # another key's job does not exist for this caller
         return ResultResponse(id=id, status=Status.NOT_FOUND.value)
-    sample = sample_url(request, job.result.key) if job.status is Status.READY and job.result else None
-    return ResultResponse(
-        id=job.id,
-        status=job.status.value,
-        result=job.summary(sample),
-        progress=1.0 if job.status.terminal else None,
-        details={"error": job.error} if job.error else None,
-        cost=job.cost,
-        input_mp=job.input_mp,
-        output_mp=job.output_mp,
-    )
+    return result_body(request, job, await service.step(job))
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202, responses=documented(401, 404, 409, 503))
@@ -91,6 +98,7 @@ async def submit(
         idempotency=claim,
         trace=submit_trace(request, model=model),
         field_names={"references": "input_image"},
+        previews=MAX_PREVIEWS if body.preview else 0,
     )
     job, _ = await service.submit(submission, start=True)
     return SubmitResponse(

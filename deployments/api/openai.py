@@ -1,5 +1,6 @@
 """The OpenAI-compatible images API: synchronous generations and edits (n images per request, each
-its own job), and the model list."""
+its own job), streamed as Server-Sent Events when asked (partial images, then the image), and the
+model list."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import json
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from deployments.api.auth import caller
 from deployments.api.deps import images_of, options_of, sample_url, service_of, submit_trace
 from deployments.api.errors import documented, openai_error
+from deployments.api.events import STREAM_HEADERS, sse
 from deployments.api.schemas import ImageData, ImagesRequest, ImagesResponse, lora_requests, parse_size
 from deployments.jobs.errors import FieldError
 from deployments.jobs.records import JobRecord, Status
 from deployments.jobs.service import InputImage, JobService, Submission
+from klein.image import EXTENSIONS
+from klein.request import LORA_SCALE
 
 router = APIRouter()
 FIELD_NAMES = {"width": "size", "height": "size", "references": "image"}  # klein's field -> OpenAI's
@@ -28,13 +32,42 @@ MODERATED = (Status.REQUEST_MODERATED, Status.CONTENT_MODERATED)
 
 @router.get("/v1/models")
 async def models(request: Request, key_id: str = Depends(caller)):
+    service = service_of(request)
     model = {
-        "id": service_of(request).model_id,
+        "id": service.model_id,
         "object": "model",
         "created": 0,
         "owned_by": "black-forest-labs",
+        "klein": capabilities(service),  # an extension: what requests to this model may ask for
     }
     return {"object": "list", "data": [model]}
+
+
+def capabilities(service: JobService) -> dict:
+    """The model's bounds, as the API checks them (the playground builds its form from these)."""
+    spec, sampling = service.spec, service.spec.sampling
+    guidance = None
+    if sampling.cfg:
+        guidance = {"default": sampling.guidance, "min": sampling.min_guidance, "max": sampling.max_guidance}
+    lora = None
+    if service.adapters is not None:
+        lora = {"max_loras": service.adapters.settings.max_loras, "max_scale": LORA_SCALE}
+    return {
+        "cfg": sampling.cfg,
+        "steps": {"default": sampling.steps, "max": sampling.max_steps},
+        "guidance": guidance,
+        "size": {
+            "default": spec.default_size,
+            "min": spec.min_side,
+            "max": spec.max_side,
+            "multiple": spec.multiple,
+            "max_pixels": spec.max_pixels,
+        },
+        "max_references": spec.max_references,
+        "output_formats": list(EXTENSIONS),
+        "lora": lora,
+        "price": service.price.model_dump(),  # credits per megapixel (docs: metering)
+    }
 
 
 def _edit_form_schema() -> dict:
@@ -60,7 +93,7 @@ def _edit_form_schema() -> dict:
     responses=documented(400, 401, 404, 413, 415, 429, 500, 503, 504),
 )
 async def generations(body: ImagesRequest, request: Request, key_id: str = Depends(caller)):
-    return await images(request, body, [], key_id)
+    return await images(request, body, [], key_id, "image_generation")
 
 
 @router.post(
@@ -98,11 +131,14 @@ async def edits(request: Request, key_id: str = Depends(caller)):
     except ValidationError as e:
         err = e.errors()[0]
         raise FieldError(".".join(map(str, err["loc"])), err["msg"]) from None
-    return await images(request, body, files, key_id)
+    return await images(request, body, files, key_id, "image_edit")
 
 
-async def images(request: Request, body: ImagesRequest, files: list[InputImage], key_id: str) -> Response:
-    """n jobs, run here while the caller waits; the images (or links to them) in one answer."""
+async def images(
+    request: Request, body: ImagesRequest, files: list[InputImage], key_id: str, kind: str
+) -> Response:
+    """n jobs, run here while the caller waits; the images (or links to them) in one answer, or
+    streamed (`kind` names the events: image_generation or image_edit)."""
     service, options = service_of(request), options_of(request)
     if body.model is not None and body.model != service.model_id:
         return openai_error(
@@ -114,7 +150,15 @@ async def images(request: Request, body: ImagesRequest, files: list[InputImage],
         )
     if body.n > options.max_images_per_request:
         raise FieldError("n", f"must be at most {options.max_images_per_request}, got {body.n}")
+    if body.stream and body.n != 1:
+        raise FieldError("n", f"must be 1 when stream is true, got {body.n}")
+    if body.partial_images and not body.stream:
+        raise FieldError("partial_images", "needs stream: true")
     jobs = await _submit_all(service, request, body, files, key_id)
+    if body.stream:
+        return StreamingResponse(
+            _stream(request, body, jobs[0], kind), media_type="text/event-stream", headers=STREAM_HEADERS
+        )
     b64 = body.response_format == "b64_json"
     runs = [asyncio.ensure_future(_run(service, job, b64)) for job in jobs]
     try:
@@ -190,6 +234,7 @@ async def _submit_all(
                 sync=True,
                 shared_inputs=tuple(jobs[0].request.input_keys) if jobs else (),
                 field_names=FIELD_NAMES,
+                previews=body.partial_images,
             )
             jobs.append((await service.submit(submission))[0])
     except BaseException:
@@ -197,6 +242,72 @@ async def _submit_all(
             await asyncio.shield(service.discard(job))
         raise
     return jobs
+
+
+async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: str):
+    """One job run while its events go out: `{kind}.partial_image` for each preview (JPEG, 1/8 of
+    the size), then `{kind}.completed` with the image, or an `error` event. The caller leaving
+    cancels the job."""
+    service, options = service_of(request), options_of(request)
+    run = asyncio.ensure_future(_run(service, job, True))
+    feed = service.feed(job, reread=False)  # `job` is the live record of the run
+    deadline = time.monotonic() + options.sync_timeout_s
+    common = {"background": "opaque", "quality": "auto", "size": f"{job.request.width}x{job.request.height}"}
+    previews = 0
+    try:
+        while True:
+            done = run.done()  # then one last look: the previews of a job faster than a poll
+            for event in await feed.poll():
+                if event.kind == "preview":
+                    partial = {
+                        "b64_json": event.data["image"].split(",", 1)[1],
+                        "partial_image_index": previews,
+                    }
+                    yield _event(f"{kind}.partial_image", common | partial | {"output_format": "jpeg"})
+                    previews += 1
+            if done or time.monotonic() > deadline:
+                break
+            await asyncio.wait([run], timeout=options.events_poll_s)
+        if not run.done():
+            message = f"no result within {options.sync_timeout_s:g} s"
+            yield sse("error", {"error": {"message": message, "type": "timeout", "job_ids": [job.id]}})
+            return
+        yield _ending(kind, job, run, common | {"output_format": body.output_format})
+    finally:
+        if not run.done():  # the caller went away (or timed out): the job ends Cancelled, unbilled
+            await _abandon(service, [job], [run])
+
+
+def _event(kind: str, fields: dict) -> str:
+    return sse(kind, {"type": kind, "created_at": int(time.time())} | fields)
+
+
+def _ending(kind: str, job: JobRecord, run: asyncio.Future, common: dict) -> str:
+    """The stream's last event: the image, or why there is none."""
+    error = run.exception()
+    result = None if error else run.result()
+    if result is None:
+        moderated = job.status in MODERATED
+        message = (
+            f"{job.status.value}: {job.error or ''}"
+            if job.status.terminal
+            else f"{type(error).__name__}: {error}"
+        )
+        code = "content_policy_violation" if moderated else job.status.value.lower().replace(" ", "_")
+        kind_ = "invalid_request_error" if moderated else "server_error"
+        return sse("error", {"error": {"message": message, "type": kind_, "code": code, "job_ids": [job.id]}})
+    r = job.request
+    image_tokens = sum(h * w for h, w in r.ref_shapes)
+    output_tokens = (r.width // 16) * (r.height // 16)
+    usage = {
+        "input_tokens": image_tokens,
+        "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": 0},
+        "output_tokens": output_tokens,
+        "total_tokens": image_tokens + output_tokens,
+    }
+    metering = {"input_mp": job.input_mp, "output_mp": job.output_mp, "cost": job.cost, "job_ids": [job.id]}
+    image = {"b64_json": base64.b64encode(result.data).decode(), "usage": usage, "metering": metering}
+    return _event(f"{kind}.completed", common | image)
 
 
 async def _run(service: JobService, job: JobRecord, return_bytes: bool):

@@ -86,6 +86,11 @@ class GenerateRequest(BaseModel):
         None, max_length=256, description="HMAC-SHA256 key for X-Klein-Signature"
     )
     loras: list[LoraSpec] | None = Loras
+    preview: bool = Field(
+        False,
+        strict=True,
+        description="previews of the image in progress on GET /v1/jobs/{id}/events (up to 10)",
+    )
 
     @field_validator("webhook_url")
     @classmethod
@@ -161,6 +166,10 @@ class ImagesRequest(BaseModel):
     guidance: float | None = Field(strict=True, default=None, ge=1, le=20)
     safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
     loras: list[LoraSpec] | None = Loras
+    stream: bool = Field(False, description="answer with Server-Sent Events: partial images, then the image")
+    partial_images: int = Field(
+        strict=True, default=0, ge=0, le=3, description="previews streamed before the image (with stream)"
+    )
 
 
 class ImageData(BaseModel):

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments import telemetry
-from deployments.jobs.records import JobRecord
+from deployments.jobs.records import JobRecord, preview_key
 from deployments.jobs.store import JobStore
 from deployments.stages.payloads import (
     DenoiseParams,
     FinishParams,
     FinishResult,
     JobCancelled,
+    PreviewPlan,
     RequestModerated,
 )
 from deployments.storage import Storage
@@ -69,6 +70,8 @@ class Pipeline:
             trace=trace,
             since=since,
             loras=tuple((lora["key"], lora["scale"]) for lora in r.loras),
+            attempt=job.attempts,
+            preview=_preview_plan(job),
         )
         ctx = embedder.embed.remote(r.prompt, trace)
         neg = embedder.embed.remote("", None) if cfg else None
@@ -87,3 +90,11 @@ class Pipeline:
             input_keys=tuple(r.input_keys),
         )
         return await codec.finish.remote(latents, finish)
+
+
+def _preview_plan(job: JobRecord) -> PreviewPlan | None:
+    r = job.request
+    if not r.previews:
+        return None
+    keys = tuple(preview_key(job.id, job.attempts, step) for step in r.previews)
+    return PreviewPlan(tuple(r.previews), keys, r.safety_tolerance)

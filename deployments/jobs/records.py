@@ -5,6 +5,9 @@ pending/{key_id}/{id}                  a job not yet terminal: the reaper scans 
                                        count of them is its jobs in flight; written before the
                                        record, dropped after its terminal version
 cancel/{id}                            a client asked to cancel; the transformer checks between steps
+progress/{id}.json                     the running attempt's last denoising step (the transformer's)
+previews/{id}/{attempt}-{step}.jpeg    a preview of the image at that step (the Codec's), for
+                                       requests that asked; these two may expire after a day
 inputs/{id}/{nonce}-{k}                reference image k, kept so the job can be run again
 images/{yyyy}/{mm}/{dd}/{id}.{ext}     the output, at a key fixed at submission: every attempt
                                        writes the same object
@@ -45,6 +48,14 @@ def marker_key(key_id: str, job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"cancel/{job_id}"
+
+
+def progress_key(job_id: str) -> str:
+    return f"progress/{job_id}.json"
+
+
+def preview_key(job_id: str, attempt: int, step: int) -> str:
+    return f"previews/{job_id}/{attempt}-{step}.jpeg"
 
 
 def input_key(job_id: str, nonce: str, k: int) -> str:
@@ -99,6 +110,7 @@ class JobRequest(BaseModel):
     webhook_secret: str | None = None
     public_url: str | None = None  # the base URL the client reached us at: links in the webhook
     loras: list[dict] = Field(default_factory=list)  # LoRA adapters: {path, scale, key (versioned)}
+    previews: list[int] = Field(default_factory=list)  # the steps whose preview the client gets
 
 
 class JobResult(BaseModel):
@@ -172,6 +184,17 @@ class JobRecord(BaseModel):
     def adapters(self) -> list[dict]:
         """The LoRA adapters the job used, as the request named them."""
         return [{"path": lora["path"], "scale": lora["scale"]} for lora in self.request.loras]
+
+
+MAX_PREVIEWS = 10  # a job's previews when it asks for them (`preview: true`)
+
+
+def preview_steps(steps: int, count: int) -> list[int]:
+    """Up to `count` steps, evenly spread, before the last one (whose image is the result)."""
+    count = min(count, steps - 1)
+    if count <= 0:
+        return []
+    return sorted({round(steps * j / (count + 1)) for j in range(1, count + 1)} - {0, steps})
 
 
 def new_job_id() -> str:

@@ -23,8 +23,17 @@ from deployments.jobs.errors import FieldError
 from deployments.jobs.idempotency import IdempotencyClaim, IdempotencyIndex
 from deployments.jobs.metering import Billing, Price, UsageRecord, cost, megapixels
 from deployments.jobs.pipeline import Pipeline, StageHandles
+from deployments.jobs.progress import EventFeed, Step, read_step
 from deployments.jobs.reaper import Reaper
-from deployments.jobs.records import ANONYMOUS, JobRecord, JobRequest, Status, input_key, new_job_id
+from deployments.jobs.records import (
+    ANONYMOUS,
+    JobRecord,
+    JobRequest,
+    Status,
+    input_key,
+    new_job_id,
+    preview_steps,
+)
 from deployments.jobs.runner import JobRunner
 from deployments.jobs.store import JobStore, Superseded
 from deployments.jobs.webhooks import Webhooks
@@ -74,6 +83,7 @@ class Submission:
     trace: dict[str, str] | None = None
     sync: bool = False  # its caller waits on its connection: the reaper ends it rather than re-run it
     shared_inputs: tuple[str, ...] = ()  # storage keys of these images, stored by a sibling (OpenAI n > 1)
+    previews: int = 0  # previews of the image in progress the client will watch (evenly spread steps)
     field_names: Mapping[str, str] = field(default_factory=dict)  # klein's field -> the protocol's
 
 
@@ -190,6 +200,7 @@ class JobService:
                 webhook_secret=webhook.secret,
                 ref_shapes=ref_shapes,
                 loras=[{"path": lora.path, "scale": lora.scale} for lora in req.loras],
+                previews=preview_steps(req.steps, s.previews),
             ),
             input_mp=megapixels(sum(w * h for w, h in sizes)),
             output_mp=megapixels(req.width * req.height),
@@ -283,6 +294,16 @@ class JobService:
 
     async def cancel(self, job_id: str) -> None:
         await self.store.request_cancel(job_id)
+
+    async def step(self, job: JobRecord) -> Step | None:
+        """The running attempt's last reported denoising step (None before the first)."""
+        if job.status.terminal or not job.attempts:
+            return None
+        return await read_step(self.storage, job.id)
+
+    def feed(self, job: JobRecord, **kw) -> EventFeed:
+        """The job's events (jobs.progress.EventFeed: `after`, `describe`, `reread`)."""
+        return EventFeed(self.store, job, **kw)
 
     async def usage(self, key_id: str, first: date, last: date) -> list[UsageRecord]:
         return await self.billing.usage(key_id, first, last)

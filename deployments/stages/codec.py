@@ -1,12 +1,15 @@
 """Codec stage: VAE encode of reference images; VAE decode -> safety classifier -> invisible watermark
 -> PNG/JPEG/WebP -> C2PA signature -> upload to storage. Decoding is batched; each image is decoded
-on its own (batch invariance). Also classifies input images for the ingress (input moderation)."""
+on its own (batch invariance). Also classifies input images for the ingress (input moderation), and
+renders the previews the FlowTransformer sends (klein.preview: a linear map fitted to this VAE at
+start-up), checked by the safety classifier like the image, stored at the key the job gave."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
+import logging
 import time
 
 import torch
@@ -18,14 +21,16 @@ from torch import Tensor
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stages.base import LRU, Stage, StageOptions, gated, isolating
-from deployments.stages.payloads import FinishParams, FinishResult
+from deployments.stages.payloads import FinishParams, FinishResult, PreviewParams
 from deployments.stages.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
 from deployments.storage import StorageOptions, open_storage
 from klein import ModelSource
 from klein import fast as fastpath
 from klein.image import CONTENT_TYPES, to_pil
 from klein.pipeline import References, encode_references
+from klein.preview import LatentPreview
 
+log = logging.getLogger(__name__)
 SOFTWARE = "klein-serve (FLUX.2 [klein]); AI generated"
 
 
@@ -43,6 +48,11 @@ class CodecOptions(StageOptions):
     reference_cache_mb: int = Field(
         64, ge=0, description="encoded references by content, in MB: OpenAI n>1 encodes them once (0: off)"
     )
+    preview_fit_images: int = Field(
+        16, ge=2, description="images the preview map is fitted on at start-up (a quarter held out)"
+    )
+    preview_fit_size: int = Field(256, ge=64, multiple_of=64, description="their side, in pixels")
+    preview_quality: int = Field(80, ge=1, le=100, description="JPEG quality of previews")
 
 
 def encode_image(image: Image.Image, fmt: str, o: CodecOptions) -> bytes:
@@ -80,6 +90,15 @@ class Codec(Stage):
         self.vae = self.on_worker(source.load_vae, self.device, self.dtype)
         self.storage = open_storage(storage)
         self.options = options
+        start = time.monotonic()
+        self.previews = self.on_worker(
+            LatentPreview.fit_to, self.vae, options.preview_fit_images, options.preview_fit_size
+        )
+        log.info(
+            "preview map fitted to the VAE in %.2f s: R^2 %.3f on held-out images",
+            time.monotonic() - start,
+            self.previews.fit.r2,
+        )
         self.speed_up(
             self.vae, fastpath.setup_vae, fastpath.warm_up_vae, "decode_one", multiple=self.spec.multiple
         )
@@ -118,6 +137,25 @@ class Codec(Stage):
         """Input moderation for the ingress: which input images the classifier flags."""
         key = _digest(images)  # names the call for the health bookkeeping
         return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance), job=key)
+
+    async def preview(self, tokens: Tensor, params: PreviewParams) -> bool:
+        """Render a predicted clean latent (L, C) small, check it, store it as JPEG at `params.key`.
+        False: the classifier flagged it (nothing is stored)."""
+        start = time.time_ns()
+        h, w = params.grid
+        pixels = await asyncio.to_thread(self.previews.render, tokens, h, w)  # off the worker thread
+        image = Image.fromarray(pixels.numpy())
+        moderate = self.post.moderate
+        if (
+            self.post.classifier is not None
+            and (await self.run(moderate, [image], params.safety_tolerance, job=params.job_id))[0]
+        ):
+            return False
+        buf = io.BytesIO()
+        await asyncio.to_thread(image.save, buf, "JPEG", quality=self.options.preview_quality)
+        await self.storage.put(params.key, buf.getvalue(), CONTENT_TYPES["jpeg"])
+        metrics.stage_batch("preview", 1, (time.time_ns() - start) / 1e9)
+        return True
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         return await self.through(self._finish_batch, latents, params)

@@ -13,6 +13,28 @@ def tokens(width: int, height: int, ref_shapes=()) -> int:
 
 
 @dataclass(frozen=True)
+class PreviewPlan:
+    """The steps at which a request's image in progress is previewed, and where each preview goes."""
+
+    steps: tuple[int, ...]
+    keys: tuple[str, ...]  # storage key of each step's preview (JPEG), given by the job
+    safety_tolerance: int = 2  # previews pass the safety classifier like the final image
+
+    def key(self, step: int) -> str | None:
+        return self.keys[self.steps.index(step)] if step in self.steps else None
+
+
+@dataclass(frozen=True)
+class PreviewParams:
+    """One preview for the Codec to render and store."""
+
+    job_id: str
+    key: str
+    grid: tuple[int, int]  # the latent's token grid (h, w)
+    safety_tolerance: int = 2
+
+
+@dataclass(frozen=True)
 class DenoiseParams:
     job_id: str
     width: int
@@ -24,6 +46,8 @@ class DenoiseParams:
     trace: dict[str, str] | None = None  # W3C carrier of the job's span
     since: float | None = None  # when this attempt began (epoch s): cancels are checked once it waited
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters: (versioned key, scale), in order
+    attempt: int = 1  # of the job: progress reports name it (a re-run starts again at step 1)
+    preview: PreviewPlan | None = None
 
     @property
     def tokens(self) -> int:
@@ -69,6 +93,22 @@ class ContentModerated(Exception):
 
 class RequestModerated(Exception):
     """The prompt or an input image was flagged before any generation."""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A job's attempt has finished denoising step `step` of `steps`."""
+
+    job_id: str
+    attempt: int
+    step: int
+    steps: int
+
+
+class ProgressSink(Protocol):
+    """Where the FlowTransformer reports its jobs' steps (it knows nothing of where that goes)."""
+
+    async def __call__(self, done: list[StepDone]) -> None: ...
 
 
 class CancelCheck(Protocol):

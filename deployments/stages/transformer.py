@@ -4,14 +4,17 @@ A batch is capped by tokens (image + reference), not by count (`batch_size_fn`).
 requests are grouped by (size, steps, CFG, reference shapes) and each group runs as one batch of
 the model; every request keeps its own seed and noise. Between steps the stage asks its cancel
 check (handed to it: it knows nothing of where jobs live) and stops a group once all of its jobs
-are cancelled.
+are cancelled, reports the steps done to its progress sink, and sends the previews requests asked
+for (the step's predicted clean latent) to the Codec, which renders and stores them: the worker
+thread only copies the latent out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
@@ -22,11 +25,19 @@ from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stages.adapters import Adapters
 from deployments.stages.base import Stage, StageOptions, gated, isolating
-from deployments.stages.payloads import CancelCheck, DenoiseParams, JobCancelled
+from deployments.stages.payloads import (
+    CancelCheck,
+    DenoiseParams,
+    JobCancelled,
+    PreviewParams,
+    ProgressSink,
+    StepDone,
+)
 from klein import ModelSource
 from klein import fast as fastpath
 from klein.lora import LoraBank, LoraSelection, split_for_bank
 from klein.pipeline import References
+from klein.preview import predicted_x0
 from klein.sampler import sample, unpack
 
 log = logging.getLogger(__name__)
@@ -39,6 +50,9 @@ class FlowTransformerOptions(StageOptions):
     )
     cancel_check_interval_s: float = Field(
         1.0, ge=0, description="how often running jobs are checked for cancel"
+    )
+    progress_interval_s: float = Field(
+        0.25, ge=0, description="how often a running batch reports its step (first and last always)"
     )
 
 
@@ -55,6 +69,34 @@ def _step(steps):
         return next(steps)
 
 
+@dataclass
+class _Previews:
+    """The step hook of a batch whose requests asked for previews: on the worker thread it copies
+    the predicted clean latent of the rows due at that step to the CPU; the loop sends them on."""
+
+    items: list[_Item]
+    ready: list[tuple[int, Tensor]] = field(default_factory=list)  # (row, latent (L, C))
+
+    def __call__(self, step: int, x_t: Tensor, velocity: Tensor, sigma: float) -> None:
+        rows = [i for i, it in enumerate(self.items) if it.params.preview and step in it.params.preview.steps]
+        if rows:
+            index = torch.tensor(rows, device=x_t.device)
+            x0 = predicted_x0(x_t[index], velocity[index], sigma).to(x_t.dtype).cpu()
+            self.ready += zip(rows, x0.unbind(0), strict=True)
+
+    def take(self) -> list[tuple[int, Tensor]]:
+        out, self.ready = self.ready, []
+        return out
+
+
+@dataclass
+class _Reported:
+    """A batch's last progress report: when, and its write."""
+
+    at: float = 0.0
+    task: asyncio.Task | None = None
+
+
 def _tokens(items: list[_Item]) -> int:
     return sum(item.params.tokens for item in items)
 
@@ -66,14 +108,19 @@ class FlowTransformer(Stage):
         options: FlowTransformerOptions,
         cancel: CancelCheck | None = None,
         adapters: Adapters | None = None,
+        progress: ProgressSink | None = None,
+        previewer=None,
         tracing=None,
     ):
-        """`adapters`: where LoRA adapters come from (deployments.stages.adapters); None: no LoRA."""
+        """`adapters`: where LoRA adapters come from (deployments.stages.adapters); None: no LoRA.
+        `progress`: where steps done are reported; `previewer`: a handle to the Codec (its
+        `preview`), which renders requests' previews; without it none are made."""
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
         self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
-        self.cancel = cancel
+        self.cancel, self.progress, self.previewer = cancel, progress, previewer
+        self._background: set[asyncio.Task] = set()  # progress writes and previews under way
         self.options = options
         self.adapters, self.bank = adapters, None
         if adapters is not None:  # before the fast path: warm-up covers the adapter path
@@ -140,7 +187,7 @@ class FlowTransformer(Stage):
         telemetry.record("lora", traces, start, adapters=len(used), loaded=len(loaded))
         return selection
 
-    def _start(self, items: list[_Item], lora: LoraSelection | None = None):
+    def _start(self, items: list[_Item], lora: LoraSelection | None = None, hook: _Previews | None = None):
         """The batch's sampling generator (its inputs stacked here, on the worker thread)."""
         p, refs = items[0].params, items[0].refs
         cfg = p.guidance is not None
@@ -162,6 +209,7 @@ class FlowTransformer(Stage):
             ref_shapes=refs.shapes if refs is not None else (),
             pixels_per_token=self.spec.multiple,
             lora=lora,
+            hook=hook,
         )
 
     async def _cancelled(self, jobs: list[str]) -> set[str]:
@@ -184,19 +232,24 @@ class FlowTransformer(Stage):
         jobs = [it.params.job_id for it in items]
         self.batch_sizes.append(len(items))
         lora = await self._selection(items)
-        steps = await self.attempt(self._start, items, lora)
+        previews = _Previews(items) if self.previewer and any(it.params.preview for it in items) else None
+        steps = await self.attempt(self._start, items, lora, previews)
         cancelled: set[str] = set()
         # checked before the first step too once a job has waited (queued here or upstream) that long
         last_check = min(it.params.since or time.time() for it in items)
         start = time.time_ns()
-        img = None
-        for _ in range(p.steps):
+        img, reported = None, _Reported()
+        for step in range(1, p.steps + 1):
             if time.time() - last_check >= self.options.cancel_check_interval_s:
                 last_check = time.time()
                 cancelled = await self._cancelled(jobs)
                 if len(cancelled) == len(items):
                     break
             img = await self.attempt(_step, steps)
+            if previews is not None:
+                for row, x0 in previews.take():
+                    self._send_preview(items[row].params, step, x0)
+            self._report(items, step, reported)
         if img is None:  # every job was cancelled before its first step
             return [JobCancelled(it.params.job_id) for it in items]
         latents = await self.attempt(self._latents, img, p)
@@ -208,6 +261,48 @@ class FlowTransformer(Stage):
             JobCancelled(it.params.job_id) if it.params.job_id in cancelled else z
             for z, it in zip(latents, items, strict=True)
         ]
+
+    def _report(self, items: list[_Item], step: int, reported: _Reported) -> None:
+        """Tell the progress sink the batch's step, in the background: the first and last steps,
+        and others once `progress_interval_s` has passed and the last report is written."""
+        if self.progress is None:
+            return
+        last = step == items[0].params.steps
+        busy = reported.task is not None and not reported.task.done()
+        if not (
+            step == 1 or last or (time.time() - reported.at >= self.options.progress_interval_s and not busy)
+        ):
+            return
+        done = [StepDone(it.params.job_id, it.params.attempt, step, it.params.steps) for it in items]
+        reported.at, reported.task = time.time(), self._spawn(self._write_progress(reported.task, done))
+
+    async def _write_progress(self, before: asyncio.Task | None, done: list[StepDone]) -> None:
+        if before is not None:  # in order: a late write must not overwrite a later step
+            await asyncio.wait([before])
+        try:
+            await self.progress(done)
+        except Exception as e:  # progress is for watchers: a failed write must not fail the batch
+            log.warning("progress report failed (%s: %s)", type(e).__name__, e)
+
+    def _send_preview(self, p: DenoiseParams, step: int, x0: Tensor) -> None:
+        m = self.spec.multiple
+        params = PreviewParams(
+            p.job_id, p.preview.key(step), (p.height // m, p.width // m), p.preview.safety_tolerance
+        )
+
+        async def send():
+            try:
+                await self.previewer.preview.remote(x0, params)
+            except Exception as e:
+                log.warning("preview of job %s failed (%s: %s)", p.job_id, type(e).__name__, e)
+
+        self._spawn(send())
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def stats(self) -> dict:
         out = await super().stats()

@@ -100,7 +100,7 @@ def tiny_settings(storage: dict, traces: Path | None = None, **ingress) -> dict:
         "telemetry": {"traces": "file", "file": str(traces)} if traces else {},
         "text_embedder": {**stage, "batch_wait_timeout_s": 0.02},
         "transformer_stage": {**stage, "batch_wait_timeout_s": 0.05, "cancel_check_interval_s": 0.0},
-        "codec": stage,
+        "codec": {**stage, "preview_fit_images": 8, "preview_fit_size": 128},
         "ingress": {
             "deployment": {"num_replicas": 1, "ray_actor": {"num_cpus": 0.25}},
             "job_lease_s": 20,

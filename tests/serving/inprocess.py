@@ -15,6 +15,7 @@ from deployments.api.auth import KeyRing
 from deployments.ingress import Ingress, IngressConfig
 from deployments.jobs.idempotency import IdempotencyClaim
 from deployments.jobs.metering import Price
+from deployments.jobs.progress import ProgressBoard
 from deployments.jobs.service import InputImage, Submission, Webhook
 from deployments.jobs.store import CancelFlags
 from deployments.options import IngressOptions
@@ -98,15 +99,18 @@ def build(
     source = ModelSource.preset("tiny")
     storage = storage or StorageOptions(root=root)
     embedder = FakeHandle(TextEmbedder(source, TextEmbedderOptions()))
+    codec_options = CodecOptions(preview_fit_images=8, preview_fit_size=128)  # a quick fit
+    codec = FakeHandle(Codec(source, codec_options, storage, safety=safety, provenance=provenance))
     transformer = FakeHandle(
         FlowTransformer(
             source,
             FlowTransformerOptions(cancel_check_interval_s=0, max_batch_tokens=max_batch_tokens),
             cancel=CancelFlags(storage),
             adapters=Adapters(lora, storage, source.spec.transformer) if lora else None,
+            progress=ProgressBoard(storage),
+            previewer=codec,
         )
     )
-    codec = FakeHandle(Codec(source, CodecOptions(), storage, safety=safety, provenance=provenance))
     config = IngressConfig(
         spec=source.spec,
         model_id="flux-2-klein-tiny",

@@ -302,8 +302,8 @@ def test_a_job_cancelled_while_it_waited_stops_before_its_first_step(ingress):
         await gate.wait()
         return await denoise(*args)
 
-    def start(items, lora=None):
-        for out in real(items, lora):
+    def start(items, lora=None, hook=None):
+        for out in real(items, lora, hook):
             steps.append(1)
             yield out
 

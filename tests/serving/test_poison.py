@@ -106,8 +106,8 @@ def test_a_poisoned_job_retried_leaves_the_replica_healthy_a_broken_one_does_not
     real, broken = ft._start, {"all": False}
     tries: list[int] = []
 
-    def start(items, lora=None):
-        steps, poisoned = real(items, lora), broken["all"] or any(it.params.seed == 666 for it in items)
+    def start(items, lora=None, hook=None):
+        steps, poisoned = real(items, lora, hook), broken["all"] or any(it.params.seed == 666 for it in items)
         tries.append(len(items))
 
         def failing():

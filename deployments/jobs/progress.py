@@ -1,0 +1,186 @@
+"""A job's progress while it runs, kept in storage so that any ingress replica can report it.
+
+The FlowTransformer reports denoising steps through a `ProgressBoard` (one small object per job,
+`progress/{id}.json`, overwritten); the Codec stores the previews a request asked for
+(`previews/{id}/{attempt}-{step}.jpeg`). An `EventFeed` turns the record, that object and the
+previews into the events of one job, each with a position that orders them:
+
+    attempt * 10000 + rank   rank: 0 queued, 1 embedding, 2 denoising, 10 + 2 step (the step done),
+                             11 + 2 step (its preview), 9000 decoding; the result is FINAL
+
+A client that reconnects with the last position it saw gets only what comes after it; a retried job
+(a new attempt) starts again at step 1 with higher positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from deployments.jobs.records import JobRecord, Status, preview_key, progress_key
+from deployments.jobs.store import JobStore
+from deployments.stages.payloads import StepDone
+from deployments.storage import Storage, StorageOptions, open_storage
+
+FINAL = 10**9  # the result's position: always last
+_ATTEMPT = 10_000
+_FINISH_RANK = 9_000
+
+
+@dataclass(frozen=True)
+class Event:
+    position: int
+    kind: str  # status | progress | preview | result
+    data: dict
+
+
+@dataclass(frozen=True)
+class Step:
+    """A job's last reported step, as stored."""
+
+    attempt: int
+    step: int
+    steps: int
+
+    @property
+    def fraction(self) -> float:
+        """Of the work: the steps and the decode count as steps + 1 equal parts."""
+        return round(self.step / (self.steps + 1), 4)
+
+
+def progress_of(job: JobRecord, step: Step | None) -> float:
+    """`progress` in get_result: 1 once terminal, else the share of the running attempt done."""
+    if job.status.terminal:
+        return 1.0
+    return step.fraction if step is not None and step.attempt == job.attempts else 0.0
+
+
+class ProgressBoard:
+    """The FlowTransformer's progress sink (stages.payloads.ProgressSink) over storage: picklable
+    (its storage options travel; the replica that unpickles it opens storage there)."""
+
+    def __init__(self, storage: StorageOptions):
+        self.options = storage
+        self._storage = open_storage(storage)
+
+    def __getstate__(self):
+        return {"options": self.options}
+
+    def __setstate__(self, state):
+        self.__init__(state["options"])
+
+    async def __call__(self, done: list[StepDone]) -> None:
+        await asyncio.gather(*(write_step(self._storage, d) for d in done))
+
+
+async def write_step(storage: Storage, done: StepDone) -> None:
+    body = {"attempt": done.attempt, "step": done.step, "steps": done.steps, "at": time.time()}
+    await storage.put(progress_key(done.job_id), json.dumps(body).encode(), "application/json")
+
+
+async def read_step(storage: Storage, job_id: str) -> Step | None:
+    raw = await storage.get(progress_key(job_id))
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+        return Step(int(body["attempt"]), int(body["step"]), int(body["steps"]))
+    except (ValueError, KeyError, TypeError):  # half-written on a non-atomic server: next time
+        return None
+
+
+class EventFeed:
+    """The events of one job, polled from storage. `poll` returns what is new since the last call
+    (or since position `after`); once the job is terminal, its last event is the result, given as
+    `describe(job)` makes it (the API's get_result body)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job: JobRecord,
+        *,
+        after: int = -1,
+        describe: Callable[[JobRecord, Step | None], dict] | None = None,
+        reread: bool = True,
+    ):
+        """`reread`: read the record from storage at each poll (False: `job` is the live record of a
+        run in this process)."""
+        self.store, self.storage, self.job = store, store.storage, job
+        self.after, self.describe, self.reread = after, describe, reread
+        self.sent: set[int] = set()  # positions given, in this stream
+        self.ended = False
+
+    def _new(self, position: int, kind: str, data: dict) -> Event | None:
+        if position <= self.after or position in self.sent:
+            return None
+        self.sent.add(position)
+        return Event(position, kind, {"id": self.job.id, **data})
+
+    async def poll(self) -> list[Event]:
+        if self.ended:
+            return []
+        if self.reread:
+            self.job = await self.store.get(self.job.id) or self.job
+        job = self.job
+        step = await read_step(self.storage, job.id) if job.attempts else None
+        if step is not None and step.attempt != job.attempts:  # an earlier attempt's
+            step = None
+        if job.status.terminal:  # the previews it has not given (a fast job's), then the result
+            self.ended = True
+            events = await self._previews(job, job.request.steps) if job.status is Status.READY else []
+            body = self.describe(job, step) if self.describe else {"status": job.status.value}
+            return _in_order(events) + [Event(FINAL, "result", body)]
+        events = [self._status(job, step)]
+        if step is not None:
+            base = job.attempts * _ATTEMPT
+            events.append(
+                self._new(
+                    base + 10 + 2 * step.step,
+                    "progress",
+                    {"stage": "denoise", "step": step.step, "steps": step.steps, "progress": step.fraction},
+                )
+            )
+            events += await self._previews(job, step.step)
+        return _in_order(events)
+
+    def _status(self, job: JobRecord, step: Step | None) -> Event | None:
+        if job.attempts == 0:
+            stage, rank = "queued", 0
+        elif step is None:
+            stage, rank = "embed", 1
+        elif step.step < step.steps:
+            stage, rank = "denoise", 2
+        else:
+            stage, rank = "finish", _FINISH_RANK
+        data = {"status": Status.PENDING.value, "stage": stage, "attempt": job.attempts}
+        return self._new(job.attempts * _ATTEMPT + rank, "status", data)
+
+    async def _previews(self, job: JobRecord, done: int) -> list[Event | None]:
+        """The previews of steps up to `done` that this stream has not given (read when there)."""
+        base = job.attempts * _ATTEMPT
+        due = [s for s in job.request.previews if s <= done and base + 11 + 2 * s not in self.sent]
+        due = [s for s in due if base + 11 + 2 * s > self.after]
+        files = await asyncio.gather(*(self.storage.get(preview_key(job.id, job.attempts, s)) for s in due))
+        r = job.request
+        size = {"width": r.width // 8, "height": r.height // 8}
+        return [
+            self._new(
+                base + 11 + 2 * s,
+                "preview",
+                {"step": s, "steps": r.steps, "image": _data_uri(data), **size},
+            )
+            for s, data in zip(due, files, strict=True)
+            if data is not None
+        ]
+
+
+def _in_order(events: list[Event | None]) -> list[Event]:
+    return sorted((e for e in events if e is not None), key=lambda e: e.position)
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

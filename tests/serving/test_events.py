@@ -1,0 +1,194 @@
+"""Progress, previews and event streams, in process (real stages behind fake handles, local storage):
+the feed's order and resumption, get_result's moving progress, previews that never change the image,
+and the stream's answers over ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from deployments.jobs.progress import FINAL
+from deployments.jobs.records import Status, preview_steps
+from tests.serving.inprocess import build, submit_job
+
+MODEL = "flux-2-klein-tiny"
+
+
+@pytest.fixture
+def ingress(tmp_path):
+    return build(tmp_path / "data")
+
+
+def _args(**kw) -> dict:
+    return dict(prompt="a fox", width=64, height=64, seed=1, steps=None, guidance=None, safety_tolerance=2,
+                output_format="png", images=[]) | kw  # fmt: skip
+
+
+def slow_steps(ingress, seconds: float) -> None:
+    """Each denoising step of the transformer takes `seconds` longer (a GPU-sized step)."""
+    ft = ingress.service.stages.transformer.obj
+    real = ft._start
+
+    def start(items, lora=None, hook=None):
+        for out in real(items, lora, hook):
+            time.sleep(seconds)
+            yield out
+
+    ft._start = start
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Server-Sent Events -> [{id, event, data}] (comments dropped)."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if fields:
+            events.append(
+                {"id": fields.get("id"), "event": fields["event"], "data": json.loads(fields["data"])}
+            )
+    return events
+
+
+def test_preview_steps_are_spread_before_the_last():
+    assert preview_steps(4, 3) == [1, 2, 3]
+    assert preview_steps(4, 10) == [1, 2, 3]
+    assert preview_steps(50, 3) == [12, 25, 38]
+    assert len(preview_steps(50, 10)) == 10 and max(preview_steps(50, 10)) < 50
+    assert preview_steps(1, 3) == [] and preview_steps(8, 0) == []
+
+
+def test_feed_follows_a_running_job_and_resumes_after_the_last_event_seen(ingress):
+    """Status, each step polled, previews of the planned steps, then the result; a second feed
+    started after an event gives only what follows it; get_result's progress moves meanwhile."""
+    slow_steps(ingress, 0.3)
+    service = ingress.service
+
+    async def go():
+        job, _ = await submit_job(ingress, **_args(steps=4, previews=3))
+        assert job.request.previews == [1, 2, 3]
+        feed = service.feed(job)
+        first = await feed.poll()
+        assert [(e.kind, e.data["stage"]) for e in first] == [("status", "queued")]
+        run = asyncio.ensure_future(service.run(job))
+        seen, fractions = list(first), []
+        while not feed.ended:
+            seen += await feed.poll()
+            stored = await service.store.get(job.id)
+            if not stored.status.terminal:
+                fractions.append((await service.step(stored)).fraction if await service.step(stored) else 0.0)
+            await asyncio.sleep(0.05)
+        await run
+        positions = [e.position for e in seen if e.kind != "preview"]  # a preview may come late
+        assert positions == sorted(positions) and len(set(positions)) == len(positions)
+        kinds = [e.kind for e in seen]
+        assert kinds[-1] == "result" and seen[-1].position == FINAL and seen[-1].data["status"] == "Ready"
+        steps = [e.data["step"] for e in seen if e.kind == "progress"]
+        assert steps == sorted(steps) and len(steps) >= 3 and steps[-1] <= 4
+        previews = {e.data["step"]: e.data for e in seen if e.kind == "preview"}
+        assert set(previews) == {1, 2, 3}
+        image = Image.open(io.BytesIO(base64.b64decode(previews[2]["image"].split(",", 1)[1])))
+        assert image.format == "JPEG" and image.size == (8, 8) == (
+            previews[2]["width"],
+            previews[2]["height"],
+        )
+        stages = [e.data["stage"] for e in seen if e.kind == "status"]
+        assert stages[0] == "queued" and "denoise" in stages
+        assert any(0 < f < 1 for f in fractions), fractions  # get_result's progress moved while it ran
+
+        # a client that saw up to the second step's progress gets what follows, nothing before
+        cut = next(e.position for e in seen if e.kind == "progress" and e.data["step"] == 2)
+        again = await service.feed(await service.store.get(job.id), after=cut).poll()
+        assert [e.kind for e in again] == ["preview", "preview", "result"]
+        assert [e.data["step"] for e in again[:2]] == [2, 3]
+
+    asyncio.run(go())
+
+
+def test_previews_never_change_the_image(ingress):
+    """The same request with and without previews (batched together or alone): the same bytes."""
+
+    async def go():
+        plain, _ = await submit_job(ingress, **_args(seed=7, steps=4))
+        watched, _ = await submit_job(ingress, **_args(seed=7, steps=4, previews=3))
+        a, b = await asyncio.gather(
+            ingress.service.run(plain, return_bytes=True), ingress.service.run(watched, return_bytes=True)
+        )
+        alone, _ = await submit_job(ingress, **_args(seed=7, steps=4, previews=3))
+        c = await ingress.service.run(alone, return_bytes=True)
+        assert a.data == b.data == c.data
+        listed = await ingress.service.storage.list(f"previews/{watched.id}")
+        assert len(listed) == 3 and await ingress.service.storage.list(f"previews/{plain.id}") == []
+
+    asyncio.run(go())
+
+
+def test_events_and_get_result_over_http(ingress):
+    """A finished job's stream answers with its result at once (the get_result body); unknown and
+    other keys' jobs are 404; `preview` and the OpenAI stream fields are checked like the others."""
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            r = await c.post(f"/v1/{MODEL}", json={"prompt": "x", "width": 64, "height": 64, "preview": True})
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
+            r = await c.get(f"/v1/jobs/{job_id}/events")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = parse_sse(r.text)
+            assert [e["event"] for e in events] == ["preview"] * 3 + ["result"]  # its previews, then it
+            result = (await c.get("/v1/get_result", params={"id": job_id})).json()
+            for body in (events[-1]["data"], result):  # links signed a second apart may differ
+                body["result"]["sample"] = body["result"]["sample"].split("?")[0]
+            assert events[-1]["data"] == result and result["status"] == "Ready" and result["progress"] == 1.0
+            r = await c.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": events[-2]["id"]})
+            assert [e["event"] for e in parse_sse(r.text)] == ["result"]
+            assert (await c.get("/v1/jobs/0123abcd/events")).status_code == 404
+            r = await c.post(f"/v1/{MODEL}", json={"prompt": "x", "preview": "yes"})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "preview"]
+            for body, field in [
+                ({"stream": True, "n": 2}, "n"),
+                ({"partial_images": 2}, "partial_images"),
+                ({"stream": True, "partial_images": 4}, "partial_images"),
+            ]:
+                r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", **body})
+                assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
+
+    asyncio.run(go())
+
+
+def test_openai_stream_over_asgi(ingress):
+    """stream with partial_images: partial images (0-based, each a JPEG), then the completed image,
+    the same bytes as without streaming, with usage."""
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            body = {"prompt": "x", "size": "64x64", "seed": 3, "response_format": "b64_json"}
+            r = await c.post("/v1/images/generations", json=body | {"stream": True, "partial_images": 2})
+            assert r.status_code == 200, r.text
+            events = parse_sse(r.text)
+            kinds = [e["event"] for e in events]
+            assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+            assert [e["data"]["partial_image_index"] for e in events[:-1]] == [0, 1]
+            done = events[-1]["data"]
+            assert done["type"] == "image_generation.completed" and done["size"] == "64x64"
+            assert done["usage"]["output_tokens"] == 16 and done["usage"]["total_tokens"] == 16
+            plain = (await c.post("/v1/images/generations", json=body)).json()
+            assert base64.b64decode(done["b64_json"]) == base64.b64decode(plain["data"][0]["b64_json"])
+            stored = await ingress.service.store.get(done["metering"]["job_ids"][0])
+            assert stored.status is Status.READY
+
+    asyncio.run(go())

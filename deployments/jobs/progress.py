@@ -9,7 +9,8 @@ previews into the events of one job, each with a position that orders them:
                              11 + 2 step (its preview), 9000 decoding; the result is FINAL
 
 A client that reconnects with the last position it saw gets only what comes after it; a retried job
-(a new attempt) starts again at step 1 with higher positions.
+(a new attempt) starts again at step 1 with higher positions. A job's first attempt does not write
+its record when it starts (it was just written), so until its first step it shows as queued.
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ class Step:
         return round(self.step / (self.steps + 1), 4)
 
 
+def current(job: JobRecord, step: Step | None) -> tuple[int, Step | None]:
+    """The attempt under way and its step (None: an earlier attempt's, or none yet). A job's first
+    attempt starts without writing its record again (it was just written), so a step newer than the
+    record's attempt count is that attempt's."""
+    attempt = max(job.attempts, step.attempt if step is not None else 0)
+    return attempt, step if step is not None and step.attempt == attempt else None
+
+
 def progress_of(job: JobRecord, step: Step | None) -> float:
     """`progress` in get_result: 1 once terminal, else the share of the running attempt done."""
     if job.status.terminal:
         return 1.0
-    return step.fraction if step is not None and step.attempt == job.attempts else 0.0
+    _, step = current(job, step)
+    return step.fraction if step is not None else 0.0
 
 
 class ProgressBoard:
@@ -126,17 +136,16 @@ class EventFeed:
         if self.reread:
             self.job = await self.store.get(self.job.id) or self.job
         job = self.job
-        step = await read_step(self.storage, job.id) if job.attempts else None
-        if step is not None and step.attempt != job.attempts:  # an earlier attempt's
-            step = None
+        attempt, step = current(job, await read_step(self.storage, job.id))
         if job.status.terminal:  # the previews it has not given (a fast job's), then the result
             self.ended = True
-            events = await self._previews(job, job.request.steps) if job.status is Status.READY else []
+            ready = job.status is Status.READY
+            events = await self._previews(job, attempt, job.request.steps) if ready else []
             body = self.describe(job, step) if self.describe else {"status": job.status.value}
             return _in_order(events) + [Event(FINAL, "result", body)]
-        events = [self._status(job, step)]
+        events = [self._status(attempt, step)]
         if step is not None:
-            base = job.attempts * _ATTEMPT
+            base = attempt * _ATTEMPT
             events.append(
                 self._new(
                     base + 10 + 2 * step.step,
@@ -144,11 +153,11 @@ class EventFeed:
                     {"stage": "denoise", "step": step.step, "steps": step.steps, "progress": step.fraction},
                 )
             )
-            events += await self._previews(job, step.step)
+            events += await self._previews(job, attempt, step.step)
         return _in_order(events)
 
-    def _status(self, job: JobRecord, step: Step | None) -> Event | None:
-        if job.attempts == 0:
+    def _status(self, attempt: int, step: Step | None) -> Event | None:
+        if attempt == 0:
             stage, rank = "queued", 0
         elif step is None:
             stage, rank = "embed", 1
@@ -156,15 +165,15 @@ class EventFeed:
             stage, rank = "denoise", 2
         else:
             stage, rank = "finish", _FINISH_RANK
-        data = {"status": Status.PENDING.value, "stage": stage, "attempt": job.attempts}
-        return self._new(job.attempts * _ATTEMPT + rank, "status", data)
+        data = {"status": Status.PENDING.value, "stage": stage, "attempt": attempt}
+        return self._new(attempt * _ATTEMPT + rank, "status", data)
 
-    async def _previews(self, job: JobRecord, done: int) -> list[Event | None]:
+    async def _previews(self, job: JobRecord, attempt: int, done: int) -> list[Event | None]:
         """The previews of steps up to `done` that this stream has not given (read when there)."""
-        base = job.attempts * _ATTEMPT
+        base = attempt * _ATTEMPT
         due = [s for s in job.request.previews if s <= done and base + 11 + 2 * s not in self.sent]
         due = [s for s in due if base + 11 + 2 * s > self.after]
-        files = await asyncio.gather(*(self.storage.get(preview_key(job.id, job.attempts, s)) for s in due))
+        files = await asyncio.gather(*(self.storage.get(preview_key(job.id, attempt, s)) for s in due))
         r = job.request
         size = {"width": r.width // 8, "height": r.height // 8}
         return [

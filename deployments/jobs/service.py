@@ -297,7 +297,7 @@ class JobService:
 
     async def step(self, job: JobRecord) -> Step | None:
         """The running attempt's last reported denoising step (None before the first)."""
-        if job.status.terminal or not job.attempts:
+        if job.status.terminal:
             return None
         return await read_step(self.storage, job.id)
 

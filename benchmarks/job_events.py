@@ -1,8 +1,8 @@
 """What watching a job costs and gives: event latencies, the stream's storage reads, preview cost
 against a step, and throughput with streamed previews on vs off (tiny preset, CPU by default).
 
-    python benchmarks/job_events.py [--size 256] [--jobs 10] [--concurrency 16] [--seconds 20]
-        [--rounds 2] [--preset tiny] [--parts latency cost throughput]
+    python benchmarks/job_events.py [--size 256] [--steps N] [--jobs 10] [--concurrency 16]
+        [--seconds 20] [--rounds 2] [--preset tiny] [--parts latency cost throughput]
 
 latency: one job at a time on the served DAG (real HTTP): submit with `preview: true`, read
 GET /v1/jobs/{id}/events, and time the first event, the first progress event, the first preview
@@ -104,8 +104,13 @@ async def _count_reads(root: str, job_id: str, poll_s: float) -> tuple[int, int,
     return polls, counting.gets, counting.bytes
 
 
-async def _watch_one(http: httpx.AsyncClient, model: str, size: int, seed: int, root: str) -> dict:
-    body = {"prompt": f"a lighthouse {seed}", "width": size, "height": size, "seed": seed, "preview": True}
+def _body(size: int, seed: int, steps: int | None) -> dict:
+    body = {"prompt": f"a lighthouse {seed}", "width": size, "height": size, "seed": seed}
+    return body | ({"steps": steps} if steps else {})
+
+
+async def _watch_one(http: httpx.AsyncClient, model: str, size: int, steps, seed: int, root: str) -> dict:
+    body = _body(size, seed, steps) | {"preview": True}
     t0 = time.perf_counter()
     job_id = (await http.post(f"/v1/{model}", json=body)).raise_for_status().json()["id"]
     submitted = time.perf_counter() - t0
@@ -121,8 +126,8 @@ async def _watch_one(http: httpx.AsyncClient, model: str, size: int, seed: int, 
     return {"submit": submitted, **times, "polls": polls, "reads": reads, "read bytes": nbytes}
 
 
-async def _poll_one(http: httpx.AsyncClient, model: str, size: int, seed: int) -> float:
-    body = {"prompt": f"a lighthouse {seed}", "width": size, "height": size, "seed": seed}
+async def _poll_one(http: httpx.AsyncClient, model: str, size: int, steps, seed: int) -> float:
+    body = _body(size, seed, steps)
     t0 = time.perf_counter()
     job_id = (await http.post(f"/v1/{model}", json=body)).raise_for_status().json()["id"]
     while (await http.get("/v1/get_result", params={"id": job_id})).json()["status"] == "Pending":
@@ -130,18 +135,19 @@ async def _poll_one(http: httpx.AsyncClient, model: str, size: int, seed: int) -
     return time.perf_counter() - t0
 
 
-def run_latency(url: str, model: str, root: str, size: int, jobs: int) -> None:
+def run_latency(url: str, model: str, root: str, size: int, steps: int | None, jobs: int) -> None:
     async def go():
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-            await _poll_one(http, model, size, 0)  # warm up
+            await _poll_one(http, model, size, steps, 0)  # warm up
             watched, polled = [], []
             for i in range(jobs):
-                watched.append(await _watch_one(http, model, size, 100 + i, root))
-                polled.append(await _poll_one(http, model, size, 200 + i))
+                watched.append(await _watch_one(http, model, size, steps, 100 + i, root))
+                polled.append(await _poll_one(http, model, size, steps, 200 + i))
             return watched, polled
 
     watched, polled = asyncio.run(go())
-    print(f"\nlatency, {jobs} jobs one at a time, {size}x{size}, seconds after submitting (median, min-max):")
+    what = f"{size}x{size}, {steps or 'default'} steps"
+    print(f"\nlatency, {jobs} jobs one at a time, {what}, seconds after submitting (median, min-max):")
     for name in ("submit", "first event", "first status", "first progress", "first preview", "first result"):
         values = [w[name] for w in watched if name in w]
         if values:
@@ -266,6 +272,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, help="denoising steps of the latency jobs (default: the model's)")
     p.add_argument("--jobs", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seconds", type=float, default=20)
@@ -282,7 +289,7 @@ def main() -> None:
         url, model = served(args.preset, root, 8731)
         try:
             if "latency" in args.parts:
-                run_latency(url, model, root, args.size, args.jobs)
+                run_latency(url, model, root, args.size, args.steps, args.jobs)
             if "throughput" in args.parts:
                 run_throughput(url, args.size, args.concurrency, args.seconds, args.rounds)
         finally:

@@ -139,3 +139,12 @@ def test_lora_benchmark_runs_every_variant_and_checks_each_request(monkeypatch, 
         assert f"| {variant} |" in out
     assert "mixed's adapter-free request equals the no-adapter batch's: bit-exact" in out
     assert "max |klein - first version|" in out
+
+
+def test_job_events_preview_cost_runs(capsys):
+    """benchmarks/job_events.py's in-process part: a preview's cost against a step, tiny, 64x64."""
+    from benchmarks import job_events
+
+    job_events.run_cost("tiny", [64], repeats=2)
+    out = capsys.readouterr().out
+    assert "64x64: step" in out and "of a step" in out and "map fit: R^2" in out

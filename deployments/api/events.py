@@ -27,14 +27,24 @@ router = APIRouter()
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
+def streamed(description: str) -> dict:
+    """The OpenAPI entry of a 200 that is (or may be) a stream of Server-Sent Events."""
+    return {
+        200: {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    }
+
+
 def sse(event: str, data: dict, id: int | None = None) -> str:
     """One Server-Sent Event (`data` as one line of JSON)."""
     head = f"id: {id}\n" if id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def watch(feed: EventFeed, poll_s: float, keepalive_s: float) -> AsyncIterator[str]:
-    """Poll a feed until its result; a comment line when nothing happened for `keepalive_s`."""
+async def watch(
+    feed: EventFeed, poll_s: float, keepalive_s: float, run: asyncio.Future | None = None
+) -> AsyncIterator[str]:
+    """Poll a feed until its result; a comment line when nothing happened for `keepalive_s`. With
+    `run` (the job's run, when this replica runs it), its end is seen at once, not at the next poll."""
     quiet_since = time.monotonic()
     while True:
         events = await feed.poll()
@@ -47,7 +57,10 @@ async def watch(feed: EventFeed, poll_s: float, keepalive_s: float) -> AsyncIter
         elif time.monotonic() - quiet_since >= keepalive_s:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
-        await asyncio.sleep(poll_s)
+        if run is not None and not run.done():
+            await asyncio.wait([run], timeout=poll_s)
+        else:
+            await asyncio.sleep(poll_s)
 
 
 def _last_seen(header: str | None) -> int:
@@ -59,8 +72,8 @@ def _last_seen(header: str | None) -> int:
 
 @router.get(
     "/v1/jobs/{job_id}/events",
-    responses=documented(401, 404, 503)
-    | {200: {"description": "text/event-stream: status, progress, preview, result events"}},
+    response_class=StreamingResponse,
+    responses=documented(401, 404, 503) | streamed("status, progress, preview and result events"),
 )
 async def events(
     request: Request,
@@ -77,5 +90,5 @@ async def events(
         return result_body(request, job, step).model_dump(exclude_none=True)
 
     feed = service.feed(job, after=_last_seen(last_event_id), describe=describe)
-    stream = watch(feed, options.events_poll_s, options.events_keepalive_s)
+    stream = watch(feed, options.events_poll_s, options.events_keepalive_s, service.running_here(job.id))
     return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)

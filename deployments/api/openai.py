@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from deployments.api.auth import caller
 from deployments.api.deps import images_of, options_of, sample_url, service_of, submit_trace
 from deployments.api.errors import documented, openai_error
-from deployments.api.events import STREAM_HEADERS, sse
+from deployments.api.events import STREAM_HEADERS, sse, streamed
 from deployments.api.schemas import ImageData, ImagesRequest, ImagesResponse, lora_requests, parse_size
 from deployments.jobs.errors import FieldError
 from deployments.jobs.records import JobRecord, Status
@@ -28,6 +28,7 @@ router = APIRouter()
 FIELD_NAMES = {"width": "size", "height": "size", "references": "image"}  # klein's field -> OpenAI's
 EDIT_FORM_FIELDS = set(ImagesRequest.model_fields) | {"image", "image[]", "mask"}
 MODERATED = (Status.REQUEST_MODERATED, Status.CONTENT_MODERATED)
+STREAMED = streamed("the images (JSON), or with `stream: true` their events")
 
 
 @router.get("/v1/models")
@@ -90,7 +91,7 @@ def _edit_form_schema() -> dict:
     "/v1/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=documented(400, 401, 404, 413, 415, 429, 500, 503, 504),
+    responses=documented(400, 401, 404, 413, 415, 429, 500, 503, 504) | STREAMED,
 )
 async def generations(body: ImagesRequest, request: Request, key_id: str = Depends(caller)):
     return await images(request, body, [], key_id, "image_generation")
@@ -100,7 +101,7 @@ async def generations(body: ImagesRequest, request: Request, key_id: str = Depen
     "/v1/images/edits",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=documented(400, 401, 404, 413, 415, 422, 429, 500, 503, 504),
+    responses=documented(400, 401, 404, 413, 415, 422, 429, 500, 503, 504) | STREAMED,
     openapi_extra=_edit_form_schema(),
 )
 async def edits(request: Request, key_id: str = Depends(caller)):

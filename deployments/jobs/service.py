@@ -301,6 +301,10 @@ class JobService:
             return None
         return await read_step(self.storage, job.id)
 
+    def running_here(self, job_id: str) -> asyncio.Task | None:
+        """The job's run, when this replica runs it (a stream can wake when it ends)."""
+        return self.runner.running.get(job_id)
+
     def feed(self, job: JobRecord, **kw) -> EventFeed:
         """The job's events (jobs.progress.EventFeed: `after`, `describe`, `reread`)."""
         return EventFeed(self.store, job, **kw)

@@ -91,13 +91,13 @@ class Codec(Stage):
         self.storage = open_storage(storage)
         self.options = options
         start = time.monotonic()
-        self.previews = self.on_worker(
+        self.previews_map = self.on_worker(
             LatentPreview.fit_to, self.vae, options.preview_fit_images, options.preview_fit_size
         )
         log.info(
             "preview map fitted to the VAE in %.2f s: R^2 %.3f on held-out images",
             time.monotonic() - start,
-            self.previews.fit.r2,
+            self.previews_map.fit.r2,
         )
         self.speed_up(
             self.vae, fastpath.setup_vae, fastpath.warm_up_vae, "decode_one", multiple=self.spec.multiple
@@ -138,24 +138,39 @@ class Codec(Stage):
         key = _digest(images)  # names the call for the health bookkeeping
         return await self.run(lambda: self.post.moderate([open_image(b) for b in images], tolerance), job=key)
 
-    async def preview(self, tokens: Tensor, params: PreviewParams) -> bool:
-        """Render a predicted clean latent (L, C) small, check it, store it as JPEG at `params.key`.
-        False: the classifier flagged it (nothing is stored)."""
+    async def previews(self, latents: list[Tensor], params: list[PreviewParams]) -> list[bool]:
+        """Render predicted clean latents (L, C) small, check them (one classifier forward), store
+        each as JPEG at its `key`: one call per transformer step for all its requests that asked.
+        False where the classifier flagged one (nothing is stored)."""
         start = time.time_ns()
-        h, w = params.grid
-        pixels = await asyncio.to_thread(self.previews.render, tokens, h, w)  # off the worker thread
-        image = Image.fromarray(pixels.numpy())
-        moderate = self.post.moderate
-        if (
-            self.post.classifier is not None
-            and (await self.run(moderate, [image], params.safety_tolerance, job=params.job_id))[0]
-        ):
-            return False
-        buf = io.BytesIO()
-        await asyncio.to_thread(image.save, buf, "JPEG", quality=self.options.preview_quality)
-        await self.storage.put(params.key, buf.getvalue(), CONTENT_TYPES["jpeg"])
-        metrics.stage_batch("preview", 1, (time.time_ns() - start) / 1e9)
-        return True
+
+        def render() -> list[Image.Image]:  # off the worker thread: a small matmul each
+            return [
+                Image.fromarray(self.previews_map.render(z, *p.grid).numpy())
+                for z, p in zip(latents, params, strict=True)
+            ]
+
+        images = await asyncio.to_thread(render)
+        flagged = [False] * len(images)
+        if self.post.classifier is not None:
+            flagged = await self.run(self.post.flagged, images, params, job=params[0].job_id)
+
+        def jpeg(image: Image.Image) -> bytes:
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=self.options.preview_quality)
+            return buf.getvalue()
+
+        files = await asyncio.to_thread(
+            lambda: [None if f else jpeg(im) for im, f in zip(images, flagged, strict=True)]
+        )
+        stored = [
+            self.storage.put(p.key, data, CONTENT_TYPES["jpeg"])
+            for p, data in zip(params, files, strict=True)
+            if data
+        ]
+        await asyncio.gather(*stored)
+        metrics.stage_batch("preview", len(latents), (time.time_ns() - start) / 1e9)
+        return [not f for f in flagged]
 
     async def finish(self, latents: Tensor, params: FinishParams) -> FinishResult:
         return await self.through(self._finish_batch, latents, params)

@@ -246,9 +246,8 @@ class FlowTransformer(Stage):
                 if len(cancelled) == len(items):
                     break
             img = await self.attempt(_step, steps)
-            if previews is not None:
-                for row, x0 in previews.take():
-                    self._send_preview(items[row].params, step, x0)
+            if previews is not None and (ready := previews.take()):
+                self._send_previews([items[row].params for row, _ in ready], step, [x0 for _, x0 in ready])
             self._report(items, step, reported)
         if img is None:  # every job was cancelled before its first step
             return [JobCancelled(it.params.job_id) for it in items]
@@ -284,17 +283,21 @@ class FlowTransformer(Stage):
         except Exception as e:  # progress is for watchers: a failed write must not fail the batch
             log.warning("progress report failed (%s: %s)", type(e).__name__, e)
 
-    def _send_preview(self, p: DenoiseParams, step: int, x0: Tensor) -> None:
+    def _send_previews(self, requests: list[DenoiseParams], step: int, latents: list[Tensor]) -> None:
+        """One call to the Codec for the step's previews, in the background."""
         m = self.spec.multiple
-        params = PreviewParams(
-            p.job_id, p.preview.key(step), (p.height // m, p.width // m), p.preview.safety_tolerance
-        )
+        params = [
+            PreviewParams(
+                p.job_id, p.preview.key(step), (p.height // m, p.width // m), p.preview.safety_tolerance
+            )
+            for p in requests
+        ]
 
         async def send():
             try:
-                await self.previewer.preview.remote(x0, params)
-            except Exception as e:
-                log.warning("preview of job %s failed (%s: %s)", p.job_id, type(e).__name__, e)
+                await self.previewer.previews.remote(latents, params)
+            except Exception as e:  # previews are for watchers: the batch goes on
+                log.warning("previews at step %d failed (%s: %s)", step, type(e).__name__, e)
 
         self._spawn(send())
 

@@ -201,3 +201,28 @@ def test_klein_verify(tmp_path, classifier_dir, pki, capsys):
     assert main(["verify", str(plain)]) == 1
     out = capsys.readouterr().out
     assert "C2PA: no manifest" in out and "watermark: absent" in out
+
+
+def test_previews_pass_the_classifier_too(tmp_path, classifier_dir, pki):
+    """A preview is classified at its request's tolerance like the image: flagged, none is stored."""
+    from deployments.stages.payloads import PreviewParams
+
+    ingress = _ingress(tmp_path, classifier_dir, pki)
+    codec = ingress.service.stages.codec.obj
+    asked = []
+
+    def flagged(images, params):
+        asked.append([(im.size, p.safety_tolerance) for im, p in zip(images, params, strict=True)])
+        return [p.safety_tolerance < 3 for p in params]
+
+    codec.post.flagged = flagged
+    tokens = torch.randn(4 * 4, codec.previews_map.channels)
+    strict, lenient = (PreviewParams(f"j{t}", f"previews/j{t}/1-1.jpeg", (4, 4), t) for t in (2, 4))
+
+    async def go():
+        assert await codec.previews([tokens, tokens], [strict, lenient]) == [False, True]
+        assert await ingress.service.storage.get(strict.key) is None
+        assert Image.open(io.BytesIO(await ingress.service.storage.get(lenient.key))).size == (8, 8)
+        assert asked == [[((8, 8), 2), ((8, 8), 4)]]
+
+    asyncio.run(go())

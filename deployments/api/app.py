@@ -13,7 +13,7 @@ from deployments.jobs.service import JobService
 from klein.image import CONTENT_TYPES, EXTENSIONS
 
 FILE_TYPES = {EXTENSIONS[f]: CONTENT_TYPES[f] for f in EXTENSIONS}  # extension -> media type
-CORS_HEADERS = ["authorization", "x-key", "content-type", "idempotency-key", "traceparent"]
+CORS_HEADERS = ["authorization", "x-key", "content-type", "idempotency-key", "traceparent", "last-event-id"]
 
 
 def build_api(service: JobService, keys: KeyRing) -> FastAPI:

@@ -22,6 +22,7 @@ from deployments.api.deps import options_of, service_of
 from deployments.api.errors import documented
 from deployments.jobs.progress import EventFeed
 from deployments.jobs.records import Status
+from deployments.storage import StorageError
 
 router = APIRouter()
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
@@ -47,7 +48,10 @@ async def watch(
     `run` (the job's run, when this replica runs it), its end is seen at once, not at the next poll."""
     quiet_since = time.monotonic()
     while True:
-        events = await feed.poll()
+        try:
+            events = await feed.poll()
+        except StorageError:  # unreachable for now: try again at the next poll
+            events = []
         for e in events:
             yield sse(e.kind, e.data, e.position)
         if feed.ended:

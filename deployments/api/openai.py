@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +25,7 @@ from deployments.jobs.service import InputImage, JobService, Submission
 from klein.image import EXTENSIONS
 from klein.request import LORA_SCALE
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 FIELD_NAMES = {"width": "size", "height": "size", "references": "image"}  # klein's field -> OpenAI's
 EDIT_FORM_FIELDS = set(ImagesRequest.model_fields) | {"image", "image[]", "mask"}
@@ -254,20 +256,23 @@ async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: s
     feed = service.feed(job, reread=False)  # `job` is the live record of the run
     deadline = time.monotonic() + options.sync_timeout_s
     common = {"background": "opaque", "quality": "auto", "size": f"{job.request.width}x{job.request.height}"}
-    previews = 0
+    previews, quiet_since = 0, time.monotonic()
     try:
         while True:
             done = run.done()  # then one last look: the previews of a job faster than a poll
-            for event in await feed.poll():
+            for event in await _poll(feed):
                 if event.kind == "preview":
                     partial = {
                         "b64_json": event.data["image"].split(",", 1)[1],
                         "partial_image_index": previews,
                     }
                     yield _event(f"{kind}.partial_image", common | partial | {"output_format": "jpeg"})
-                    previews += 1
+                    previews, quiet_since = previews + 1, time.monotonic()
             if done or time.monotonic() > deadline:
                 break
+            if time.monotonic() - quiet_since >= options.events_keepalive_s:  # for idle timeouts
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
             await asyncio.wait([run], timeout=options.events_poll_s)
         if not run.done():
             message = f"no result within {options.sync_timeout_s:g} s"
@@ -276,7 +281,23 @@ async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: s
         yield _ending(kind, job, run, common | {"output_format": body.output_format})
     finally:
         if not run.done():  # the caller went away (or timed out): the job ends Cancelled, unbilled
-            await _abandon(service, [job], [run])
+            # in its own task: this generator is being cancelled, and every await here would be too
+            _CLEANUPS.add(task := asyncio.ensure_future(_abandon(service, [job], [run])))
+            task.add_done_callback(_CLEANUPS.discard)
+
+
+_CLEANUPS: set[asyncio.Task] = set()
+
+
+async def _poll(feed) -> list:
+    """A feed's new events; none when storage failed this time (the job itself goes on)."""
+    try:
+        return await feed.poll()
+    except Exception as e:
+        log.warning(
+            "stream of job %s: reading its progress failed (%s: %s)", feed.job.id, type(e).__name__, e
+        )
+        return []
 
 
 def _event(kind: str, fields: dict) -> str:

@@ -28,6 +28,7 @@ from deployments.stages.payloads import StepDone
 from deployments.storage import Storage, StorageOptions, open_storage
 
 FINAL = 10**9  # the result's position: always last
+PREVIEW_WAIT_S = 2.0  # how long a stream holds its progress back for a preview not yet stored
 _ATTEMPT = 10_000
 _FINISH_RANK = 9_000
 
@@ -105,8 +106,14 @@ async def read_step(storage: Storage, job_id: str) -> Step | None:
 
 class EventFeed:
     """The events of one job, polled from storage. `poll` returns what is new since the last call
-    (or since position `after`); once the job is terminal, its last event is the result, given as
-    `describe(job)` makes it (the API's get_result body)."""
+    (or since position `after`), in strictly increasing positions; once the job is terminal, its
+    last event is the result, given as `describe(job, step)` makes it (the API's get_result body),
+    whatever `after` was.
+
+    A preview is stored a moment after its step is reported (the Codec renders it), so the feed
+    holds the progress back at a planned preview's step until it is there, for at most
+    PREVIEW_WAIT_S (a preview the classifier withheld never comes): a client that reconnects after
+    a later position has never been owed an earlier preview."""
 
     def __init__(
         self,
@@ -120,15 +127,19 @@ class EventFeed:
         """`reread`: read the record from storage at each poll (False: `job` is the live record of a
         run in this process)."""
         self.store, self.storage, self.job = store, store.storage, job
-        self.after, self.describe, self.reread = after, describe, reread
-        self.sent: set[int] = set()  # positions given, in this stream
+        self.last, self.describe, self.reread = after, describe, reread  # the last position given
+        self.waiting: dict[tuple[int, int], float] = {}  # (attempt, step) of a due preview -> since
+        self.given_up: set[tuple[int, int]] = set()
         self.ended = False
 
-    def _new(self, position: int, kind: str, data: dict) -> Event | None:
-        if position <= self.after or position in self.sent:
-            return None
-        self.sent.add(position)
-        return Event(position, kind, {"id": self.job.id, **data})
+    def _given(self, candidates: list[tuple[int, str, dict]]) -> list[Event]:
+        """The candidates after the last position given, in order; the last position moves on."""
+        events = []
+        for position, kind, data in sorted(candidates, key=lambda c: c[0]):
+            if position > self.last:
+                self.last = position
+                events.append(Event(position, kind, {"id": self.job.id, **data}))
+        return events
 
     async def poll(self) -> list[Event]:
         if self.ended:
@@ -139,24 +150,23 @@ class EventFeed:
         attempt, step = current(job, await read_step(self.storage, job.id))
         if job.status.terminal:  # the previews it has not given (a fast job's), then the result
             self.ended = True
-            ready = job.status is Status.READY
-            events = await self._previews(job, attempt, job.request.steps) if ready else []
+            previews = []
+            if job.status is Status.READY:
+                previews = await self._previews(job, attempt, job.request.steps, wait=False)
             body = self.describe(job, step) if self.describe else {"status": job.status.value}
-            return _in_order(events) + [Event(FINAL, "result", body)]
-        events = [self._status(attempt, step)]
+            return self._given(previews) + [Event(FINAL, "result", body)]
+        candidates = [self._status(attempt, step)]
         if step is not None:
-            base = attempt * _ATTEMPT
-            events.append(
-                self._new(
-                    base + 10 + 2 * step.step,
-                    "progress",
-                    {"stage": "denoise", "step": step.step, "steps": step.steps, "progress": step.fraction},
-                )
-            )
-            events += await self._previews(job, attempt, step.step)
-        return _in_order(events)
+            previews = await self._previews(job, attempt, step.step, wait=True)
+            held = min([step.step, *(s - 1 for s in self._awaited(attempt))])  # not past a due preview
+            step = Step(step.attempt, held, step.steps)
+            candidates = [self._status(attempt, step), *previews]
+            if held > 0:
+                data = {"stage": "denoise", "step": held, "steps": step.steps, "progress": step.fraction}
+                candidates.append((attempt * _ATTEMPT + 10 + 2 * held, "progress", data))
+        return self._given(candidates)
 
-    def _status(self, attempt: int, step: Step | None) -> Event | None:
+    def _status(self, attempt: int, step: Step | None) -> tuple[int, str, dict]:
         if attempt == 0:
             stage, rank = "queued", 0
         elif step is None:
@@ -166,29 +176,35 @@ class EventFeed:
         else:
             stage, rank = "finish", _FINISH_RANK
         data = {"status": Status.PENDING.value, "stage": stage, "attempt": attempt}
-        return self._new(attempt * _ATTEMPT + rank, "status", data)
+        return attempt * _ATTEMPT + rank, "status", data
 
-    async def _previews(self, job: JobRecord, attempt: int, done: int) -> list[Event | None]:
-        """The previews of steps up to `done` that this stream has not given (read when there)."""
-        base = attempt * _ATTEMPT
-        due = [s for s in job.request.previews if s <= done and base + 11 + 2 * s not in self.sent]
-        due = [s for s in due if base + 11 + 2 * s > self.after]
-        files = await asyncio.gather(*(self.storage.get(preview_key(job.id, attempt, s)) for s in due))
-        r = job.request
-        size = {"width": r.width // 8, "height": r.height // 8}
-        return [
-            self._new(
-                base + 11 + 2 * s,
-                "preview",
-                {"step": s, "steps": r.steps, "image": _data_uri(data), **size},
-            )
-            for s, data in zip(due, files, strict=True)
-            if data is not None
+    def _awaited(self, attempt: int) -> list[int]:
+        """Steps of this attempt whose preview is due, not stored yet, and still waited for."""
+        now = time.monotonic()
+        return [s for (a, s), since in self.waiting.items() if a == attempt and now - since < PREVIEW_WAIT_S]
+
+    async def _previews(self, job: JobRecord, attempt: int, done: int, wait: bool) -> list[tuple]:
+        """Candidates for the due previews (steps up to `done`) not given yet, read from storage; with
+        `wait`, up to the first one not stored yet that is still waited for."""
+        base, r = attempt * _ATTEMPT, job.request
+        due = [
+            s
+            for s in r.previews
+            if s <= done and base + 11 + 2 * s > self.last and (attempt, s) not in self.given_up
         ]
-
-
-def _in_order(events: list[Event | None]) -> list[Event]:
-    return sorted((e for e in events if e is not None), key=lambda e: e.position)
+        files = await asyncio.gather(*(self.storage.get(preview_key(job.id, attempt, s)) for s in due))
+        now, size, out = time.monotonic(), {"width": r.width // 8, "height": r.height // 8}, []
+        for s, data in zip(due, files, strict=True):
+            if data is not None:
+                self.waiting.pop((attempt, s), None)
+                image = {"step": s, "steps": r.steps, "image": _data_uri(data), **size}
+                out.append((base + 11 + 2 * s, "preview", image))
+            elif wait:
+                if now - self.waiting.setdefault((attempt, s), now) < PREVIEW_WAIT_S:
+                    break  # the ones after it wait with it
+                self.waiting.pop((attempt, s))
+                self.given_up.add((attempt, s))  # withheld by the classifier, or lost
+        return out
 
 
 def _data_uri(jpeg: bytes) -> str:

@@ -54,8 +54,12 @@ def progress_key(job_id: str) -> str:
     return f"progress/{job_id}.json"
 
 
+def preview_prefix(job_id: str) -> str:
+    return f"previews/{job_id}/"
+
+
 def preview_key(job_id: str, attempt: int, step: int) -> str:
-    return f"previews/{job_id}/{attempt}-{step}.jpeg"
+    return f"{preview_prefix(job_id)}{attempt}-{step}.jpeg"
 
 
 def input_key(job_id: str, nonce: str, k: int) -> str:

@@ -18,7 +18,8 @@ from deployments.jobs.admission import Admission
 from deployments.jobs.errors import Overloaded, is_backpressure
 from deployments.jobs.metering import Billing
 from deployments.jobs.pipeline import Pipeline
-from deployments.jobs.records import JobRecord, JobResult, Status
+from deployments.jobs.progress import read_step
+from deployments.jobs.records import JobRecord, JobResult, Status, preview_prefix
 from deployments.jobs.store import JobStore, Superseded
 from deployments.jobs.webhooks import Webhooks
 from deployments.options import IngressOptions
@@ -128,6 +129,8 @@ class JobRunner:
         self, job: JobRecord, return_bytes: bool, fresh: bool, shed: bool
     ) -> FinishResult | None:
         result, waits, overloaded = None, 0, False
+        if not fresh:  # a run before this one (a first attempt does not rewrite the record) may have
+            job.attempts = max(job.attempts, await self._reported_attempt(job))  # got further
         while True:
             job.attempts += 1
             job.status, job.started_at = Status.PENDING, job.started_at or time.time()
@@ -141,6 +144,8 @@ class JobRunner:
                 job.status, job.error = next(end for kind, end in _ENDINGS.items() if isinstance(e, kind))
                 if isinstance(e, RequestModerated):
                     await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_keys))
+                if isinstance(e, ContentModerated):  # its previews showed what the image was to be
+                    await self._drop_previews(job)
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
                 late = time.time() - job.created_at > self.options.job_deadline_s
                 if is_backpressure(e) and not late:
@@ -177,6 +182,21 @@ class JobRunner:
         job.finished_at = time.time()
         await self.billing.record(job)
         return result
+
+    async def _reported_attempt(self, job: JobRecord) -> int:
+        """The attempt the job's last progress report names (0: none, or unreadable)."""
+        try:
+            step = await read_step(self.store.storage, job.id)
+        except Exception:
+            return 0
+        return step.attempt if step is not None else 0
+
+    async def _drop_previews(self, job: JobRecord) -> None:
+        storage = self.pipeline.storage
+        try:
+            await asyncio.gather(*map(storage.delete, await storage.list(preview_prefix(job.id))))
+        except Exception as e:
+            log.warning("job %s: its previews were not deleted (%s: %s)", job.id, type(e).__name__, e)
 
     async def _retry(self, job: JobRecord, error: Exception, late: bool) -> bool:
         """After a failed attempt: True to try again (after a backoff), else the job's end is set."""

@@ -152,8 +152,8 @@ class Codec(Stage):
 
         images = await asyncio.to_thread(render)
         flagged = [False] * len(images)
-        if self.post.classifier is not None:
-            flagged = await self.run(self.post.flagged, images, params, job=params[0].job_id)
+        if self.post.classifier is not None:  # (not judged for health: previews are not jobs)
+            flagged = await self.attempt(self.post.flagged, images, params)
 
         def jpeg(image: Image.Image) -> bytes:
             buf = io.BytesIO()

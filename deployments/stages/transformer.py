@@ -114,7 +114,7 @@ class FlowTransformer(Stage):
     ):
         """`adapters`: where LoRA adapters come from (deployments.stages.adapters); None: no LoRA.
         `progress`: where steps done are reported; `previewer`: a handle to the Codec (its
-        `preview`), which renders requests' previews; without it none are made."""
+        `previews`), which renders requests' previews; without it none are made."""
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec

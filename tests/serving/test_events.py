@@ -192,3 +192,64 @@ def test_openai_stream_over_asgi(ingress):
             assert stored.status is Status.READY
 
     asyncio.run(go())
+
+
+def test_a_late_preview_holds_the_progress_back_so_positions_only_grow(tmp_path, monkeypatch):
+    """The Codec stores a preview a moment after its step is reported: the feed reports steps up to
+    the one before it until it is there (then the preview, then the later steps), and gives up on
+    one that never comes (withheld by the classifier) after PREVIEW_WAIT_S."""
+    import deployments.jobs.progress as progress
+    from deployments.jobs.records import JobRecord, JobRequest, preview_key
+    from deployments.jobs.store import JobStore
+    from deployments.stages.payloads import StepDone
+    from deployments.storage import StorageOptions, open_storage
+
+    monkeypatch.setattr(progress, "PREVIEW_WAIT_S", 0.3)
+    storage = open_storage(StorageOptions(root=tmp_path))
+    request = JobRequest(prompt="x", width=64, height=64, seed=1, steps=8, previews=[2, 4, 6])
+    job = JobRecord(id="abc123", model="m", request=request, attempts=1)
+
+    async def go():
+        store = JobStore(storage)
+        await store.save(job)
+        feed = progress.EventFeed(store, job)
+
+        async def at(step):
+            await progress.write_step(storage, StepDone(job.id, 1, step, 8))
+            return [(e.kind, e.data.get("step")) for e in await feed.poll()]
+
+        assert await at(3) == [("status", None), ("progress", 1)]  # preview 2 not stored yet
+        await storage.put(preview_key(job.id, 1, 2), b"jpeg2", "image/jpeg")
+        assert await at(5) == [("preview", 2), ("progress", 3)]  # 4 is awaited now
+        await storage.put(preview_key(job.id, 1, 4), b"jpeg4", "image/jpeg")
+        assert await at(7) == [("preview", 4), ("progress", 5)]  # 6 never comes
+        assert await at(7) == []
+        await asyncio.sleep(0.35)
+        assert await at(7) == [("progress", 7)]  # given up on 6
+        resumed = progress.EventFeed(store, job, after=feed.last)
+        assert await resumed.poll() == []
+        positions = [e.position for e in await progress.EventFeed(store, job).poll()]
+        assert positions == sorted(positions)
+
+    asyncio.run(go())
+
+
+def test_a_rerun_counts_the_attempt_its_record_never_showed(ingress):
+    """A first attempt runs without rewriting its record (attempts 0); when its replica dies after
+    reporting steps, the run that takes the job over is attempt 2, so its steps and previews are
+    not mistaken for the dead one's."""
+    from deployments.jobs.progress import write_step
+    from deployments.stages.payloads import StepDone
+
+    async def go():
+        job, _ = await submit_job(ingress, **_args(steps=4, previews=3))
+        await write_step(ingress.service.storage, StepDone(job.id, 1, 3, 4))  # the dead run's report
+        stored = await ingress.service.store.get(job.id)
+        assert stored.attempts == 0
+        await ingress.service.run(stored)  # as the reaper runs it: not fresh
+        done = await ingress.service.store.get(job.id)
+        assert done.status is Status.READY and done.attempts == 2
+        assert len(await ingress.service.storage.list(f"previews/{job.id}")) == 3
+        assert all("/2-" in key for key in await ingress.service.storage.list(f"previews/{job.id}"))
+
+    asyncio.run(go())

@@ -226,3 +226,30 @@ def test_previews_pass_the_classifier_too(tmp_path, classifier_dir, pki):
         assert asked == [[((8, 8), 2), ((8, 8), 4)]]
 
     asyncio.run(go())
+
+
+def test_a_moderated_job_keeps_no_previews(tmp_path, classifier_dir, pki):
+    """Its previews showed what the image was to be: they go when the image is flagged."""
+    ingress = _ingress(tmp_path, classifier_dir, pki)
+    codec = ingress.service.stages.codec.obj
+    real = codec.post.flagged
+
+    def flagged(images, params):  # every preview (1/8 of the size) passes; images are checked
+        return [False] * len(images) if images[0].size[0] < SIZE else real(images, params)
+
+    codec.post.flagged = flagged
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt=PROMPT, width=SIZE, height=SIZE, seed=1, steps=None,
+                                  guidance=None, safety_tolerance=2, output_format="png", images=[],
+                                  previews=3)  # fmt: skip
+        await ingress.service.run(job)
+        assert (await ingress.service.store.get(job.id)).status is Status.CONTENT_MODERATED
+        assert await ingress.service.storage.list(f"previews/{job.id}") == []
+        kept, _ = await submit_job(ingress, prompt=PROMPT, width=SIZE, height=SIZE, seed=2, steps=None,
+                                   guidance=None, safety_tolerance=2, output_format="png", images=[],
+                                   previews=3)  # fmt: skip
+        await ingress.service.run(kept)
+        assert len(await ingress.service.storage.list(f"previews/{kept.id}")) == 3
+
+    asyncio.run(go())

@@ -127,7 +127,10 @@ def serve_forever(args, parser) -> int:
             wait_running(name)
         http = config.http_options
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-        print(f"klein-serve is up: http://{host}:{http.port}/ (docs at /docs); Ctrl-C to stop", flush=True)
+        print(
+            f"klein-serve is up: http://{host}:{http.port}/ (the playground; API docs at /docs); Ctrl-C to stop",
+            flush=True,
+        )
         while not stopping:
             time.sleep(0.2)
         print("shutting down", flush=True)

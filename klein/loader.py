@@ -39,6 +39,7 @@ from klein.config import (
     VAEConfig,
 )
 from klein.fp8 import fp8_unsupported_reason, log_once, quantize_linears
+from klein.hub import HubError, HubId, fetch_model, parse_hub_id
 from klein.text_embedder import TextEmbedder, build_tiny_tokenizer
 from klein.transformer import Flux2
 from klein.vae import AutoEncoder
@@ -61,6 +62,42 @@ class ModelSource:
     vae: Component | None = None
     text_encoder: Component | None = None
     tokenizer: Path | None = None
+    origin: tuple[HubId, ...] = ()  # the hub repositories (pinned to commits) the files came from
+
+    @classmethod
+    def from_name(cls, name: str, base: str | None = None, preset: str | None = None) -> ModelSource:
+        """A model by name: a local diffusers folder (or folder of BFL files), a local transformer
+        file, or a hub id `org/name[@revision]` (downloaded into the cache)."""
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return cls.from_paths(path, preset=preset)
+        if path.is_file():
+            return cls.from_paths(transformer=path, preset=preset)
+        return cls.from_hub(name, base, preset)
+
+    @classmethod
+    def from_hub(
+        cls, model: str | HubId, base: str | HubId | None = None, preset: str | None = None
+    ) -> ModelSource:
+        """A model by hub id `org/name[@revision]` (klein.hub): its files found in the cache or
+        downloaded into it, then resolved as a local folder is. `base`: the bf16 repository an FP8
+        repository's text encoder, tokenizer and VAE come from (the official ones are known)."""
+        found = fetch_model(_hub_id(model), _hub_id(base) if base is not None else None)
+        source = _resolve(found.weights, found.transformer, None, None, preset)
+        return replace(source, origin=tuple(s.pinned() for s in found.snapshots))
+
+    def local(self) -> ModelSource:
+        """This source with its files on this machine: a hub model's are downloaded here (at the
+        same commits) when this node has not got them, e.g. a replica on another node."""
+        parts = [c for c in (self.transformer, self.vae, self.text_encoder) if c is not None]
+        if not self.origin or all(f.is_file() for c in parts for f in c.files):
+            return self
+        log.info("model files not on this node: fetching %s", ", ".join(map(str, self.origin)))
+        model, base = self.origin[0], self.origin[1] if len(self.origin) > 1 else None
+        found = fetch_model(model, base)
+        here = _resolve(found.weights, found.transformer, None, None, None)
+        parts = {"transformer": here.transformer, "vae": here.vae, "text_encoder": here.text_encoder}
+        return replace(self, tokenizer=here.tokenizer, **parts)
 
     @classmethod
     def preset(cls, name: str) -> ModelSource:
@@ -96,12 +133,12 @@ class ModelSource:
     def load_transformer(self, device="cpu", dtype=torch.float32) -> Flux2:
         if self.transformer is None:
             return _random(Flux2, self.spec.transformer, self.spec.random_seed, device, dtype)
-        return load_transformer(self.transformer, self.spec.transformer, device, dtype)
+        return load_transformer(self.local().transformer, self.spec.transformer, device, dtype)
 
     def load_vae(self, device="cpu", dtype=torch.float32) -> AutoEncoder:
         if self.vae is None:
             return _random(AutoEncoder, self.spec.vae, self.spec.random_seed + 1, device, dtype)
-        return load_vae(self.vae, self.spec.vae, device, dtype)
+        return load_vae(self.local().vae, self.spec.vae, device, dtype)
 
     def load_text_embedder(self, device="cpu", dtype=torch.float32) -> TextEmbedder:
         cfg = self.spec.text
@@ -115,7 +152,8 @@ class ModelSource:
             )
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer), local_files_only=True)
+        here = self.local()
+        tokenizer = AutoTokenizer.from_pretrained(str(here.tokenizer), local_files_only=True)
         with torch.device("meta"):
             embedder = TextEmbedder(cfg, tokenizer)
         n_layers = embedder.model.config.num_hidden_layers
@@ -128,10 +166,19 @@ class ModelSource:
                 return None
             return key
 
-        sd = read_state_dict(self.text_encoder.files, dtype, device, rename)
-        load_into(embedder.model, sd, _describe(self.text_encoder))
+        sd = read_state_dict(here.text_encoder.files, dtype, device, rename)
+        load_into(embedder.model, sd, _describe(here.text_encoder))
         embedder.reset_buffers()
         return embedder.eval().requires_grad_(False)
+
+
+def _hub_id(name: str | HubId) -> HubId:
+    if isinstance(name, HubId):
+        return name
+    hub_id = parse_hub_id(name)
+    if hub_id is None:
+        raise HubError(f"{name!r} is neither an existing path nor a hub id (org/name[@revision])")
+    return hub_id
 
 
 def _describe(c: Component) -> str:

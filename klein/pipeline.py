@@ -19,9 +19,10 @@ from klein import fast as fastpath
 from klein.config import ModelSpec
 from klein.fast import FastPath
 from klein.image import prepare_reference, to_pil
+from klein.inpaint import Inpaint, prepare_mask, prepare_source
 from klein.loader import ModelSource
 from klein.lora import LoraBank, LoraOptions, LoraSelection, load_lora, split_for_bank
-from klein.request import GenerationRequest, validate
+from klein.request import GenerationRequest, start_step, validate
 from klein.sampler import pack, reference_ids, sample, unpack
 from klein.vae import AutoEncoder
 
@@ -35,6 +36,13 @@ class References:
     tokens: Tensor | None  # (1, L_ref, C); None without references
     shapes: tuple[tuple[int, int], ...]  # token grid (h, w) of each reference
     pixels: int  # sum of processed reference pixels (metering: input megapixels)
+    mask: Tensor | None = None  # inpainting: (L_img, 1) on the first reference's (the source's) grid
+
+    @property
+    def source(self) -> Tensor:
+        """An inpainting's packed source latents (1, L_img, C): the first reference's tokens."""
+        h, w = self.shapes[0]
+        return self.tokens[:, : h * w]
 
     @property
     def ids(self) -> Tensor:
@@ -42,16 +50,35 @@ class References:
 
 
 @torch.inference_mode()
-def encode_references(vae: AutoEncoder, spec: ModelSpec, images: tuple[Image.Image, ...]) -> References:
-    """Resize/crop each reference like diffusers, VAE-encode it, and pack its tokens in order."""
+def encode_references(
+    vae: AutoEncoder, spec: ModelSpec, images: tuple[Image.Image, ...], mask: Image.Image | None = None
+) -> References:
+    """Resize/crop each reference like diffusers, VAE-encode it, and pack its tokens in order. With
+    a `mask` the first image is an inpainting's source: resized as the inpaint pipeline does."""
     latents, pixels = [], 0
-    for image in images:
-        x = prepare_reference(image, spec.reference_max_pixels, spec.multiple)
+    for k, image in enumerate(images):
+        if k == 0 and mask is not None:
+            x = prepare_source(image, spec.multiple)
+        else:
+            x = prepare_reference(image, spec.reference_max_pixels, spec.multiple)
         pixels += x.shape[-1] * x.shape[-2]
         latents.append(vae.encode(x.to(vae.device)))  # (1, C, h, w)
     shapes = tuple((z.shape[-2], z.shape[-1]) for z in latents)
     tokens = torch.cat([pack(z) for z in latents], dim=1) if latents else None
-    return References(tokens, shapes, pixels)
+    grid = None
+    if mask is not None:
+        (h, w), m = shapes[0], spec.multiple
+        grid = prepare_mask(mask, w * m, h * m, m)
+    return References(tokens, shapes, pixels, grid)
+
+
+def inpainting(refs: list[References], steps: int, strength: float | None) -> Inpaint | None:
+    """A batch's inpainting (its requests all repaint, from the same step), or None."""
+    if refs[0].mask is None:
+        return None
+    source = torch.cat([r.source for r in refs])
+    mask = torch.stack([r.mask for r in refs])
+    return Inpaint(source, mask, start_step(steps, strength))
 
 
 class Pipeline:
@@ -121,8 +148,10 @@ class Pipeline:
             self._negative = self.embed([""])
         return self._negative
 
-    def encode_references(self, images: tuple[Image.Image, ...]) -> References:
-        return encode_references(self.vae, self.spec, images)
+    def encode_references(
+        self, images: tuple[Image.Image, ...], mask: Image.Image | None = None
+    ) -> References:
+        return encode_references(self.vae, self.spec, images, mask)
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> list[Image.Image]:
@@ -164,12 +193,13 @@ class Pipeline:
             ref_shapes=refs[0].shapes,
             pixels_per_token=self.spec.multiple,
             lora=self.lora_selection(requests),
+            inpaint=inpainting(refs, first.steps, first.strength),
         )
         img = None
         for i, latents in enumerate(steps, start=1):
             img = latents
             if on_step is not None:
-                on_step(i, first.steps)
+                on_step(i, first.run_steps)
         m = self.spec.multiple
         return unpack(img, first.height // m, first.width // m)
 
@@ -183,10 +213,11 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Validate, group by shape, run each group as a batch; images come back in request order."""
         requests = [validate(self.spec, r, self.lora_options.max_loras) for r in requests]
-        refs = [self.encode_references(r.references) for r in requests]
+        refs = [self.encode_references(r.references, r.mask) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, ref) in enumerate(zip(requests, refs, strict=True)):
-            key = (r.width, r.height, r.steps, r.guidance is not None and r.guidance > 1.0, ref.shapes)
+            key = (r.width, r.height, r.steps, r.guidance is not None and r.guidance > 1.0, ref.shapes,
+                   r.mask is not None and start_step(r.steps, r.strength))  # fmt: skip
             groups.setdefault(key, []).append(i)
         images: list[Image.Image | None] = [None] * len(requests)
         for idx in (part for group in groups.values() for part in self._fit_bank(group, requests)):

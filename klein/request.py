@@ -50,6 +50,13 @@ class GenerationRequest:
     guidance: float | None = None  # None: the variant's default; distilled models take only 1 (none)
     references: tuple[Image.Image, ...] = ()
     loras: tuple[LoraRequest, ...] = ()
+    mask: Image.Image | None = None  # inpainting: white repaints references[0] (klein.inpaint)
+    strength: float | None = None  # with a mask: how far into the schedule to start (default 0.8)
+
+    @property
+    def run_steps(self) -> int:
+        """The steps that run: all of them, or an inpainting's last `strength` part."""
+        return self.steps - start_step(self.steps, self.strength) if self.mask is not None else self.steps
 
     @property
     def megapixels(self) -> float:
@@ -63,6 +70,24 @@ def reference_size(width: int, height: int, max_pixels: int, multiple: int) -> t
         s = math.sqrt(max_pixels / (width * height))
         width, height = int(width * s), int(height * s)
     return width // multiple * multiple, height // multiple * multiple
+
+
+DEFAULT_STRENGTH = 0.8  # inpainting (klein.inpaint): diffusers' default
+SOURCE_MAX_PIXELS = 1024 * 1024  # a larger source is scaled down first (diffusers, step 3)
+
+
+def source_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The size a source image is repainted at (and the output's): scaled down to at most 1 MP,
+    then each side floored to a multiple of `multiple` (resized, not cropped)."""
+    if width * height > SOURCE_MAX_PIXELS:
+        s = math.sqrt(SOURCE_MAX_PIXELS / (width * height))
+        width, height = int(width * s), int(height * s)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def start_step(steps: int, strength: float) -> int:
+    """The index in the schedule sampling starts from (diffusers `get_timesteps`)."""
+    return int(max(steps - min(steps * strength, steps), 0))
 
 
 def check_text(text: str, field: str) -> None:
@@ -117,6 +142,15 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}, got {req.seed}")
 
     width, height = req.width, req.height
+    strength = _check_inpaint(spec, req)
+    if req.mask is not None:  # the output is the source's size
+        sw, sh = source_size(*req.references[0].size, spec.multiple)
+        for name, value, wanted in (("width", width, sw), ("height", height, sh)):
+            if value is not None and value != wanted:
+                raise InvalidRequest(
+                    name, f"an inpainted image has its source's size, {sw}x{sh}; got {value}"
+                )
+        width, height = sw, sh
     if req.references and (width is None or height is None):
         rw, rh = reference_size(*req.references[0].size, spec.reference_max_pixels, spec.multiple)
         width, height = width or rw, height or rh
@@ -150,4 +184,21 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
             raise InvalidRequest(
                 "guidance", f"must be between {s.min_guidance:g} and {s.max_guidance:g}, got {guidance:g}"
             )
-    return replace(req, width=width, height=height, steps=steps, guidance=guidance)
+    return replace(req, width=width, height=height, steps=steps, guidance=guidance, strength=strength)
+
+
+def _check_inpaint(spec: ModelSpec, req: GenerationRequest) -> float | None:
+    """The mask against its source, and the strength (its default with a mask)."""
+    if req.mask is None:
+        if req.strength is not None:
+            raise InvalidRequest("strength", "only with a mask (inpainting)")
+        return None
+    if not req.references:
+        raise InvalidRequest("mask", "needs an image to repaint")
+    (w, h), (mw, mh) = req.references[0].size, req.mask.size
+    if (mw, mh) != (w, h):
+        raise InvalidRequest("mask", f"must be the size of the image, {w}x{h}; got {mw}x{mh}")
+    strength = DEFAULT_STRENGTH if req.strength is None else req.strength
+    if not 0 < strength <= 1:
+        raise InvalidRequest("strength", f"must be more than 0 and at most 1, got {strength:g}")
+    return strength

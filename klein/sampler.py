@@ -14,6 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from klein.inpaint import Inpaint, blend, noised
 from klein.transformer import Flux2, LoraSelection
 
 REFERENCE_T_SCALE = 10  # reference k (0-based) sits at t = 10 + 10 k on RoPE axis 0
@@ -98,12 +99,14 @@ def denoise(
     ref_ids: Tensor | None = None,
     lora: LoraSelection | None = None,
     hook: StepHook | None = None,
+    repaint: tuple[Inpaint, Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Distilled sampling: one forward per step. Yields the latents (B, L_img, C) after each step,
     so the caller can report progress or stop between steps.
 
     img/img_ids: noise tokens and their ids; ref/ref_ids: reference tokens, attended after them;
-    lora: each request's LoRA adapters (klein.lora); hook: sees each step's prediction.
+    lora: each request's LoRA adapters (klein.lora); hook: sees each step's prediction;
+    repaint: (inpainting, its noise): the unmasked latents follow the source after each step.
     """
     x_ids = img_ids if ref_ids is None else torch.cat((img_ids, ref_ids), dim=1)
     pe = model.rope(ctx_ids, x_ids)
@@ -113,6 +116,8 @@ def denoise(
         if hook is not None:
             hook(i, img, pred, t_curr)
         img = _euler(img, pred, t_curr, t_next)
+        if repaint is not None:
+            img = blend(img, repaint[0], repaint[1], t_next, last=i == len(sigmas) - 1)
         yield img
 
 
@@ -129,6 +134,7 @@ def denoise_cfg(
     ref_ids: Tensor | None = None,
     lora: LoraSelection | None = None,
     hook: StepHook | None = None,
+    repaint: tuple[Inpaint, Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Base-model sampling with classifier-free guidance: v = v_neg + g (v_cond - v_neg).
 
@@ -148,6 +154,8 @@ def denoise_cfg(
         if hook is not None:
             hook(i, img, pred, t_curr)
         img = _euler(img, pred, t_curr, t_next)
+        if repaint is not None:
+            img = blend(img, repaint[0], repaint[1], t_next, last=i == len(sigmas) - 1)
         yield img
 
 
@@ -166,12 +174,15 @@ def sample(
     pixels_per_token: int = 16,
     lora: LoraSelection | None = None,
     hook: StepHook | None = None,
+    inpaint: Inpaint | None = None,
 ) -> Iterator[Tensor]:
     """Sample a batch that shares size, step count and reference shapes; each request has its own
     seed (noise), prompt (`ctx`, (B, L, D)) and references (`ref`, (B, L_ref, C)).
 
     `guidance` (B,) with `neg_ctx` runs CFG; None runs the distilled single pass. Yields the packed
     latents (B, L_img, C) after each step (see `denoise`); `hook` sees each step's prediction.
+    `inpaint` repaints the masked part of a source (klein.inpaint): sampling starts at its step from
+    the source noised to that sigma, so `steps - inpaint.start` steps run (and are yielded).
     """
     device, dtype = model.device, model.dtype
     b, h, w = len(seeds), height // pixels_per_token, width // pixels_per_token
@@ -187,12 +198,30 @@ def sample(
         ref = ref.to(device, dtype)
         ref_ids = reference_ids(list(ref_shapes)).expand(b, -1, -1).to(device)
     sigmas = get_schedule(steps, h * w)
+    repaint = None
+    if inpaint is not None:  # start part-way, from the source noised to that sigma
+        inpaint, noise = inpaint.to(device, dtype), img
+        sigmas = sigmas[inpaint.start :]
+        img = noised(inpaint.source, noise, sigmas[0])
+        repaint = (inpaint, noise)
     if lora is not None:
         lora = LoraSelection(lora.slots.to(device), lora.scales.to(device))
     if guidance is None:
-        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids, lora, hook)
+        yield from denoise(model, img, img_ids, ctx, ctx_ids, sigmas, ref, ref_ids, lora, hook, repaint)
     else:
         neg = neg_ctx.to(device, dtype)
         yield from denoise_cfg(
-            model, img, img_ids, ctx, neg, ctx_ids, sigmas, guidance.to(device), ref, ref_ids, lora, hook
+            model,
+            img,
+            img_ids,
+            ctx,
+            neg,
+            ctx_ids,
+            sigmas,
+            guidance.to(device),
+            ref,
+            ref_ids,
+            lora,
+            hook,
+            repaint,
         )

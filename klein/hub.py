@@ -81,9 +81,9 @@ def download(hub_id: HubId, patterns: list[str], *, what: str = "model") -> Snap
     """The repository's files matching `patterns`, from the cache or downloaded into it (with a
     progress bar), as a Snapshot; HubError (with the reason) when that cannot be."""
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    offline = constants.HF_HUB_OFFLINE
     where = f"{what} {hub_id}"
     try:
         folder = Path(
@@ -120,9 +120,9 @@ def download(hub_id: HubId, patterns: list[str], *, what: str = "model") -> Snap
 
 
 def _cache() -> str:
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    return str(huggingface_hub.constants.HF_HUB_CACHE)
+    return str(constants.HF_HUB_CACHE)
 
 
 @dataclass(frozen=True)

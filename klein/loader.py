@@ -84,7 +84,10 @@ class ModelSource:
         repository's text encoder, tokenizer and VAE come from (the official ones are known)."""
         found = fetch_model(_hub_id(model), _hub_id(base) if base is not None else None)
         source = _resolve(found.weights, found.transformer, None, None, preset)
-        return replace(source, origin=tuple(s.pinned() for s in found.snapshots))
+        spec = source.spec
+        if not any(p.name == spec.name for p in PRESETS.values()):  # not a snapshot folder's hash
+            spec = replace(spec, name=found.snapshots[0].hub_id.repo.split("/")[-1].lower())
+        return replace(source, spec=spec, origin=tuple(s.pinned() for s in found.snapshots))
 
     def local(self) -> ModelSource:
         """This source with its files on this machine: a hub model's are downloaded here (at the

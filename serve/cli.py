@@ -1,10 +1,13 @@
 """The `klein` command line.
 
-    klein generate --prompt TEXT [--preset NAME | --weights DIR] [--transformer FILE] [--vae FILE]
+    klein generate --prompt TEXT [--preset NAME | --model NAME_OR_PATH [--base-model ID] | --weights DIR]
+                   [--transformer FILE] [--vae FILE]
                    [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
                    --steps N --guidance G] [--lora FILE[:SCALE] ...] [--dtype bf16|fp32] [--device cpu|cuda]
                    [--compile] [--cuda-graphs] [--quantize fp8] [--attention NAME] --out FILE.png
-    klein serve [--preset NAME [--random-weights] | --weights DIR] [--config FILE] [--host HOST] [--port PORT]
+    klein serve [--preset NAME [--random-weights] | --model NAME_OR_PATH [--base-model ID] | --weights DIR]
+                [--config FILE] [--host HOST] [--port PORT]
+    klein download --model ORG/NAME[@REVISION] [--base-model ORG/NAME]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
     klein loadtest --host URL [--users N --spawn-rate R --run-time 60s --shape ramp|burst|soak|drain] [--out DIR]
 
@@ -35,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="text prompt")
     src = g.add_argument_group("model (default: the tiny preset, random weights)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="model variant")
+    _model_flags(src)
     src.add_argument(
         "--weights", type=Path, metavar="DIR", help="diffusers-layout folder or folder of BFL files"
     )
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start a local Ray, deploy the service, serve until Ctrl-C / SIGTERM")
     s.add_argument("--preset", choices=sorted(PRESETS), help="model variant (default: the config's; tiny)")
+    _model_flags(s)
     s.add_argument(
         "--weights", type=Path, metavar="DIR", help="diffusers-layout folder or folder of BFL files"
     )
@@ -99,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: the config's, 8000)")
     s.set_defaults(subparser=s)
+
+    d = sub.add_parser(
+        "download", help="fetch a hub model into the cache (HF_HOME), e.g. to fill a volume before serving"
+    )
+    _model_flags(d, required=True)
+    d.set_defaults(subparser=d)
 
     lt = sub.add_parser(
         "loadtest", help="run Locust headless against a running service; write CSV, HTML, summary"
@@ -122,6 +133,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_flags(group, required: bool = False) -> None:
+    group.add_argument(
+        "--model",
+        required=required,
+        metavar="NAME",
+        help="a hub id org/name[@revision] (downloaded into HF_HOME; HF_TOKEN for gated repositories, "
+        "HF_HUB_OFFLINE=1 for the cache alone), or a local folder or transformer file",
+    )
+    group.add_argument(
+        "--base-model",
+        metavar="ORG/NAME",
+        help="for an FP8 hub model: the bf16 repository its text encoder, tokenizer and VAE come from "
+        "(known for BFL's own FP8 repositories)",
+    )
+
+
+def _model_source(args, parser: argparse.ArgumentParser):
+    """--model (a hub id or a path) -> ModelSource; every failure is a message naming the flag."""
+    from klein import ModelSource
+    from klein.checkpoint import CheckpointError
+    from klein.hub import HubError
+
+    if args.base_model and not args.model:
+        parser.error("--base-model: only with --model")
+    try:
+        return ModelSource.from_name(args.model, args.base_model, getattr(args, "preset", None))
+    except HubError as e:
+        parser.error(f"--model: {e}")
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        parser.error(f"--model: {args.model}: {e}")
+
+
+def _download(args, parser: argparse.ArgumentParser) -> int:
+    source = _model_source(args, parser)
+    print(f"{args.model}: {source.spec.name} ({'Base' if source.spec.sampling.cfg else 'distilled'})")
+    for part in (source.transformer, source.vae, source.text_encoder):
+        print(f"  {part.files[0].parent}")
+    return 0
+
+
 def _generate(args, parser: argparse.ArgumentParser) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -143,8 +194,12 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
 
     files = {"--weights": args.weights, "--transformer": args.transformer, "--vae": args.vae,
              "--text-encoder": args.text_encoder}  # fmt: skip
+    if args.model and any(files.values()):
+        parser.error("--model: give either --model or weights files, not both")
     try:
-        if any(files.values()):
+        if args.model:
+            source = _model_source(args, parser)
+        elif any(files.values()):
             source = ModelSource.from_paths(
                 args.weights, args.transformer, args.vae, args.text_encoder, args.preset
             )
@@ -318,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return _loadtest(args, args.subparser)
     if args.command == "verify":
         return _verify(args, args.subparser)
+    if args.command == "download":
+        return _download(args, args.subparser)
     if args.command == "serve":
         from serve.run import serve_forever
 

@@ -16,21 +16,39 @@ CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "local-cpu.yaml"
 
 
-def load_config(path: Path, preset=None, weights=None, host=None, port=None, random_weights=False):
+SOURCES = ("model", "base_model", "weights", "transformer", "vae", "text_encoder")
+
+
+def load_config(
+    path: Path,
+    preset=None,
+    weights=None,
+    host=None,
+    port=None,
+    random_weights=False,
+    model=None,
+    base_model=None,
+):
     """The Serve config with the command line's overrides, validated by ServeDeploySchema."""
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(path.read_text())
     for app in raw.get("applications", []):
         args = app.setdefault("args", {})
+        if weights is not None or model is not None:  # the command line's source replaces the config's
+            for name in (*SOURCES, "preset"):
+                args.pop(name, None)
         if weights is not None:
             args["weights"] = str(weights)
-            args.pop("preset", None)
+        if model is not None:
+            args["model"] = str(model)
+            if base_model is not None:
+                args["base_model"] = base_model
         if preset is not None:
             args["preset"] = preset
         if random_weights:  # the command line asks for the preset's architecture, no checkpoint
             args["random_weights"] = True
-            for name in ("weights", "transformer", "vae", "text_encoder"):
+            for name in SOURCES:
                 args.pop(name, None)
     http = raw.setdefault("http_options", {})
     if host is not None:
@@ -49,6 +67,26 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _fetched(settings, parser, flag: str) -> dict:
+    """Resolve (for a hub id: download) the model here; the config then names it pinned to the
+    commit that was fetched, so every replica loads the same files. Failures name the flag."""
+    from klein.checkpoint import CheckpointError
+    from klein.hub import HubError
+
+    try:
+        source = settings.model_source()
+    except HubError as e:
+        parser.error(f"{flag}: {e}")
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        parser.error(f"{flag}: {settings.model}: {e}")
+    print(f"model {settings.model}: {source.spec.name}", flush=True)
+    if not source.origin:  # a local path
+        return {}
+    return {"model": str(source.origin[0])} | (
+        {"base_model": str(source.origin[1])} if len(source.origin) > 1 else {}
+    )
 
 
 def wait_running(app_name: str, timeout_s: float = 900) -> None:
@@ -71,12 +109,17 @@ def serve_forever(args, parser) -> int:
         parser.error(f"--config: {path} does not exist")
     if args.weights is not None and not args.weights.is_dir():
         parser.error(f"--weights: weights folder {args.weights} does not exist")
-    if args.random_weights and args.weights is not None:
-        parser.error("--random-weights: give --preset, not --weights")
+    if args.random_weights and (args.weights is not None or args.model):
+        parser.error("--random-weights: give --preset, not --weights or --model")
+    if args.model and args.weights is not None:
+        parser.error("--model: give either --model or --weights, not both")
+    if args.base_model and not args.model:
+        parser.error("--base-model: only with --model")
     if args.port is not None and not 1 <= args.port <= 65535:
         parser.error(f"--port: must be between 1 and 65535, got {args.port}")
     try:
-        config = load_config(path, args.preset, args.weights, args.host, args.port, args.random_weights)
+        config = load_config(path, args.preset, args.weights, args.host, args.port, args.random_weights,
+                             args.model, args.base_model)  # fmt: skip
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
 
@@ -89,6 +132,11 @@ def serve_forever(args, parser) -> int:
             keyed = settings.key_ring().enabled
         except Exception as e:
             parser.error(f"--config: application {app.name!r}: {e}")
+        if settings.model:  # fetched here, once, before any replica starts (they find it cached)
+            app.args = {
+                **(app.args or {}),
+                "model": _fetched(settings, parser, "--model" if args.model else "--config"),
+            }
         if settings.storage.backend == "local":
             print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
         if not keyed and not _is_loopback(host):

@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     preset: str | None = Field(
         None, description="model preset; 'tiny' (random weights) when no weights are given"
     )
+    model: str | None = Field(
+        None,
+        description="a local folder or file, or a hub id org/name[@revision] (downloaded; HF_HOME, HF_TOKEN)",
+    )
+    base_model: str | None = Field(
+        None, description="hub id of the bf16 repository an FP8 hub model's text encoder and VAE come from"
+    )
     weights: Path | None = Field(None, description="diffusers-layout folder or folder of BFL files")
     transformer: Path | None = Field(None, description="BFL / FP8 transformer single file")
     vae: Path | None = Field(None, description="BFL ae.safetensors")
@@ -66,10 +73,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.preset is None and not any((self.weights, self.transformer)):
+        if self.preset is None and not any((self.model, self.weights, self.transformer)):
             self.preset = "tiny"
-        if self.random_weights and any((self.weights, self.transformer, self.vae, self.text_encoder)):
+        if self.random_weights and any(
+            (self.model, self.weights, self.transformer, self.vae, self.text_encoder)
+        ):
             raise ValueError("random_weights: give a preset, not weights")
+        if self.model and any((self.weights, self.transformer, self.vae, self.text_encoder)):
+            raise ValueError("model: give either a model or weights files, not both")
         return self
 
     def key_ring(self) -> KeyRing:
@@ -79,6 +90,9 @@ class Settings(BaseSettings):
         return KeyRing.from_keys(keys, self.api_keys_file)
 
     def model_source(self) -> ModelSource:
+        """Where the weights are (a hub model is downloaded now, where it is not in the cache)."""
+        if self.model:
+            return ModelSource.from_name(self.model, self.base_model, self.preset)
         if any((self.weights, self.transformer, self.vae, self.text_encoder)):
             return ModelSource.from_paths(
                 self.weights, self.transformer, self.vae, self.text_encoder, self.preset

@@ -152,6 +152,22 @@ def test_other_resources_strict(overlay):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+def test_fill_weights_job_strict_and_runs_klein_download():
+    import kubernetes_validate
+
+    from serve.cli import _parser
+
+    (job,) = yaml.safe_load_all((K8S / "jobs" / "fill-weights.yaml").read_text())
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[0] == "klein" and _parser().parse_args(command[1:]).command == "download"
+    env = {e["name"]: e for e in container["env"]}
+    mounted = container["volumeMounts"][0]["mountPath"]
+    assert env["HF_HOME"]["value"].startswith(mounted) and not container["volumeMounts"][0].get("readOnly")
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
 def test_serve_config_is_the_apps(overlay):
     from ray.serve.schema import ServeDeploySchema
 

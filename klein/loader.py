@@ -86,7 +86,7 @@ class ModelSource:
         source = _resolve(found.weights, found.transformer, None, None, preset)
         spec = source.spec
         if not any(p.name == spec.name for p in PRESETS.values()):  # not a snapshot folder's hash
-            spec = replace(spec, name=found.snapshots[0].hub_id.repo.split("/")[-1].lower())
+            spec = replace(spec, name=_hub_name(found.snapshots[0].hub_id.repo))
         return replace(source, spec=spec, origin=tuple(s.pinned() for s in found.snapshots))
 
     def local(self) -> ModelSource:
@@ -173,6 +173,11 @@ class ModelSource:
         load_into(embedder.model, sd, _describe(here.text_encoder))
         embedder.reset_buffers()
         return embedder.eval().requires_grad_(False)
+
+
+def _hub_name(repo: str) -> str:
+    """A model's name from its repository's: black-forest-labs/FLUX.2-klein-4B -> klein-4b."""
+    return repo.split("/")[-1].lower().replace(".", "-").removeprefix("flux-2-")
 
 
 def _hub_id(name: str | HubId) -> HubId:

@@ -133,10 +133,8 @@ def serve_forever(args, parser) -> int:
         except Exception as e:
             parser.error(f"--config: application {app.name!r}: {e}")
         if settings.model:  # fetched here, once, before any replica starts (they find it cached)
-            app.args = {
-                **(app.args or {}),
-                "model": _fetched(settings, parser, "--model" if args.model else "--config"),
-            }
+            pinned = _fetched(settings, parser, "--model" if args.model else "--config")
+            app.args = {**(app.args or {}), **pinned}
         if settings.storage.backend == "local":
             print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
         if not keyed and not _is_loopback(host):

@@ -166,3 +166,53 @@ def test_cli_generate_and_download_by_hub_id(hub, tmp_path):
     r = klein("generate", "--model", "org/not-cached", "--prompt", "x", "--out", str(out), HF_HUB_OFFLINE="1")
     assert r.returncode == 2 and "--model: model org/not-cached is not in the cache" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_klein_serve_by_hub_id_downloads_once(hub, tmp_path):
+    """`klein serve --model org/name` fetches the model before the replicas start; the three stage
+    replicas then load it from the cache: each file was downloaded once."""
+    import signal
+    import time
+
+    import httpx
+
+    from tests.serving.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "KLEIN_STORAGE__ROOT": str(tmp_path / "data"),
+           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--model", REPO, "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "klein-serve is up" in line:
+                break
+        assert any("klein-serve is up" in line for line in lines), "".join(lines[-30:])
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        job = c.post(f"/v1/{model}", json={"prompt": "hello", "width": 64, "height": 64}).json()
+        for _ in range(300):
+            res = c.get("/v1/get_result", params={"id": job["id"]}).json()
+            if res["status"] != "Pending":
+                break
+            time.sleep(0.1)
+        assert res["status"] == "Ready", res
+        files = [p for p in hub.downloads]
+        assert len(files) == len(set(files)), "a file was downloaded twice"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()

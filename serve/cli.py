@@ -2,7 +2,8 @@
 
     klein generate --prompt TEXT [--preset NAME | --model NAME_OR_PATH [--base-model ID] | --weights DIR]
                    [--transformer FILE] [--vae FILE]
-                   [--text-encoder DIR] [--ref IMAGE ...] [--width W --height H --seed S
+                   [--text-encoder DIR] [--ref IMAGE ...] [--image SRC --mask MASK [--strength S]]
+                   [--width W --height H --seed S
                    --steps N --guidance G] [--lora FILE[:SCALE] ...] [--dtype bf16|fp32] [--device cpu|cuda]
                    [--compile] [--cuda-graphs] [--quantize fp8] [--attention NAME] --out FILE.png
     klein serve [--preset NAME [--random-weights] | --model NAME_OR_PATH [--base-model ID] | --weights DIR]
@@ -25,7 +26,8 @@ from pathlib import Path
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Request fields -> the flags that set them, for error messages.
 FLAGS = {"prompt": "--prompt", "width": "--width", "height": "--height", "seed": "--seed",
-         "steps": "--steps", "guidance": "--guidance", "references": "--ref", "loras": "--lora"}  # fmt: skip
+         "steps": "--steps", "guidance": "--guidance", "references": "--ref", "loras": "--lora",
+         "mask": "--mask", "strength": "--strength"}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(-4..4, default 1); up to 3")  # fmt: skip
     g.add_argument("--ref", type=Path, action="extend", nargs="+", default=[], metavar="IMAGE",
                    help="reference image(s) for editing / multi-reference generation")  # fmt: skip
+    g.add_argument("--image", type=Path, metavar="SRC", help="inpainting: the image to repaint (with --mask)")
+    g.add_argument(
+        "--mask", type=Path, metavar="MASK", help="inpainting: white repaints (the size of --image)"
+    )
+    g.add_argument("--strength", type=float, help="inpainting: how much is repainted, (0, 1] (default 0.8)")
     g.add_argument(
         "--width", type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
     )
@@ -212,22 +219,35 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
         )
         parser.error(f"{flag}: {e}")
 
-    refs = []
-    for path in args.ref:
+    def read(path: Path, flag: str) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                refs.append(im)
+                return im
         except (OSError, UnidentifiedImageError) as e:
-            parser.error(f"--ref: cannot read image {path}: {e}")
+            parser.error(f"{flag}: cannot read image {path}: {e}")
+
+    if (args.image is None) != (args.mask is None):
+        parser.error(
+            "--mask: inpainting takes both --image and --mask" if args.image else "--image: needs --mask"
+        )
+    if args.strength is not None and args.mask is None:
+        parser.error("--strength: only with --image and --mask (inpainting)")
+    refs = [read(path, "--ref") for path in args.ref]
+    if args.image is not None:
+        refs.insert(0, read(args.image, "--image"))
+    mask = read(args.mask, "--mask") if args.mask is not None else None
     request = GenerationRequest(
         prompt=args.prompt, width=args.width, height=args.height, seed=args.seed,
         steps=args.steps, guidance=args.guidance, references=tuple(refs), loras=_loras(args.lora, parser),
+        mask=mask, strength=args.strength,
     )  # fmt: skip
     try:
         request = validate(source.spec, request)
     except InvalidRequest as e:
         flag = FLAGS.get(e.field.split("[")[0], e.field)
+        if args.image is not None and e.field.startswith("references[0]"):
+            flag = "--image"
         parser.error(f"{flag}: {e.message}")
 
     if args.cuda_graphs and device != "cuda":

@@ -220,3 +220,39 @@ def test_generate_with_lora_adapters(tmp_path, capsys):
     bad.write_bytes(b"\x80\x04not safetensors")
     err = _error(capsys, [*base, str(tmp_path / "x.png"), "--lora", str(bad)])
     assert "--lora: bad.safetensors:" in err and "not a safetensors file" in err
+
+
+def test_generate_inpainting(tmp_path, capsys):
+    """--image SRC --mask MASK [--strength S]: the library's image; the flags named on bad input."""
+    rng = np.random.default_rng(3)
+    src, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    Image.fromarray(rng.integers(0, 256, (11, 13, 3), dtype=np.uint8)).resize((96, 80)).save(src)
+    m = Image.new("L", (96, 80), 0)
+    m.paste(255, (16, 16, 64, 48))
+    m.save(mask)
+    out = tmp_path / "o.png"
+    args = ["generate", "--prompt", "a red door", "--seed", "2", "--image", str(src), "--mask", str(mask)]
+    assert main([*args, "--strength", "0.5", "--out", str(out)]) == 0
+    from klein import GenerationRequest, ModelSource, Pipeline
+
+    req = GenerationRequest(
+        "a red door", seed=2, references=(Image.open(src),), mask=Image.open(mask), strength=0.5
+    )
+    want = np.asarray(Pipeline(ModelSource.preset("tiny")).generate([req])[0]).astype(int)
+    got = np.asarray(Image.open(out)).astype(int)
+    assert got.shape == (80, 96, 3) and np.abs(got - want).max() <= 1
+    small = tmp_path / "small.png"
+    Image.new("L", (64, 64)).save(small)
+    o = str(tmp_path / "x.png")
+    assert "--mask: must be the size of the image, 96x80; got 64x64" in _error(
+        capsys, ["generate", "--prompt", "x", "--image", str(src), "--mask", str(small), "--out", o]
+    )
+    assert "--strength: must be more than 0 and at most 1, got 2" in _error(
+        capsys, [*args, "--strength", "2", "--out", o]
+    )
+    assert "--mask: inpainting takes both --image and --mask" in _error(
+        capsys, ["generate", "--prompt", "x", "--image", str(src), "--out", o]
+    )
+    assert "--strength: only with --image and --mask" in _error(
+        capsys, ["generate", "--prompt", "x", "--strength", "0.5", "--out", o]
+    )

@@ -74,6 +74,9 @@ async def submit(
     if model != service.model_id:
         return json_error(404, f"unknown model {model!r}; this service runs {service.model_id}")
     images = [await images_of(request).read(field, data) for field, data in body.images()]
+    mask = None
+    if body.mask_image is not None:
+        mask = await images_of(request).read_mask("mask_image", body.mask_image, transparent_repaints=False)
     claim = None
     if idempotency_key is not None:
         claim = IdempotencyClaim(
@@ -97,8 +100,10 @@ async def submit(
         webhook=webhook,
         idempotency=claim,
         trace=submit_trace(request, model=model),
-        field_names={"references": "input_image"},
+        field_names={"references": "input_image", "mask": "mask_image"},
         previews=MAX_PREVIEWS if body.preview else 0,
+        mask=mask,
+        strength=body.strength,
     )
     job, _ = await service.submit(submission, start=True)
     return SubmitResponse(

@@ -61,6 +61,13 @@ class ImageReader:
             )
         return InputImage(field, raw, image)
 
+    async def read_mask(self, field: str, data: str | bytes, transparent_repaints: bool) -> InputImage:
+        """An inpainting mask -> a greyscale PNG where white repaints. `transparent_repaints`: the
+        OpenAI convention (the mask's fully transparent pixels are repainted; it needs alpha); else
+        the image's own grey levels (diffusers: white repaints)."""
+        image = await self.read(field, data)
+        return await asyncio.to_thread(_mask_image, image, transparent_repaints)
+
     async def fetch(self, field: str, url: str) -> bytes:
         o = self.options
         try:
@@ -69,6 +76,20 @@ class ImageReader:
             if e.too_large:
                 raise FieldError(field, f"image must be at most {o.max_input_image_mb} MB", 413) from None
             raise FieldError(field, f"cannot use this URL: {e}") from None
+
+
+def _mask_image(image: InputImage, transparent_repaints: bool) -> InputImage:
+    im = Image.open(io.BytesIO(image.data))
+    if transparent_repaints:
+        if "A" not in im.getbands() and "transparency" not in im.info:
+            raise FieldError(image.field, "must have an alpha channel: its transparent pixels are repainted")
+        alpha = im.convert("RGBA").getchannel("A")
+        mask = alpha.point(lambda a: 255 if a == 0 else 0)  # transparent: repaint
+    else:
+        mask = im.convert("L")
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    return InputImage(image.field, buf.getvalue(), Image.open(io.BytesIO(buf.getvalue())))
 
 
 def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:

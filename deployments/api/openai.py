@@ -83,7 +83,12 @@ def _edit_form_schema() -> dict:
         "maxItems": 4,
         "description": "1-4 reference images (also accepted as image[])",
     }
-    form["properties"] = {"image": image, **form["properties"]}
+    mask = {
+        "type": "string",
+        "format": "binary",
+        "description": "inpainting: a PNG the size of the first image; its transparent pixels are repainted",
+    }
+    form["properties"] = {"image": image, "mask": mask, **form["properties"]}
     form["required"] = ["image", *form.get("required", [])]
     form.pop("title", None)
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
@@ -111,10 +116,12 @@ async def edits(request: Request, key_id: str = Depends(caller)):
     unknown = sorted(set(form.keys()) - EDIT_FORM_FIELDS)
     if unknown:
         raise FieldError(unknown[0], "unknown field")
-    if "mask" in form:
-        raise FieldError(
-            "mask", "masks are not supported; FLUX.2 [klein] edits from the prompt and references"
-        )
+    mask = None
+    if "mask" in form:  # inpainting: the first image is repainted where the mask is transparent
+        upload = form["mask"]
+        if isinstance(upload, str):
+            raise FieldError("mask", "must be a file upload (a PNG with alpha)")
+        mask = await images_of(request).read_mask("mask", await upload.read(), transparent_repaints=True)
     uploads = form.getlist("image") + form.getlist("image[]")
     if not uploads:
         raise FieldError("image", "at least one image is required")
@@ -124,7 +131,7 @@ async def edits(request: Request, key_id: str = Depends(caller)):
             raise FieldError("image", "must be a file upload")
         files.append(await images_of(request).read("image", await upload.read()))
     try:
-        fields = {k: v for k, v in form.items() if k not in ("image", "image[]")}
+        fields = {k: v for k, v in form.items() if k not in ("image", "image[]", "mask")}
         if "loras" in fields:  # a JSON list in a form field
             try:
                 fields["loras"] = json.loads(fields["loras"])
@@ -134,11 +141,16 @@ async def edits(request: Request, key_id: str = Depends(caller)):
     except ValidationError as e:
         err = e.errors()[0]
         raise FieldError(".".join(map(str, err["loc"])), err["msg"]) from None
-    return await images(request, body, files, key_id, "image_edit")
+    return await images(request, body, files, key_id, "image_edit", mask)
 
 
 async def images(
-    request: Request, body: ImagesRequest, files: list[InputImage], key_id: str, kind: str
+    request: Request,
+    body: ImagesRequest,
+    files: list[InputImage],
+    key_id: str,
+    kind: str,
+    mask: InputImage | None = None,
 ) -> Response:
     """n jobs, run here while the caller waits; the images (or links to them) in one answer, or
     streamed (`kind` names the events: image_generation or image_edit)."""
@@ -157,7 +169,7 @@ async def images(
         raise FieldError("n", f"must be 1 when stream is true, got {body.n}")
     if body.partial_images and not body.stream:
         raise FieldError("partial_images", "needs stream: true")
-    jobs = await _submit_all(service, request, body, files, key_id)
+    jobs = await _submit_all(service, request, body, files, key_id, mask)
     if body.stream:
         return StreamingResponse(
             _stream(request, body, jobs[0], kind), media_type="text/event-stream", headers=STREAM_HEADERS
@@ -211,7 +223,12 @@ async def images(
 
 
 async def _submit_all(
-    service: JobService, request: Request, body: ImagesRequest, files: list[InputImage], key_id: str
+    service: JobService,
+    request: Request,
+    body: ImagesRequest,
+    files: list[InputImage],
+    key_id: str,
+    mask: InputImage | None = None,
 ) -> list[JobRecord]:
     """One job per image (seeds seed, seed+1, ...); the input files are stored once, by the first.
     Refused part-way (limits, overload) or left by the caller, the jobs made are discarded."""
@@ -235,9 +252,11 @@ async def _submit_all(
                 key_id=key_id,
                 trace=trace,
                 sync=True,
-                shared_inputs=tuple(jobs[0].request.input_keys) if jobs else (),
+                shared_inputs=_stored_inputs(jobs[0]) if jobs else (),
                 field_names=FIELD_NAMES,
                 previews=body.partial_images,
+                mask=mask,
+                strength=body.strength,
             )
             jobs.append((await service.submit(submission))[0])
     except BaseException:
@@ -245,6 +264,11 @@ async def _submit_all(
             await asyncio.shield(service.discard(job))
         raise
     return jobs
+
+
+def _stored_inputs(job: JobRecord) -> tuple[str, ...]:
+    """The storage keys of a job's input files (its mask last), for its siblings to share."""
+    return (*job.request.input_keys, *filter(None, [job.request.mask_key]))
 
 
 async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: str):

@@ -54,6 +54,13 @@ class GenerateRequest(BaseModel):
     input_image_2: str | None = Field(None, description="second reference image")
     input_image_3: str | None = Field(None, description="third reference image")
     input_image_4: str | None = Field(None, description="fourth reference image")
+    mask_image: str | None = Field(
+        None,
+        description="inpainting: repaint input_image where this mask is white (same size; like input_image)",
+    )
+    strength: float | None = Field(
+        strict=True, default=None, gt=0, le=1, description="inpainting: how much is repainted (default 0.8)"
+    )
     seed: int | None = Field(
         strict=True, default=None, ge=0, le=MAX_SEED, description="noise seed; random when omitted"
     )
@@ -166,6 +173,13 @@ class ImagesRequest(BaseModel):
     guidance: float | None = Field(strict=True, default=None, ge=1, le=20)
     safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
     loras: list[LoraSpec] | None = Loras
+    strength: float | None = Field(
+        strict=True,
+        default=None,
+        gt=0,
+        le=1,
+        description="with a mask (edits): how much is repainted (default 0.8)",
+    )
     stream: bool = Field(False, description="answer with Server-Sent Events: partial images, then the image")
     partial_images: int = Field(
         strict=True, default=0, ge=0, le=3, description="previews streamed before the image (with stream)"

@@ -52,7 +52,8 @@ class Pipeline:
             raise JobCancelled(job.id)
         r = job.request
         images = inputs or list(await asyncio.gather(*map(self.storage.get, r.input_keys)))
-        if any(b is None for b in images):
+        mask = await self.storage.get(r.mask_key) if r.mask_key else None
+        if any(b is None for b in images) or (r.mask_key and mask is None):
             raise RuntimeError(f"job {job.id}: an input image is missing from storage")
         codec, embedder = self.stages.codec, self.stages.embedder
         if images and self.moderate_inputs and any(await codec.moderate.remote(images, r.safety_tolerance)):
@@ -72,10 +73,11 @@ class Pipeline:
             loras=tuple((lora["key"], lora["scale"]) for lora in r.loras),
             attempt=job.attempts,
             preview=_preview_plan(job),
+            strength=r.strength,
         )
         ctx = embedder.embed.remote(r.prompt, trace)
         neg = embedder.embed.remote("", None) if cfg else None
-        refs = codec.encode.remote(images, trace) if images else None
+        refs = codec.encode.remote(images, trace, mask) if images else None
         latents = self.stages.transformer.denoise.remote(denoise, ctx, neg, refs)
         finish = FinishParams(
             job_id=job.id,

@@ -152,7 +152,7 @@ class EventFeed:
             self.ended = True
             previews = []
             if job.status is Status.READY:
-                previews = await self._previews(job, attempt, job.request.steps, wait=False)
+                previews = await self._previews(job, attempt, job.request.run_steps, wait=False)
             body = self.describe(job, step) if self.describe else {"status": job.status.value}
             return self._given(previews) + [Event(FINAL, "result", body)]
         candidates = [self._status(attempt, step)]
@@ -197,7 +197,7 @@ class EventFeed:
         for s, data in zip(due, files, strict=True):
             if data is not None:
                 self.waiting.pop((attempt, s), None)
-                image = {"step": s, "steps": r.steps, "image": _data_uri(data), **size}
+                image = {"step": s, "steps": r.run_steps, "image": _data_uri(data), **size}
                 out.append((base + 11 + 2 * s, "preview", image))
             elif wait:
                 if now - self.waiting.setdefault((attempt, s), now) < PREVIEW_WAIT_S:

@@ -8,7 +8,8 @@ cancel/{id}                            a client asked to cancel; the transformer
 progress/{id}.json                     the running attempt's last denoising step (the transformer's)
 previews/{id}/{attempt}-{step}.jpeg    a preview of the image at that step (the Codec's), for
                                        requests that asked; these two may expire after a day
-inputs/{id}/{nonce}-{k}                reference image k, kept so the job can be run again
+inputs/{id}/{nonce}-{k}                reference image k (an inpainting's mask after them), kept
+                                       so the job can be run again
 images/{yyyy}/{mm}/{dd}/{id}.{ext}     the output, at a key fixed at submission: every attempt
                                        writes the same object
 idempotency/{key_id}/{sha256(token)}   which job an Idempotency-Key stands for (a bucket lifecycle
@@ -27,6 +28,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, PrivateAttr
 
 from klein.image import EXTENSIONS
+from klein.request import start_step
 
 ANONYMOUS = "anonymous"  # the key id when the service runs without keys (loopback only)
 
@@ -115,6 +117,13 @@ class JobRequest(BaseModel):
     public_url: str | None = None  # the base URL the client reached us at: links in the webhook
     loras: list[dict] = Field(default_factory=list)  # LoRA adapters: {path, scale, key (versioned)}
     previews: list[int] = Field(default_factory=list)  # the steps whose preview the client gets
+    mask_key: str | None = None  # inpainting: the mask (white repaints input 0), stored with the inputs
+    strength: float | None = None  # inpainting: how much of the schedule runs
+
+    @property
+    def run_steps(self) -> int:
+        """The steps that run (an inpainting runs the last `strength` part of the schedule)."""
+        return self.steps - start_step(self.steps, self.strength) if self.strength is not None else self.steps
 
 
 class JobResult(BaseModel):

@@ -44,7 +44,15 @@ from deployments.stages.payloads import FinishResult, tokens
 from deployments.storage import Storage
 from klein.config import ModelSpec
 from klein.lora import LoraError
-from klein.request import MAX_LORAS, GenerationRequest, InvalidRequest, LoraRequest, reference_size, validate
+from klein.request import (
+    MAX_LORAS,
+    GenerationRequest,
+    InvalidRequest,
+    LoraRequest,
+    reference_size,
+    source_size,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,8 @@ class Submission:
     sync: bool = False  # its caller waits on its connection: the reaper ends it rather than re-run it
     shared_inputs: tuple[str, ...] = ()  # storage keys of these images, stored by a sibling (OpenAI n > 1)
     previews: int = 0  # previews of the image in progress the client will watch (evenly spread steps)
+    mask: InputImage | None = None  # inpainting: white repaints images[0] (the rest are references)
+    strength: float | None = None  # with a mask: how much of the schedule runs (default 0.8)
     field_names: Mapping[str, str] = field(default_factory=dict)  # klein's field -> the protocol's
 
 
@@ -162,7 +172,10 @@ class JobService:
         """Validated against the model (FieldError naming the protocol's field), priced, leased."""
         seed = secrets.randbelow(2**32) if s.seed is None else s.seed
         images = tuple(im.image for im in s.images)
-        request = GenerationRequest(s.prompt, s.width, s.height, seed, s.steps, s.guidance, images, s.loras)
+        mask = s.mask.image if s.mask is not None else None
+        request = GenerationRequest(
+            s.prompt, s.width, s.height, seed, s.steps, s.guidance, images, s.loras, mask, s.strength
+        )
         try:
             max_loras = self.adapters.settings.max_loras if self.adapters else MAX_LORAS
             req = validate(self.spec, request, max_loras)
@@ -172,6 +185,8 @@ class JobService:
             raise FieldError(s.field_names.get(name, name), e.message) from None
         m = self.spec.multiple
         sizes = [reference_size(*im.size, self.spec.reference_max_pixels, m) for im in images]
+        if mask is not None:  # the source is resized to its own size, not cropped
+            sizes[0] = source_size(*images[0].size, m)
         ref_shapes = [(h // m, w // m) for w, h in sizes]
         n = tokens(req.width, req.height, ref_shapes)
         if self.max_request_tokens is not None and n > self.max_request_tokens:  # never batchable
@@ -200,7 +215,8 @@ class JobService:
                 webhook_secret=webhook.secret,
                 ref_shapes=ref_shapes,
                 loras=[{"path": lora.path, "scale": lora.scale} for lora in req.loras],
-                previews=preview_steps(req.steps, s.previews),
+                previews=preview_steps(req.run_steps, s.previews),
+                strength=req.strength,
             ),
             input_mp=megapixels(sum(w * h for w, h in sizes)),
             output_mp=megapixels(req.width * req.height),
@@ -239,14 +255,19 @@ class JobService:
     async def _store_inputs(self, job: JobRecord, s: Submission) -> bool:
         """The input files under the job (kept so it can be run again); True when a sibling job of
         the same request stored them already."""
-        if s.shared_inputs and len(s.shared_inputs) == len(s.images):
-            job.request.input_keys = list(s.shared_inputs)
+        n = len(s.images)
+        if s.shared_inputs and len(s.shared_inputs) == n + (s.mask is not None):
+            job.request.input_keys = list(s.shared_inputs[:n])
+            job.request.mask_key = s.shared_inputs[n] if s.mask is not None else None
             return True
         nonce = secrets.token_hex(4)  # a racing twin's inputs (same job id) never overwrite these
         for k, im in enumerate(s.images):
             key = input_key(job.id, nonce, k)
             await self.storage.put(key, im.data)
             job.request.input_keys.append(key)
+        if s.mask is not None:
+            job.request.mask_key = input_key(job.id, nonce, n)
+            await self.storage.put(job.request.mask_key, s.mask.data)
         return False
 
     async def _create(

@@ -111,18 +111,22 @@ class Codec(Stage):
             options.reference_cache_mb * 2**20, lambda r: r.tokens.numel() * r.tokens.element_size()
         )
 
-    async def encode(self, images: list[bytes], trace: dict | None = None) -> References:
-        """Reference images (encoded files, already validated by the ingress) -> packed tokens. The
-        same files encode to the same tokens: the n images of one OpenAI edit share one encoding."""
+    async def encode(
+        self, images: list[bytes], trace: dict | None = None, mask: bytes | None = None
+    ) -> References:
+        """Reference images (encoded files, already validated by the ingress) -> packed tokens; with
+        an inpainting's `mask` (white repaints) the first is its source. The same files encode to the
+        same tokens: the n images of one OpenAI edit share one encoding."""
         start = time.time_ns()
-        key = _digest(images)
+        key = _digest(images + ([b"mask", mask] if mask is not None else []))
 
         def work():
             if (refs := self.references.get(key)) is not None:
                 return refs
             pil = tuple(Image.open(io.BytesIO(b)) for b in images)
-            refs = encode_references(self.vae, self.spec, pil)
-            refs = References(refs.tokens.cpu(), refs.shapes, refs.pixels)
+            mask_image = Image.open(io.BytesIO(mask)) if mask is not None else None
+            refs = encode_references(self.vae, self.spec, pil, mask_image)
+            refs = References(refs.tokens.cpu(), refs.shapes, refs.pixels, refs.mask)
             self.references.put(key, refs)
             return refs
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from klein.request import start_step
+
 
 def tokens(width: int, height: int, ref_shapes=()) -> int:
     """Image + reference tokens of a request (one per 16x16 pixels; `ref_shapes` are token grids):
@@ -48,6 +50,16 @@ class DenoiseParams:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters: (versioned key, scale), in order
     attempt: int = 1  # of the job: progress reports name it (a re-run starts again at step 1)
     preview: PreviewPlan | None = None
+    strength: float | None = None  # inpainting (the references' first is the source, with a mask)
+
+    @property
+    def start(self) -> int | None:
+        """An inpainting's first step in the schedule; None when not inpainting."""
+        return None if self.strength is None else start_step(self.steps, self.strength)
+
+    @property
+    def run_steps(self) -> int:
+        return self.steps - (self.start or 0)
 
     @property
     def tokens(self) -> int:
@@ -56,7 +68,7 @@ class DenoiseParams:
     @property
     def group(self) -> tuple:
         """Requests with equal groups run as one batch of the transformer."""
-        return (self.width, self.height, self.steps, self.guidance is not None, self.ref_shapes)
+        return (self.width, self.height, self.steps, self.guidance is not None, self.ref_shapes, self.start)
 
 
 @dataclass(frozen=True)

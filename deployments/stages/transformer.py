@@ -36,7 +36,7 @@ from deployments.stages.payloads import (
 from klein import ModelSource
 from klein import fast as fastpath
 from klein.lora import LoraBank, LoraSelection, split_for_bank
-from klein.pipeline import References
+from klein.pipeline import References, inpainting
 from klein.preview import predicted_x0
 from klein.sampler import sample, unpack
 
@@ -196,6 +196,9 @@ class FlowTransformer(Stage):
             neg = torch.stack([it.neg for it in items]) if cfg else None
             has_refs = refs is not None and refs.tokens is not None
             ref = torch.cat([it.refs.tokens for it in items]) if has_refs else None
+            inpaint = (
+                inpainting([it.refs for it in items], p.steps, p.strength) if p.strength is not None else None
+            )
         return sample(
             self.model,
             ctx,
@@ -210,6 +213,7 @@ class FlowTransformer(Stage):
             pixels_per_token=self.spec.multiple,
             lora=lora,
             hook=hook,
+            inpaint=inpaint,
         )
 
     async def _cancelled(self, jobs: list[str]) -> set[str]:
@@ -239,7 +243,7 @@ class FlowTransformer(Stage):
         last_check = min(it.params.since or time.time() for it in items)
         start = time.time_ns()
         img, reported = None, _Reported()
-        for step in range(1, p.steps + 1):
+        for step in range(1, p.run_steps + 1):
             if time.time() - last_check >= self.options.cancel_check_interval_s:
                 last_check = time.time()
                 cancelled = await self._cancelled(jobs)
@@ -266,13 +270,13 @@ class FlowTransformer(Stage):
         and others once `progress_interval_s` has passed and the last report is written."""
         if self.progress is None:
             return
-        last = step == items[0].params.steps
+        last = step == items[0].params.run_steps
         busy = reported.task is not None and not reported.task.done()
         if not (
             step == 1 or last or (time.time() - reported.at >= self.options.progress_interval_s and not busy)
         ):
             return
-        done = [StepDone(it.params.job_id, it.params.attempt, step, it.params.steps) for it in items]
+        done = [StepDone(it.params.job_id, it.params.attempt, step, it.params.run_steps) for it in items]
         reported.at, reported.task = time.time(), self._spawn(self._write_progress(reported.task, done))
 
     async def _write_progress(self, before: asyncio.Task | None, done: list[StepDone]) -> None:

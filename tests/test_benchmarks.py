@@ -148,3 +148,16 @@ def test_job_events_preview_cost_runs(capsys):
     job_events.run_cost("tiny", [64], repeats=2)
     out = capsys.readouterr().out
     assert "64x64: step" in out and "of a step" in out and "map fit: R^2" in out
+
+
+def test_inpaint_batching_runs(capsys, monkeypatch):
+    """benchmarks/inpaint_batching.py at toy size: the four ways timed and the mixed batch exact."""
+    from benchmarks import inpaint_batching
+
+    monkeypatch.setattr(
+        "sys.argv", ["inpaint_batching", "--size", "64", "--batch", "2", "--steps", "2", "--repeats", "1"]
+    )
+    inpaint_batching.main()
+    out = capsys.readouterr().out
+    assert all(f"{name}:" in out for name in ("same", "mixed", "plain", "solo"))
+    assert "mixed batch images == their solo runs: True" in out

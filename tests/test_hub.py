@@ -216,3 +216,43 @@ def test_klein_serve_by_hub_id_downloads_once(hub, tmp_path):
             proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_lora_adapters_from_the_hub(hub, tmp_path, monkeypatch):
+    """With URLs allowed, loras[].path may name org/name/file.safetensors on the hub (or
+    hf://...): size-capped before download, kept in storage by digest; bad ones say why."""
+    import asyncio
+
+    from deployments.stages.adapters import AdapterError, Adapters, LoraSettings
+    from deployments.storage import StorageOptions
+    from tests.klein.test_lora import _factors, write
+
+    loras = tmp_path / "loras"
+    (loras / "styles").mkdir(parents=True)
+    write(loras / "styles" / "ink.safetensors", "ai-toolkit", _factors(1))
+    (loras / "big.safetensors").write_bytes(b"\0" * (2 * 2**20))
+    hub.add_repo("someone/klein-loras", loras)
+    hub.add_repo("someone/gated-loras", loras, gated=True)
+    spec = ModelSource.preset("tiny").spec
+    storage = StorageOptions(root=tmp_path / "data")
+
+    async def go():
+        adapters = Adapters(LoraSettings(allow_urls=True, max_mb=1), storage, spec.transformer)
+        key = await adapters.resolve("someone/klein-loras/styles/ink.safetensors")
+        assert key.startswith("storage:loras/url/") and (await adapters.load(key)).factors
+        assert await adapters.resolve("hf://someone/klein-loras/styles/ink.safetensors") == key
+        for path, reason in [
+            ("someone/klein-loras/big.safetensors", "over the 1 MB cap"),
+            ("someone/klein-loras/nothing.safetensors", "no such file"),
+            ("someone/gated-loras/styles/ink.safetensors", "gated"),
+            ("someone/klein-loras/../x.safetensors", "a hub file is"),
+        ]:
+            with pytest.raises(AdapterError, match=reason):
+                await adapters.resolve(path if path.startswith("hf://") else "hf://" + path)
+        closed = Adapters(LoraSettings(root=str(loras)), storage, spec.transformer)  # URLs off
+        with pytest.raises(AdapterError, match="allow_urls is off"):
+            await closed.resolve("hf://someone/klein-loras/styles/ink.safetensors")
+        with pytest.raises(AdapterError, match="no adapter named"):  # a registry name, not the hub
+            await closed.resolve("someone/klein-loras/styles/ink.safetensors")
+
+    asyncio.run(go())

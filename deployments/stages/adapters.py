@@ -66,6 +66,40 @@ class AdapterError(ValueError):
     """A request's adapter cannot be used; the message says why (the caller names the field)."""
 
 
+HUB_FILE = re.compile(r"(?:hf://)?([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safetensors)(?:@([\w./-]+))?")
+
+
+def _hub_file(path: str) -> tuple[str, str, str | None] | None:
+    """org/name/file.safetensors[@revision] (optionally hf://) -> (repo, filename, revision)."""
+    m = HUB_FILE.fullmatch(path)
+    if m is None or ".." in m[2].split("/") or m[1].split("/")[0] in (".", ".."):
+        return None
+    return m[1], m[2], m[3]
+
+
+def _hub_download(repo: str, filename: str, revision: str | None, max_bytes: int, max_mb: int) -> bytes:
+    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    where = f"{repo}/{filename}" + (f"@{revision}" if revision else "")
+    try:
+        meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision))
+        if meta.size is not None and meta.size > max_bytes:
+            raise AdapterError(f"{where} is over the {max_mb} MB cap")
+        return Path(hf_hub_download(repo, filename, revision=revision)).read_bytes()
+    except errors.GatedRepoError:
+        raise AdapterError(
+            f"{where}: the repository is gated (the service's HF_TOKEN has no access)"
+        ) from None
+    except errors.EntryNotFoundError:
+        raise AdapterError(f"{where}: no such file in the repository") from None
+    except errors.RevisionNotFoundError:
+        raise AdapterError(f"{where}: no such revision") from None
+    except errors.RepositoryNotFoundError:
+        raise AdapterError(f"{where}: no such repository (or it is private)") from None
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError) as e:
+        raise AdapterError(f"{where}: the hub could not be read ({type(e).__name__})") from None
+
+
 class Adapters:
     """Resolves `path`s to versioned keys, reads and parses adapters (cached, least recently used
     out by bytes). Picklable: a replica that unpickles it opens storage there."""
@@ -99,10 +133,26 @@ class Adapters:
                     "URLs are not accepted here (lora.allow_urls is off); name a registry adapter"
                 )
             return await self._fetch(path)
+        hub = _hub_file(path)
+        if path.startswith("hf://") or (hub and s.allow_urls and s.root is None):
+            if not s.allow_urls:
+                raise AdapterError("hub files are not accepted here (lora.allow_urls is off)")
+            if hub is None:
+                raise AdapterError("a hub file is hf://org/name/file.safetensors[@revision]")
+            return await self._fetch_hub(*hub)
         if "://" in path:
-            raise AdapterError("must name a registry adapter or be an http(s) URL")
+            raise AdapterError("must name a registry adapter, a hub file or be an http(s) URL")
         if s.root is None:
             raise AdapterError("this deployment has no adapter registry (lora.root); name an http(s) URL")
+        try:
+            return await self._registry(path)
+        except AdapterError:
+            if hub and s.allow_urls:  # org/name/file.safetensors: not ours, so the hub's
+                return await self._fetch_hub(*hub)
+            raise
+
+    async def _registry(self, path: str) -> str:
+        s = self.settings
         name = path if path.endswith(".safetensors") else f"{path}.safetensors"
         if len(name) > 256 or not NAME.fullmatch(name) or ".." in name.split("/"):
             raise AdapterError("must be a relative name of letters, digits, '.', '_', '-' and '/'")
@@ -118,6 +168,17 @@ class Adapters:
         except OSError:
             raise AdapterError(f"no adapter named {path!r}") from None
         return f"file:{file}@{stat.st_mtime_ns}"
+
+    async def _fetch_hub(self, repo: str, filename: str, revision: str | None) -> str:
+        """A LoRA file from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN), size-capped before it is
+        downloaded, kept in storage by digest like a URL's."""
+        data = await asyncio.to_thread(
+            _hub_download, repo, filename, revision, self.max_bytes, self.settings.max_mb
+        )
+        read_lora_bytes(data, filename)  # a safetensors file, before it is kept
+        key = f"loras/url/{hashlib.sha256(data).hexdigest()}.safetensors"
+        etag = await self.storage.put(key, data)
+        return f"storage:{key}@{etag}"
 
     async def _fetch(self, url: str) -> str:
         s = self.settings

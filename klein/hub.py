@@ -111,8 +111,8 @@ def download(hub_id: HubId, patterns: list[str], *, what: str = "model") -> Snap
         raise HubError(f"{where}: the hub could not be reached and the files are not in the cache") from None
     except errors.HfHubHTTPError as e:
         raise HubError(f"{where}: the hub answered {e}") from None
-    except OSError as e:
-        raise HubError(f"{where}: {e}") from None
+    except Exception as e:  # the network failing mid-download, a proxy refusing, a full disk
+        raise HubError(f"{where}: {type(e).__name__}: {e}") from None
     if not any(folder.rglob("*")):
         raise HubError(f"{where} has none of the files a FLUX.2 [klein] model needs ({', '.join(patterns)})")
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else (hub_id.revision or "")

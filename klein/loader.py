@@ -39,7 +39,7 @@ from klein.config import (
     VAEConfig,
 )
 from klein.fp8 import fp8_unsupported_reason, log_once, quantize_linears
-from klein.hub import HubError, HubId, fetch_model, parse_hub_id
+from klein.hub import HubError, HubId, download, fetch_model, parse_hub_id
 from klein.text_embedder import TextEmbedder, build_tiny_tokenizer
 from klein.transformer import Flux2
 from klein.vae import AutoEncoder
@@ -73,7 +73,10 @@ class ModelSource:
             return cls.from_paths(path, preset=preset)
         if path.is_file():
             return cls.from_paths(transformer=path, preset=preset)
-        return cls.from_hub(name, base, preset)
+        try:
+            return cls.from_hub(name, base, preset)
+        except HubError as e:  # it may have been meant as a path: say that there is none
+            raise HubError(f"{e} (and there is no local folder or file {name!r})") from None
 
     @classmethod
     def from_hub(
@@ -89,18 +92,28 @@ class ModelSource:
             spec = replace(spec, name=_hub_name(found.snapshots[0].hub_id.repo))
         return replace(source, spec=spec, origin=tuple(s.pinned() for s in found.snapshots))
 
-    def local(self) -> ModelSource:
-        """This source with its files on this machine: a hub model's are downloaded here (at the
-        same commits) when this node has not got them, e.g. a replica on another node."""
-        parts = [c for c in (self.transformer, self.vae, self.text_encoder) if c is not None]
-        if not self.origin or all(f.is_file() for c in parts for f in c.files):
+    def local(self, part: str) -> ModelSource:
+        """This source with `part`'s files (transformer, vae, or text_encoder and the tokenizer) on
+        this machine: a hub model's are downloaded here, at the same commit and only those files,
+        when this node has not got them (a replica on another node than the one that resolved it).
+        """
+        component = getattr(self, part)
+        extra = [self.tokenizer] if part == "text_encoder" and self.tokenizer is not None else []
+        files = [*component.files, *extra] if component is not None else []
+        if not self.origin or all(f.exists() for f in files):
             return self
-        log.info("model files not on this node: fetching %s", ", ".join(map(str, self.origin)))
-        model, base = self.origin[0], self.origin[1] if len(self.origin) > 1 else None
-        found = fetch_model(model, base)
-        here = _resolve(found.weights, found.transformer, None, None, None)
-        parts = {"transformer": here.transformer, "vae": here.vae, "text_encoder": here.text_encoder}
-        return replace(self, tokenizer=here.tokenizer, **parts)
+        log.info("%s of %s not on this node: fetching it", part, ", ".join(map(str, self.origin)))
+        where = {f: _in_snapshot(f) for f in files}  # file -> (commit, path in the repository)
+        moved = {}
+        for commit in {sha for sha, _ in where.values()}:
+            repo = next(o for o in self.origin if o.revision == commit)
+            wanted = [rel if f.suffix else f"{rel}/*" for f, (sha, rel) in where.items() if sha == commit]
+            folder = download(repo, wanted).folder
+            moved |= {f: folder / rel for f, (sha, rel) in where.items() if sha == commit}
+        here = {part: replace(component, files=tuple(moved[f] for f in component.files))}
+        if extra:
+            here["tokenizer"] = moved[self.tokenizer]
+        return replace(self, **here)
 
     @classmethod
     def preset(cls, name: str) -> ModelSource:
@@ -136,12 +149,12 @@ class ModelSource:
     def load_transformer(self, device="cpu", dtype=torch.float32) -> Flux2:
         if self.transformer is None:
             return _random(Flux2, self.spec.transformer, self.spec.random_seed, device, dtype)
-        return load_transformer(self.local().transformer, self.spec.transformer, device, dtype)
+        return load_transformer(self.local("transformer").transformer, self.spec.transformer, device, dtype)
 
     def load_vae(self, device="cpu", dtype=torch.float32) -> AutoEncoder:
         if self.vae is None:
             return _random(AutoEncoder, self.spec.vae, self.spec.random_seed + 1, device, dtype)
-        return load_vae(self.local().vae, self.spec.vae, device, dtype)
+        return load_vae(self.local("vae").vae, self.spec.vae, device, dtype)
 
     def load_text_embedder(self, device="cpu", dtype=torch.float32) -> TextEmbedder:
         cfg = self.spec.text
@@ -155,7 +168,7 @@ class ModelSource:
             )
         from transformers import AutoTokenizer
 
-        here = self.local()
+        here = self.local("text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(str(here.tokenizer), local_files_only=True)
         with torch.device("meta"):
             embedder = TextEmbedder(cfg, tokenizer)
@@ -173,6 +186,13 @@ class ModelSource:
         load_into(embedder.model, sd, _describe(here.text_encoder))
         embedder.reset_buffers()
         return embedder.eval().requires_grad_(False)
+
+
+def _in_snapshot(path: Path) -> tuple[str, str]:
+    """A file of the hub cache -> (the commit of its snapshot, its path in the repository)."""
+    parts = path.parts
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    return parts[i + 1], "/".join(parts[i + 2 :])
 
 
 def _hub_name(repo: str) -> str:

@@ -216,8 +216,8 @@ class Pipeline:
         refs = [self.encode_references(r.references, r.mask) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, ref) in enumerate(zip(requests, refs, strict=True)):
-            key = (r.width, r.height, r.steps, r.guidance is not None and r.guidance > 1.0, ref.shapes,
-                   r.mask is not None and start_step(r.steps, r.strength))  # fmt: skip
+            start = start_step(r.steps, r.strength) if r.mask is not None else None  # None: no inpainting
+            key = (r.width, r.height, r.steps, r.guidance is not None and r.guidance > 1.0, ref.shapes, start)
             groups.setdefault(key, []).append(i)
         images: list[Image.Image | None] = [None] * len(requests)
         for idx in (part for group in groups.values() for part in self._fit_bank(group, requests)):

@@ -184,6 +184,8 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
             raise InvalidRequest(
                 "guidance", f"must be between {s.min_guidance:g} and {s.max_guidance:g}, got {guidance:g}"
             )
+    if req.mask is not None and start_step(steps, strength) >= steps:
+        raise InvalidRequest("strength", f"{strength:g} of {steps} steps leaves none to run; raise it")
     return replace(req, width=width, height=height, steps=steps, guidance=guidance, strength=strength)
 
 

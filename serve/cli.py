@@ -266,7 +266,7 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     t1 = time.perf_counter()
     warm = sum(r.warmup_s for r in pipe.warm_up(cfg=request.guidance is not None and request.guidance > 1))
     t2 = time.perf_counter()
-    progress = _progress(request.steps)
+    progress = _progress(request.run_steps)
     try:
         image = pipe.generate([request], on_step=progress)[0]
     except LoraError as e:

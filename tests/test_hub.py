@@ -135,14 +135,21 @@ def test_fp8_repository_takes_its_text_encoder_and_vae_from_its_base(hub, tmp_pa
     assert [o.repo for o in source.origin] == ["org/klein-tiny-fp8", REPO]
 
 
-def test_a_replica_on_a_node_without_the_files_fetches_them_at_the_same_commit(hub, tmp_path):
+def test_a_replica_on_a_node_without_the_files_fetches_its_part_at_the_same_commit(hub, tmp_path):
+    """A Codec replica on another node fetches the VAE alone; a text embedder its encoder and
+    tokenizer; each at the commit the driver resolved; then they load."""
     source = ModelSource.from_hub(REPO)
-    assert source.local() is source  # here: nothing to do
+    assert source.local("transformer") is source  # here: nothing to do
     (tmp_path / "cache").rename(tmp_path / "elsewhere")  # a node that has not got the files
     before = len(hub.downloads)
-    here = source.local()
-    assert len(hub.downloads) > before and here.transformer.files[0].is_file()
-    assert f"snapshots/{hub.sha}/" in str(here.transformer.files[0])  # the commit the driver resolved
+    here = source.local("vae")
+    fetched = [p.split(f"/resolve/{hub.sha}/")[-1] for p in hub.downloads[before:]]
+    assert fetched and all(f.startswith("vae/") for f in fetched)  # only the VAE
+    assert here.vae.files[0].is_file() and f"snapshots/{hub.sha}/" in str(here.vae.files[0])
+    assert not here.transformer.files[0].exists()  # not fetched for a Codec
+    source.load_vae()
+    source.load_text_embedder()  # fetches the encoder and the tokenizer, then loads
+    assert (tmp_path / "cache").exists() and not here.transformer.files[0].exists()
 
 
 def test_cli_generate_and_download_by_hub_id(hub, tmp_path):
@@ -246,6 +253,7 @@ def test_lora_adapters_from_the_hub(hub, tmp_path, monkeypatch):
             ("someone/klein-loras/nothing.safetensors", "no such file"),
             ("someone/gated-loras/styles/ink.safetensors", "gated"),
             ("someone/klein-loras/../x.safetensors", "a hub file is"),
+            ("someone/a--b/x.safetensors", "a hub file is"),  # not a valid repository id
         ]:
             with pytest.raises(AdapterError, match=reason):
                 await adapters.resolve(path if path.startswith("hf://") else "hf://" + path)
@@ -254,5 +262,9 @@ def test_lora_adapters_from_the_hub(hub, tmp_path, monkeypatch):
             await closed.resolve("hf://someone/klein-loras/styles/ink.safetensors")
         with pytest.raises(AdapterError, match="no adapter named"):  # a registry name, not the hub
             await closed.resolve("someone/klein-loras/styles/ink.safetensors")
+        both = Adapters(LoraSettings(root=str(loras), allow_urls=True), storage, spec.transformer)
+        with pytest.raises(AdapterError, match="no adapter named"):  # with a registry, hub files need hf://
+            await both.resolve("someone/klein-loras/styles/ink.safetensors")
+        assert (await both.resolve("hf://someone/klein-loras/styles/ink.safetensors")) == key
 
     asyncio.run(go())

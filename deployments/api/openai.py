@@ -268,7 +268,7 @@ async def _submit_all(
 
 def _stored_inputs(job: JobRecord) -> tuple[str, ...]:
     """The storage keys of a job's input files (its mask last), for its siblings to share."""
-    return (*job.request.input_keys, *filter(None, [job.request.mask_key]))
+    return tuple(job.request.input_files)
 
 
 async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: str):

@@ -46,15 +46,16 @@ class Pipeline:
         self, job: JobRecord, inputs: list[bytes] | None, return_bytes: bool, check_cancel: bool
     ) -> FinishResult:
         """embed -> [encode references] -> denoise -> finish (decode, safety, provenance, upload).
-        `inputs`: the job's reference files when this replica still holds them, else read back."""
+        `inputs`: the job's input files (images, then the mask) when this replica still holds them,
+        else read back."""
         since = time.time()
         if check_cancel and await self.store.cancel_requested(job.id):  # the transformer checks between steps
             raise JobCancelled(job.id)
         r = job.request
-        images = inputs or list(await asyncio.gather(*map(self.storage.get, r.input_keys)))
-        mask = await self.storage.get(r.mask_key) if r.mask_key else None
-        if any(b is None for b in images) or (r.mask_key and mask is None):
+        files = inputs or list(await asyncio.gather(*map(self.storage.get, r.input_files)))
+        if any(b is None for b in files):
             raise RuntimeError(f"job {job.id}: an input image is missing from storage")
+        images, mask = (files[:-1], files[-1]) if r.mask_key else (files, None)
         codec, embedder = self.stages.codec, self.stages.embedder
         if images and self.moderate_inputs and any(await codec.moderate.remote(images, r.safety_tolerance)):
             raise RequestModerated(job.id)

@@ -121,6 +121,11 @@ class JobRequest(BaseModel):
     strength: float | None = None  # inpainting: how much of the schedule runs
 
     @property
+    def input_files(self) -> list[str]:
+        """Storage keys of every input file: the images, then the mask."""
+        return [*self.input_keys, *([self.mask_key] if self.mask_key else [])]
+
+    @property
     def run_steps(self) -> int:
         """The steps that run (an inpainting runs the last `strength` part of the schedule)."""
         return self.steps - start_step(self.steps, self.strength) if self.strength is not None else self.steps

@@ -143,8 +143,7 @@ class JobRunner:
             except tuple(_ENDINGS) as e:  # by isinstance: through Ray, a RayTaskError(...) subclass arrives
                 job.status, job.error = next(end for kind, end in _ENDINGS.items() if isinstance(e, kind))
                 if isinstance(e, RequestModerated):
-                    inputs = [*job.request.input_keys, *filter(None, [job.request.mask_key])]
-                    await asyncio.gather(*map(self.pipeline.storage.delete, inputs))
+                    await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_files))
                 if isinstance(e, ContentModerated):  # its previews showed what the image was to be
                     await self._drop_previews(job)
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up

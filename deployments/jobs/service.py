@@ -273,7 +273,7 @@ class JobService:
     async def _create(
         self, job: JobRecord, s: Submission, shared: bool, start: bool
     ) -> tuple[JobRecord, bool]:
-        files = [im.data for im in s.images]
+        files = [im.data for im in s.images] + ([s.mask.data] if s.mask is not None else [])  # mask last
         creating = asyncio.ensure_future(self._store_and_start(job, files, start))
         creating.add_done_callback(_log_failure)
         try:  # shielded: a caller leaving now must not part the record from its marker, or its start
@@ -281,7 +281,7 @@ class JobService:
         except Superseded:  # a racing submission with the same Idempotency-Key was first
             self.admission.release(job.id)
             if not shared:
-                await asyncio.gather(*map(self.storage.delete, job.request.input_keys))
+                await asyncio.gather(*map(self.storage.delete, job.request.input_files))
             return await self.idempotency.twin(job, s.idempotency), True
         if files and not start:  # kept for the run the caller makes next: no read-back
             self.runner.inputs[job.id] = files

@@ -70,22 +70,39 @@ HUB_FILE = re.compile(r"(?:hf://)?([\w.-]+/[\w.-]+)/((?:[\w.-]+/)*[\w.-]+\.safet
 
 
 def _hub_file(path: str) -> tuple[str, str, str | None] | None:
-    """org/name/file.safetensors[@revision] (optionally hf://) -> (repo, filename, revision)."""
+    """org/name/file.safetensors[@revision] (optionally hf://) -> (repo, filename, revision); None
+    unless the repository id is valid by the hub's rules and the file path has no `.` / `..` part."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     m = HUB_FILE.fullmatch(path)
-    if m is None or ".." in m[2].split("/") or m[1].split("/")[0] in (".", ".."):
+    if m is None or {".", ".."} & set(m[2].split("/")):
+        return None
+    try:
+        validate_repo_id(m[1])
+    except HFValidationError:
         return None
     return m[1], m[2], m[3]
 
 
 def _hub_download(repo: str, filename: str, revision: str | None, max_bytes: int, max_mb: int) -> bytes:
+    """The file's bytes, its size checked before the download (a file of unknown size is refused);
+    downloaded into a temporary folder, not the replica's hub cache, so requests cannot fill it."""
+    import tempfile
+
     from huggingface_hub import errors, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     where = f"{repo}/{filename}" + (f"@{revision}" if revision else "")
     try:
         meta = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision))
-        if meta.size is not None and meta.size > max_bytes:
+        if meta.size is None or meta.size > max_bytes:
+            raise AdapterError(f"{where} is over the {max_mb} MB cap (or of unknown size)")
+        with tempfile.TemporaryDirectory(prefix="klein-lora-") as folder:
+            data = Path(hf_hub_download(repo, filename, revision=revision, local_dir=folder)).read_bytes()
+        if len(data) > max_bytes:
             raise AdapterError(f"{where} is over the {max_mb} MB cap")
-        return Path(hf_hub_download(repo, filename, revision=revision)).read_bytes()
+        return data
+    except AdapterError:
+        raise
     except errors.GatedRepoError:
         raise AdapterError(
             f"{where}: the repository is gated (the service's HF_TOKEN has no access)"
@@ -96,7 +113,7 @@ def _hub_download(repo: str, filename: str, revision: str | None, max_bytes: int
         raise AdapterError(f"{where}: no such revision") from None
     except errors.RepositoryNotFoundError:
         raise AdapterError(f"{where}: no such repository (or it is private)") from None
-    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError) as e:
+    except Exception as e:  # unreachable, refused, a bad name: the request's adapter, not a 500
         raise AdapterError(f"{where}: the hub could not be read ({type(e).__name__})") from None
 
 
@@ -133,10 +150,11 @@ class Adapters:
                     "URLs are not accepted here (lora.allow_urls is off); name a registry adapter"
                 )
             return await self._fetch(path)
-        hub = _hub_file(path)
-        if path.startswith("hf://") or (hub and s.allow_urls and s.root is None):
+        # a hub file: hf://org/name/file.safetensors, or without hf:// where there is no registry
+        if path.startswith("hf://") or (s.root is None and s.allow_urls and path.count("/") >= 2):
             if not s.allow_urls:
                 raise AdapterError("hub files are not accepted here (lora.allow_urls is off)")
+            hub = _hub_file(path)
             if hub is None:
                 raise AdapterError("a hub file is hf://org/name/file.safetensors[@revision]")
             return await self._fetch_hub(*hub)
@@ -144,12 +162,7 @@ class Adapters:
             raise AdapterError("must name a registry adapter, a hub file or be an http(s) URL")
         if s.root is None:
             raise AdapterError("this deployment has no adapter registry (lora.root); name an http(s) URL")
-        try:
-            return await self._registry(path)
-        except AdapterError:
-            if hub and s.allow_urls:  # org/name/file.safetensors: not ours, so the hub's
-                return await self._fetch_hub(*hub)
-            raise
+        return await self._registry(path)
 
     async def _registry(self, path: str) -> str:
         s = self.settings

@@ -124,3 +124,19 @@ def test_bad_inpainting_requests_name_the_field(ours):
     assert (ok.width, ok.height, ok.strength, ok.run_steps) == (96, 80, 0.8, 4)
     low = validate(spec, GenerationRequest("x", steps=4, references=(source,), mask=ok.mask, strength=0.1))
     assert low.run_steps == 1  # the start is floored: any strength above 0 runs a step
+
+
+def test_an_inpainting_never_batches_with_a_plain_edit(ours):
+    """Strength 1 starts at step 0: it must still not share a group with an edit of the same
+    source (which has no mask), in either order."""
+    source, mask = _smooth(64, 64, 8), _mask(64, 64, (8, 8, 56, 56))
+    edit = GenerationRequest("a red door", seed=1, steps=4, references=(source,))
+    inpaint = GenerationRequest("a red door", seed=2, steps=4, references=(source,), mask=mask, strength=1.0)
+    alone = [np.asarray(ours.generate([r])[0]) for r in (edit, inpaint)]
+    for order in ((0, 1), (1, 0)):
+        reqs = [(edit, inpaint)[i] for i in order]
+        for i, image in zip(order, ours.generate(reqs), strict=True):
+            assert np.array_equal(np.asarray(image), alone[i])
+    with pytest.raises(InvalidRequest, match="leaves none to run") as e:
+        validate(ours.spec, GenerationRequest("x", steps=4, references=(source,), mask=mask, strength=1e-17))
+    assert e.value.field == "strength"

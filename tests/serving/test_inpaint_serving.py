@@ -161,3 +161,32 @@ def test_bad_masks_and_strengths_name_the_field(ingress):
             assert await ingress.service.store.pending() == []
 
     asyncio.run(go())
+
+
+def test_openai_n2_inpaintings_share_the_stored_inputs(ingress, local):
+    """n=2: two jobs (seeds s, s+1) repaint the same source with the one stored mask."""
+    rgba = Image.new("RGBA", (96, 80), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (16, 16, 80, 48))
+
+    async def go():
+        async with _client(ingress) as c:
+            files = [
+                ("image", ("s.png", _png(_source()), "image/png")),
+                ("mask", ("m.png", _png(rgba), "image/png")),
+            ]
+            data = {
+                "prompt": "a red door",
+                "seed": "8",
+                "steps": "4",
+                "n": "2",
+                "response_format": "b64_json",
+            }
+            r = await c.post("/v1/images/edits", data=data, files=files)
+            assert r.status_code == 200, r.text
+            jobs = [await ingress.service.store.get(j) for j in r.json()["metering"]["job_ids"]]
+            assert jobs[0].request.mask_key == jobs[1].request.mask_key is not None
+            for i, item in enumerate(r.json()["data"]):
+                got = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))).astype(int)
+                assert np.abs(got - _wanted(local, 0.8, 8 + i)).max() <= 1
+
+    asyncio.run(go())

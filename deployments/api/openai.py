@@ -1,35 +1,33 @@
 """The OpenAI-compatible images API: synchronous generations and edits (n images per request, each
-its own job), streamed as Server-Sent Events when asked (partial images, then the image), and the
-model list."""
+its own job; run and streamed by `sync_runs`), and the model list with the model's bounds."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import logging
 import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from deployments.api import sync_runs
 from deployments.api.auth import caller
 from deployments.api.deps import images_of, options_of, sample_url, service_of, submit_trace
 from deployments.api.errors import documented, openai_error
-from deployments.api.events import STREAM_HEADERS, sse, streamed
+from deployments.api.events import STREAM_HEADERS, streamed
 from deployments.api.schemas import ImageData, ImagesRequest, ImagesResponse, lora_requests, parse_size
 from deployments.jobs.errors import FieldError
-from deployments.jobs.records import JobRecord, Status
+from deployments.jobs.records import JobRecord
 from deployments.jobs.service import InputImage, JobService, Submission
 from klein.image import EXTENSIONS
 from klein.request import LORA_SCALE
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 FIELD_NAMES = {"width": "size", "height": "size", "references": "image"}  # klein's field -> OpenAI's
 EDIT_FORM_FIELDS = set(ImagesRequest.model_fields) | {"image", "image[]", "mask"}
-MODERATED = (Status.REQUEST_MODERATED, Status.CONTENT_MODERATED)
+MODERATED = sync_runs.MODERATED
 STREAMED = streamed("the images (JSON), or with `stream: true` their events")
 
 
@@ -172,14 +170,16 @@ async def images(
     jobs = await _submit_all(service, request, body, files, key_id, mask)
     if body.stream:
         return StreamingResponse(
-            _stream(request, body, jobs[0], kind), media_type="text/event-stream", headers=STREAM_HEADERS
+            sync_runs.stream(request, body, jobs[0], kind),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
         )
     b64 = body.response_format == "b64_json"
-    runs = [asyncio.ensure_future(_run(service, job, b64)) for job in jobs]
+    runs = [asyncio.ensure_future(sync_runs.run(service, job, b64)) for job in jobs]
     try:
         results = await asyncio.wait_for(asyncio.gather(*runs), options.sync_timeout_s)
     except BaseException as e:  # client gone, too slow, no room for one of them, or a failure
-        await _abandon(service, jobs, runs)
+        await sync_runs.abandon(service, jobs, runs)
         if not isinstance(e, TimeoutError):
             raise
         return openai_error(
@@ -269,105 +269,3 @@ async def _submit_all(
 def _stored_inputs(job: JobRecord) -> tuple[str, ...]:
     """The storage keys of a job's input files (its mask last), for its siblings to share."""
     return tuple(job.request.input_files)
-
-
-async def _stream(request: Request, body: ImagesRequest, job: JobRecord, kind: str):
-    """One job run while its events go out: `{kind}.partial_image` for each preview (JPEG, 1/8 of
-    the size), then `{kind}.completed` with the image, or an `error` event. The caller leaving
-    cancels the job."""
-    service, options = service_of(request), options_of(request)
-    run = asyncio.ensure_future(_run(service, job, True))
-    feed = service.feed(job, reread=False)  # `job` is the live record of the run
-    deadline = time.monotonic() + options.sync_timeout_s
-    common = {"background": "opaque", "quality": "auto", "size": f"{job.request.width}x{job.request.height}"}
-    previews, quiet_since = 0, time.monotonic()
-    try:
-        while True:
-            done = run.done()  # then one last look: the previews of a job faster than a poll
-            for event in await _poll(feed):
-                if event.kind == "preview":
-                    partial = {
-                        "b64_json": event.data["image"].split(",", 1)[1],
-                        "partial_image_index": previews,
-                    }
-                    yield _event(f"{kind}.partial_image", common | partial | {"output_format": "jpeg"})
-                    previews, quiet_since = previews + 1, time.monotonic()
-            if done or time.monotonic() > deadline:
-                break
-            if time.monotonic() - quiet_since >= options.events_keepalive_s:  # for idle timeouts
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
-            await asyncio.wait([run], timeout=options.events_poll_s)
-        if not run.done():
-            message = f"no result within {options.sync_timeout_s:g} s"
-            yield sse("error", {"error": {"message": message, "type": "timeout", "job_ids": [job.id]}})
-            return
-        yield _ending(kind, job, run, common | {"output_format": body.output_format})
-    finally:
-        if not run.done():  # the caller went away (or timed out): the job ends Cancelled, unbilled
-            # in its own task: this generator is being cancelled, and every await here would be too
-            _CLEANUPS.add(task := asyncio.ensure_future(_abandon(service, [job], [run])))
-            task.add_done_callback(_CLEANUPS.discard)
-
-
-_CLEANUPS: set[asyncio.Task] = set()
-
-
-async def _poll(feed) -> list:
-    """A feed's new events; none when storage failed this time (the job itself goes on)."""
-    try:
-        return await feed.poll()
-    except Exception as e:
-        log.warning(
-            "stream of job %s: reading its progress failed (%s: %s)", feed.job.id, type(e).__name__, e
-        )
-        return []
-
-
-def _event(kind: str, fields: dict) -> str:
-    return sse(kind, {"type": kind, "created_at": int(time.time())} | fields)
-
-
-def _ending(kind: str, job: JobRecord, run: asyncio.Future, common: dict) -> str:
-    """The stream's last event: the image, or why there is none."""
-    error = run.exception()
-    result = None if error else run.result()
-    if result is None:
-        moderated = job.status in MODERATED
-        message = (
-            f"{job.status.value}: {job.error or ''}"
-            if job.status.terminal
-            else f"{type(error).__name__}: {error}"
-        )
-        code = "content_policy_violation" if moderated else job.status.value.lower().replace(" ", "_")
-        kind_ = "invalid_request_error" if moderated else "server_error"
-        return sse("error", {"error": {"message": message, "type": kind_, "code": code, "job_ids": [job.id]}})
-    r = job.request
-    image_tokens = sum(h * w for h, w in r.ref_shapes)
-    output_tokens = (r.width // 16) * (r.height // 16)
-    usage = {
-        "input_tokens": image_tokens,
-        "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": 0},
-        "output_tokens": output_tokens,
-        "total_tokens": image_tokens + output_tokens,
-    }
-    metering = {"input_mp": job.input_mp, "output_mp": job.output_mp, "cost": job.cost, "job_ids": [job.id]}
-    image = {"b64_json": base64.b64encode(result.data).decode(), "usage": usage, "metering": metering}
-    return _event(f"{kind}.completed", common | image)
-
-
-async def _run(service: JobService, job: JobRecord, return_bytes: bool):
-    if job.status.terminal:
-        return None
-    return await service.run(job, return_bytes=return_bytes, fresh=True, shed=True)
-
-
-async def _abandon(service: JobService, jobs: list[JobRecord], runs: list[asyncio.Future]) -> None:
-    """None of the jobs may go on to be billed: each ends Cancelled unless done."""
-    for r in runs:
-        r.cancel()
-    for job in jobs:
-        await asyncio.shield(service.cancel(job.id))  # the stages stop work on them
-    await asyncio.shield(asyncio.gather(*runs, return_exceptions=True))
-    for job in jobs:  # any whose run never began: ended here, unbilled, and no longer counted
-        await asyncio.shield(service.discard(job))

@@ -91,17 +91,6 @@ def download(hub_id: HubId, patterns: list[str], *, what: str = "model") -> Snap
                 hub_id.repo, revision=hub_id.revision, allow_patterns=patterns, local_files_only=offline
             )
         )
-    except errors.GatedRepoError:
-        raise HubError(
-            f"{where} is gated: accept its license at https://huggingface.co/{hub_id.repo} with your "
-            "account, then give your token (HF_TOKEN, or `hf auth login`)"
-        ) from None
-    except errors.RepositoryNotFoundError:
-        raise HubError(
-            f"{where}: no such repository, or it is private and no token with access was given (HF_TOKEN)"
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise HubError(f"{where}: revision {hub_id.revision!r} does not exist") from None
     except errors.LocalEntryNotFoundError:
         if offline:
             raise HubError(
@@ -109,14 +98,31 @@ def download(hub_id: HubId, patterns: list[str], *, what: str = "model") -> Snap
                 f"it: download it once with the network on (files {', '.join(patterns)})"
             ) from None
         raise HubError(f"{where}: the hub could not be reached and the files are not in the cache") from None
-    except errors.HfHubHTTPError as e:
-        raise HubError(f"{where}: the hub answered {e}") from None
-    except Exception as e:  # the network failing mid-download, a proxy refusing, a full disk
-        raise HubError(f"{where}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the hub's answers, the network failing mid-download, a full disk
+        reason = explain(e, hub_id.repo, hub_id.revision) or f"{type(e).__name__}: {e}"
+        raise HubError(f"{where}: {reason}") from None
     if not any(folder.rglob("*")):
         raise HubError(f"{where} has none of the files a FLUX.2 [klein] model needs ({', '.join(patterns)})")
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else (hub_id.revision or "")
     return Snapshot(hub_id, folder, commit, tuple(patterns))
+
+
+def explain(e: BaseException, repo: str, revision: str | None) -> str | None:
+    """What one of the hub's answers about a repository means, for a message; None for others."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return (
+            f"the repository is gated: accept its license at https://huggingface.co/{repo} with your "
+            "account, then give your token (HF_TOKEN, or `hf auth login`)"
+        )
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return "no such repository, or it is private and no token with access was given (HF_TOKEN)"
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"revision {revision!r} does not exist"
+    if isinstance(e, errors.RemoteEntryNotFoundError):
+        return "no such file in the repository"
+    return None
 
 
 def _cache() -> str:

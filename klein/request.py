@@ -55,8 +55,8 @@ class GenerationRequest:
 
     @property
     def run_steps(self) -> int:
-        """The steps that run: all of them, or an inpainting's last `strength` part."""
-        return self.steps - start_step(self.steps, self.strength) if self.mask is not None else self.steps
+        """The steps that run (see `steps_run`)."""
+        return steps_run(self.steps, self.strength if self.mask is not None else None)
 
     @property
     def megapixels(self) -> float:
@@ -85,9 +85,15 @@ def source_size(width: int, height: int, multiple: int) -> tuple[int, int]:
     return width // multiple * multiple, height // multiple * multiple
 
 
-def start_step(steps: int, strength: float) -> int:
-    """The index in the schedule sampling starts from (diffusers `get_timesteps`)."""
-    return int(max(steps - min(steps * strength, steps), 0))
+def start_step(steps: int, strength: float | None) -> int:
+    """The index in the schedule sampling starts from (diffusers `get_timesteps`); 0 without a
+    strength (not inpainting)."""
+    return 0 if strength is None else int(max(steps - min(steps * strength, steps), 0))
+
+
+def steps_run(steps: int, strength: float | None) -> int:
+    """The steps that run: all of them, or an inpainting's last `strength` part of the schedule."""
+    return steps - start_step(steps, strength)
 
 
 def check_text(text: str, field: str) -> None:

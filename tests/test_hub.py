@@ -179,50 +179,23 @@ def test_cli_generate_and_download_by_hub_id(hub, tmp_path):
 def test_klein_serve_by_hub_id_downloads_once(hub, tmp_path):
     """`klein serve --model org/name` fetches the model before the replicas start; the three stage
     replicas then load it from the cache: each file was downloaded once."""
-    import signal
-    import time
-
     import httpx
 
-    from tests.serving.conftest import free_port
+    from tests.serving.conftest import start_klein_serve, stop_klein_serve, submit_and_wait
 
-    port = free_port()
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "KLEIN_STORAGE__ROOT": str(tmp_path / "data"),
-           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--model", REPO, "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "KLEIN_STORAGE__ROOT": str(tmp_path / "data")}  # fmt: skip
+    proc, url, lines = start_klein_serve(["--model", REPO], tmp_path, **env)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            lines.append(line)
-            if "klein-serve is up" in line:
-                break
         assert any("klein-serve is up" in line for line in lines), "".join(lines[-30:])
-        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        c = httpx.Client(base_url=url, timeout=60)
         model = c.get("/v1/models").json()["data"][0]["id"]
-        job = c.post(f"/v1/{model}", json={"prompt": "hello", "width": 64, "height": 64}).json()
-        for _ in range(300):
-            res = c.get("/v1/get_result", params={"id": job["id"]}).json()
-            if res["status"] != "Pending":
-                break
-            time.sleep(0.1)
+        res = submit_and_wait(c, model, {"prompt": "hello", "width": 64, "height": 64})
         assert res["status"] == "Ready", res
-        files = [p for p in hub.downloads]
+        files = list(hub.downloads)
         assert len(files) == len(set(files)), "a file was downloaded twice"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_klein_serve(proc)
 
 
 def test_lora_adapters_from_the_hub(hub, tmp_path, monkeypatch):

@@ -252,7 +252,7 @@ async def _submit_all(
                 key_id=key_id,
                 trace=trace,
                 sync=True,
-                shared_inputs=_stored_inputs(jobs[0]) if jobs else (),
+                shared_inputs=tuple(jobs[0].request.input_files) if jobs else (),  # the mask last
                 field_names=FIELD_NAMES,
                 previews=body.partial_images,
                 mask=mask,
@@ -264,8 +264,3 @@ async def _submit_all(
             await asyncio.shield(service.discard(job))
         raise
     return jobs
-
-
-def _stored_inputs(job: JobRecord) -> tuple[str, ...]:
-    """The storage keys of a job's input files (its mask last), for its siblings to share."""
-    return tuple(job.request.input_files)

@@ -42,6 +42,18 @@ Loras = Field(
 )
 
 
+Side = Field(
+    strict=True, default=None, ge=64, le=2048, multiple_of=16, description="default 1024 or the first input's"
+)
+Strength = Field(
+    strict=True,
+    default=None,
+    gt=0,
+    le=1,
+    description="inpainting (with a mask): how much is repainted (default 0.8)",
+)
+
+
 class GenerateRequest(BaseModel):
     """POST /v1/{model}: text-to-image, or editing with up to 4 input images."""
 
@@ -58,28 +70,12 @@ class GenerateRequest(BaseModel):
         None,
         description="inpainting: repaint input_image where this mask is white (same size; like input_image)",
     )
-    strength: float | None = Field(
-        strict=True, default=None, gt=0, le=1, description="inpainting: how much is repainted (default 0.8)"
-    )
+    strength: float | None = Strength
     seed: int | None = Field(
         strict=True, default=None, ge=0, le=MAX_SEED, description="noise seed; random when omitted"
     )
-    width: int | None = Field(
-        strict=True,
-        default=None,
-        ge=64,
-        le=2048,
-        multiple_of=16,
-        description="default 1024 or the first input's",
-    )
-    height: int | None = Field(
-        strict=True,
-        default=None,
-        ge=64,
-        le=2048,
-        multiple_of=16,
-        description="default 1024 or the first input's",
-    )
+    width: int | None = Side
+    height: int | None = Side
     steps: int | None = Field(
         strict=True, default=None, ge=1, le=100, description="denoising steps (default: the model's)"
     )
@@ -173,13 +169,7 @@ class ImagesRequest(BaseModel):
     guidance: float | None = Field(strict=True, default=None, ge=1, le=20)
     safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
     loras: list[LoraSpec] | None = Loras
-    strength: float | None = Field(
-        strict=True,
-        default=None,
-        gt=0,
-        le=1,
-        description="with a mask (edits): how much is repainted (default 0.8)",
-    )
+    strength: float | None = Strength
     stream: bool = Field(False, description="answer with Server-Sent Events: partial images, then the image")
     partial_images: int = Field(
         strict=True, default=0, ge=0, le=3, description="previews streamed before the image (with stream)"

@@ -124,13 +124,13 @@ class EventFeed:
         describe: Callable[[JobRecord, Step | None], dict] | None = None,
         reread: bool = True,
     ):
-        """`reread`: read the record from storage at each poll (False: `job` is the live record of a
-        run in this process)."""
+        """`reread`: read the record from storage at each poll but the first (`job` was just read);
+        False: `job` is the live record of a run in this process."""
         self.store, self.storage, self.job = store, store.storage, job
         self.last, self.describe, self.reread = after, describe, reread  # the last position given
         self.waiting: dict[tuple[int, int], float] = {}  # (attempt, step) of a due preview -> since
         self.given_up: set[tuple[int, int]] = set()
-        self.ended = False
+        self.ended, self.polls = False, 0
 
     def _given(self, candidates: list[tuple[int, str, dict]]) -> list[Event]:
         """The candidates after the last position given, in order; the last position moves on."""
@@ -144,8 +144,9 @@ class EventFeed:
     async def poll(self) -> list[Event]:
         if self.ended:
             return []
-        if self.reread:
+        if self.reread and self.polls:
             self.job = await self.store.get(self.job.id) or self.job
+        self.polls += 1
         job = self.job
         attempt, step = current(job, await read_step(self.storage, job.id))
         if job.status.terminal:  # the previews it has not given (a fast job's), then the result

@@ -28,7 +28,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, PrivateAttr
 
 from klein.image import EXTENSIONS
-from klein.request import start_step
+from klein.request import steps_run
 
 ANONYMOUS = "anonymous"  # the key id when the service runs without keys (loopback only)
 
@@ -128,7 +128,7 @@ class JobRequest(BaseModel):
     @property
     def run_steps(self) -> int:
         """The steps that run (an inpainting runs the last `strength` part of the schedule)."""
-        return self.steps - start_step(self.steps, self.strength) if self.strength is not None else self.steps
+        return steps_run(self.steps, self.strength)
 
 
 class JobResult(BaseModel):

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 from deployments import netguard
 from deployments.storage import StorageOptions, open_storage
 from klein.config import TransformerConfig
+from klein.hub import explain
 from klein.lora import LoraAdapter, LoraError, parse_lora, read_lora_bytes
 from klein.request import LORA_PLACES_LIMIT, MAX_LORAS
 
@@ -89,7 +90,7 @@ def _hub_download(repo: str, filename: str, revision: str | None, max_bytes: int
     downloaded into a temporary folder, not the replica's hub cache, so requests cannot fill it."""
     import tempfile
 
-    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
     where = f"{repo}/{filename}" + (f"@{revision}" if revision else "")
     try:
@@ -103,18 +104,9 @@ def _hub_download(repo: str, filename: str, revision: str | None, max_bytes: int
         return data
     except AdapterError:
         raise
-    except errors.GatedRepoError:
-        raise AdapterError(
-            f"{where}: the repository is gated (the service's HF_TOKEN has no access)"
-        ) from None
-    except errors.EntryNotFoundError:
-        raise AdapterError(f"{where}: no such file in the repository") from None
-    except errors.RevisionNotFoundError:
-        raise AdapterError(f"{where}: no such revision") from None
-    except errors.RepositoryNotFoundError:
-        raise AdapterError(f"{where}: no such repository (or it is private)") from None
-    except Exception as e:  # unreachable, refused, a bad name: the request's adapter, not a 500
-        raise AdapterError(f"{where}: the hub could not be read ({type(e).__name__})") from None
+    except Exception as e:  # the hub's answers, unreachable, a bad name: the request's adapter, not a 500
+        reason = explain(e, repo, revision) or f"the hub could not be read ({type(e).__name__})"
+        raise AdapterError(f"{where}: {reason}") from None
 
 
 class Adapters:

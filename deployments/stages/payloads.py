@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from klein.request import start_step
+from klein.request import start_step, steps_run
 
 
 def tokens(width: int, height: int, ref_shapes=()) -> int:
@@ -59,7 +59,7 @@ class DenoiseParams:
 
     @property
     def run_steps(self) -> int:
-        return self.steps - (self.start or 0)
+        return steps_run(self.steps, self.strength)
 
     @property
     def tokens(self) -> int:

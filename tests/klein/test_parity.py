@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from klein import GenerationRequest, ModelSource, Pipeline
+from klein import GenerationRequest
 from klein.image import prepare_reference
 from klein.request import validate
 from klein.sampler import grid_ids, initial_noise, pack, reference_ids, text_ids
@@ -23,16 +23,6 @@ from klein.sampler import grid_ids, initial_noise, pack, reference_ids, text_ids
 pytest.importorskip("diffusers")
 
 PROMPTS = ["a red fox in the snow", "", "un café à Paris, 東京の夜 🌃"]
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_dir):
-    return Pipeline(ModelSource.from_paths(tiny_dir))
-
-
-@pytest.fixture(scope="module")
-def ours_base(tiny_base_dir):
-    return Pipeline(ModelSource.from_paths(tiny_base_dir))
 
 
 def _images_match(a: np.ndarray, b: np.ndarray) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,52 @@ def ray_local():
 
     serve.shutdown()
     ray.shutdown()
+
+
+def start_klein_serve(args: list[str], cwd: Path, **env: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """`klein serve ARGS --port <free>` in a subprocess with its own Ray, read until it says it is
+    up (or exits, or 240 s pass): (the process, its URL, what it printed)."""
+    port = free_port()
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **env}
+    full_env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", *args, "--port", str(port)],
+        cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if "klein-serve is up" in line:
+            break
+    return proc, f"http://127.0.0.1:{port}", lines
+
+
+def stop_klein_serve(proc: subprocess.Popen, signals: int = 1) -> tuple[int, str]:
+    """SIGTERM (`signals` times at once), then its exit status and the rest of its output (killed
+    after 120 s)."""
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+def submit_and_wait(client: httpx.Client, model: str, body: dict) -> dict:
+    """POST /v1/{model}, then get_result until the job is not Pending (30 s at most)."""
+    job = client.post(f"/v1/{model}", json=body).json()
+    for _ in range(300):
+        res = client.get("/v1/get_result", params={"id": job["id"]}).json()
+        if res["status"] != "Pending":
+            break
+        time.sleep(0.1)
+    return res
 
 
 def tiny_settings(storage: dict, traces: Path | None = None, **ingress) -> dict:

@@ -57,6 +57,13 @@ def _mask(w=96, h=80) -> Image.Image:
     return mask
 
 
+def _transparent_mask() -> Image.Image:
+    """OpenAI's form of `_mask()`: opaque, with the region to repaint transparent."""
+    rgba = Image.new("RGBA", (96, 80), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (16, 16, 80, 48))
+    return rgba
+
+
 async def _image(c, job_id) -> np.ndarray:
     await asyncio.sleep(0)
     res = (await c.get("/v1/get_result", params={"id": job_id})).json()
@@ -89,8 +96,7 @@ def test_bfl_route_inpaints_as_klein_does_and_meters_the_source(ingress, local):
 
 def test_openai_edits_mask_transparent_repaints(ingress, local):
     """OpenAI's mask: transparent pixels are repainted; a second image is a reference."""
-    rgba = Image.new("RGBA", (96, 80), (0, 0, 0, 255))
-    rgba.paste((0, 0, 0, 0), (16, 16, 80, 48))  # the same region as _mask(), transparent
+    rgba = _transparent_mask()
     ref = _source(64, 64, 2)
 
     async def go():
@@ -165,8 +171,7 @@ def test_bad_masks_and_strengths_name_the_field(ingress):
 
 def test_openai_n2_inpaintings_share_the_stored_inputs(ingress, local):
     """n=2: two jobs (seeds s, s+1) repaint the same source with the one stored mask."""
-    rgba = Image.new("RGBA", (96, 80), (0, 0, 0, 255))
-    rgba.paste((0, 0, 0, 0), (16, 16, 80, 48))
+    rgba = _transparent_mask()
 
     async def go():
         async with _client(ingress) as c:

@@ -9,17 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import free_port
+from tests.serving.conftest import start_klein_serve, stop_klein_serve
 
 pytestmark = pytest.mark.slow  # `klein serve` with its own Ray, and a browser
 
@@ -50,32 +46,17 @@ def server(tmp_path_factory):
     """`klein serve` (tiny Base model: steps and guidance in the form) with a key and a LoRA folder."""
     tmp = tmp_path_factory.mktemp("playground")
     (tmp / "loras").mkdir()
-    port = free_port()
-    env = {**os.environ, "KLEIN_STORAGE__ROOT": str(tmp / "data"), "RAY_AUTH_MODE": "disabled",
-           "KLEIN_API_KEYS": KEY, "KLEIN_LORA__ROOT": str(tmp / "loras")}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--preset", "tiny-base", "--port", str(port)],
-        cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    lines = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if "klein-serve is up" in line:
-            break
-    else:
-        proc.kill()
-    assert any("klein-serve is up" in line for line in lines), "".join(lines[-30:])
-    yield f"http://127.0.0.1:{port}"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    env = {
+        "KLEIN_STORAGE__ROOT": str(tmp / "data"),
+        "KLEIN_API_KEYS": KEY,
+        "KLEIN_LORA__ROOT": str(tmp / "loras"),
+    }
+    proc, url, lines = start_klein_serve(["--preset", "tiny-base"], tmp, **env)
+    if not any("klein-serve is up" in line for line in lines):
+        stop_klein_serve(proc)
+        pytest.fail("klein serve did not come up:\n" + "".join(lines[-30:]))
+    yield url
+    stop_klein_serve(proc)
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,23 @@ from pathlib import Path
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Request fields -> the flags that set them, for error messages.
-FLAGS = {"prompt": "--prompt", "width": "--width", "height": "--height", "seed": "--seed",
-         "steps": "--steps", "guidance": "--guidance", "references": "--ref", "loras": "--lora",
-         "mask": "--mask", "strength": "--strength"}  # fmt: skip
+FLAGS = {
+    field: f"--{field}"
+    for field in ("prompt", "width", "height", "seed", "steps", "guidance", "mask", "strength")
+} | {"references": "--ref", "loras": "--lora"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    from klein.config import PRESETS
-
     parser = argparse.ArgumentParser(prog="klein", description="Serve and run FLUX.2 [klein] image models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_generate_flags, _serve_flags, _download_flags, _loadtest_flags, _verify_flags):
+        command = add(sub)
+        command.set_defaults(subparser=command)  # errors name the subcommand's usage
+    return parser
+
+
+def _generate_flags(sub) -> argparse.ArgumentParser:
+    from klein.config import PRESETS
 
     g = sub.add_parser("generate", help="generate one image in this process (no Ray)")
     g.add_argument("--prompt", required=True, help="text prompt")
@@ -47,22 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--transformer", type=Path, metavar="FILE", help="BFL or FP8 transformer single file")
     src.add_argument("--vae", type=Path, metavar="FILE", help="BFL ae.safetensors")
     src.add_argument("--text-encoder", type=Path, metavar="DIR", help="Qwen3 folder (config.json + weights)")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA adapter (.safetensors; diffusers, ai-toolkit, kohya formats) and its scale "
-                        "(-4..4, default 1); up to 3")  # fmt: skip
-    g.add_argument("--ref", type=Path, action="extend", nargs="+", default=[], metavar="IMAGE",
-                   help="reference image(s) for editing / multi-reference generation")  # fmt: skip
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter (.safetensors; diffusers, ai-toolkit, kohya formats) and its scale "
+        "(-4..4, default 1); up to 3",
+    )
+    g.add_argument(
+        "--ref",
+        type=Path,
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="IMAGE",
+        help="reference image(s) for editing / multi-reference generation",
+    )
     g.add_argument("--image", type=Path, metavar="SRC", help="inpainting: the image to repaint (with --mask)")
     g.add_argument(
         "--mask", type=Path, metavar="MASK", help="inpainting: white repaints (the size of --image)"
     )
     g.add_argument("--strength", type=float, help="inpainting: how much is repainted, (0, 1] (default 0.8)")
-    g.add_argument(
-        "--width", type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
-    )
-    g.add_argument(
-        "--height", type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
-    )
+    for side in ("--width", "--height"):
+        g.add_argument(
+            side, type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
+        )
     g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (default 0)")
     g.add_argument("--steps", type=int, help="denoising steps (default: 4 distilled, 50 Base)")
     g.add_argument(
@@ -89,7 +106,11 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="SDPA backend for the transformer (default auto: cuDNN, else flash, on CUDA)",
     )
-    g.set_defaults(subparser=g)
+    return g
+
+
+def _serve_flags(sub) -> argparse.ArgumentParser:
+    from klein.config import PRESETS
 
     s = sub.add_parser("serve", help="start a local Ray, deploy the service, serve until Ctrl-C / SIGTERM")
     s.add_argument("--preset", choices=sorted(PRESETS), help="model variant (default: the config's; tiny)")
@@ -110,14 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", help="bind address (default: the config's, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: the config's, 8000)")
-    s.set_defaults(subparser=s)
+    return s
 
+
+def _download_flags(sub) -> argparse.ArgumentParser:
     d = sub.add_parser(
         "download", help="fetch a hub model into the cache (HF_HOME), e.g. to fill a volume before serving"
     )
     _model_flags(d, required=True)
-    d.set_defaults(subparser=d)
+    return d
 
+
+def _loadtest_flags(sub) -> argparse.ArgumentParser:
     lt = sub.add_parser(
         "loadtest", help="run Locust headless against a running service; write CSV, HTML, summary"
     )
@@ -130,14 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     lt.add_argument("--out", type=Path, default=Path("loadtest-out"), metavar="DIR", help="reports folder")
     lt.add_argument("--sizes", help="WxH,... (default 512x512 to 2 MP)")
-    lt.set_defaults(subparser=lt)
+    return lt
 
+
+def _verify_flags(sub) -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an image's C2PA manifest and invisible watermark")
     v.add_argument("image", type=Path, help="PNG, JPEG or WebP file")
     v.add_argument("--trust-anchor", type=Path, metavar="PEM", help="CA certificate(s) to trust")
     v.add_argument("--watermark-bits", default=None, metavar="BITS", help="expected 48-bit payload")
-    v.set_defaults(subparser=v)
-    return parser
+    return v
 
 
 def _model_flags(group, required: bool = False) -> None:
@@ -182,12 +208,9 @@ def _download(args, parser: argparse.ArgumentParser) -> int:
 
 def _generate(args, parser: argparse.ArgumentParser) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    from klein import DTYPES, FastPath, GenerationRequest, InvalidRequest, ModelSource, Pipeline
-    from klein.checkpoint import CheckpointError
+    from klein import DTYPES, Pipeline
     from klein.lora import LoraError, LoraOptions
-    from klein.request import validate
 
     fmt = OUTPUT_FORMATS.get(args.out.suffix.lower())
     if fmt is None:
@@ -198,26 +221,66 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda requested but no CUDA device is available")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    source = _generate_source(args, parser)
+    request = _generate_request(args, parser, source.spec)
+    fast = _fast_path(args, parser, device, request)
 
-    files = {"--weights": args.weights, "--transformer": args.transformer, "--vae": args.vae,
-             "--text-encoder": args.text_encoder}  # fmt: skip
+    t0 = time.perf_counter()
+    pipe = Pipeline(
+        source, device=device, dtype=dtype, fast=fast, lora=LoraOptions() if request.loras else None
+    )
+    t1 = time.perf_counter()
+    warm = sum(r.warmup_s for r in pipe.warm_up(cfg=request.guidance is not None and request.guidance > 1))
+    t2 = time.perf_counter()
+    try:
+        image = pipe.generate([request], on_step=_progress(request.run_steps))[0]
+    except LoraError as e:
+        parser.error(f"--lora: {e}")
+    image.save(args.out, format=fmt)
+    t3 = time.perf_counter()
+    speed = "".join(f"\n  {r}" for r in pipe.reports if r.actions)
+    print(
+        f"{args.out} {request.width}x{request.height} seed={request.seed} steps={request.steps} "
+        f"model={source.spec.name} load={t1 - t0:.2f}s warm-up={warm:.2f}s generate={t3 - t2:.2f}s{speed}"
+    )
+    return 0
+
+
+def _generate_source(args, parser: argparse.ArgumentParser):
+    """The model `klein generate` runs: --model, weights files, or a preset (the tiny one by default)."""
+    from klein import ModelSource
+    from klein.checkpoint import CheckpointError
+
+    files = {
+        "--weights": args.weights,
+        "--transformer": args.transformer,
+        "--vae": args.vae,
+        "--text-encoder": args.text_encoder,
+    }
     if args.model and any(files.values()):
         parser.error("--model: give either --model or weights files, not both")
+    if args.model:
+        return _model_source(args, parser)
     try:
-        if args.model:
-            source = _model_source(args, parser)
-        elif any(files.values()):
-            source = ModelSource.from_paths(
+        if any(files.values()):
+            return ModelSource.from_paths(
                 args.weights, args.transformer, args.vae, args.text_encoder, args.preset
             )
-        else:
-            source = ModelSource.preset(args.preset or "tiny")
+        return ModelSource.preset(args.preset or "tiny")
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         flag = next(
             (f for f, v in files.items() if v and str(v) in str(e)),
             "--preset" if args.preset else "--weights",
         )
         parser.error(f"{flag}: {e}")
+
+
+def _generate_request(args, parser: argparse.ArgumentParser, spec):
+    """The flags as a validated GenerationRequest; a bad value is a message naming its flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    from klein import GenerationRequest, InvalidRequest
+    from klein.request import validate
 
     def read(path: Path, flag: str) -> Image.Image:
         try:
@@ -236,49 +299,42 @@ def _generate(args, parser: argparse.ArgumentParser) -> int:
     refs = [read(path, "--ref") for path in args.ref]
     if args.image is not None:
         refs.insert(0, read(args.image, "--image"))
-    mask = read(args.mask, "--mask") if args.mask is not None else None
     request = GenerationRequest(
-        prompt=args.prompt, width=args.width, height=args.height, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, references=tuple(refs), loras=_loras(args.lora, parser),
-        mask=mask, strength=args.strength,
-    )  # fmt: skip
+        prompt=args.prompt,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        references=tuple(refs),
+        loras=_loras(args.lora, parser),
+        mask=read(args.mask, "--mask") if args.mask is not None else None,
+        strength=args.strength,
+    )
     try:
-        request = validate(source.spec, request)
+        return validate(spec, request)
     except InvalidRequest as e:
         flag = FLAGS.get(e.field.split("[")[0], e.field)
         if args.image is not None and e.field.startswith("references[0]"):
             flag = "--image"
         parser.error(f"{flag}: {e.message}")
 
+
+def _fast_path(args, parser: argparse.ArgumentParser, device: str, request):
+    """--compile, --cuda-graphs, --quantize and --attention as FastPath options, warmed at the request's size."""
+    from klein import FastPath
+
     if args.cuda_graphs and device != "cuda":
         parser.error(f"--cuda-graphs: needs CUDA; the device is {device}")
     if args.attention not in ("auto", "default", "math") and device != "cuda":
         parser.error(f"--attention: {args.attention} needs CUDA; the device is {device}")
-    fast = FastPath(
-        compile=args.compile, cuda_graphs=args.cuda_graphs, quantize=args.quantize, attention=args.attention,
+    return FastPath(
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        quantize=args.quantize,
+        attention=args.attention,
         warmup_sizes=((request.width, request.height),) if args.compile or args.cuda_graphs else (),
-    )  # fmt: skip
-
-    t0 = time.perf_counter()
-    pipe = Pipeline(
-        source, device=device, dtype=dtype, fast=fast, lora=LoraOptions() if request.loras else None
     )
-    t1 = time.perf_counter()
-    warm = sum(r.warmup_s for r in pipe.warm_up(cfg=request.guidance is not None and request.guidance > 1))
-    t2 = time.perf_counter()
-    progress = _progress(request.run_steps)
-    try:
-        image = pipe.generate([request], on_step=progress)[0]
-    except LoraError as e:
-        parser.error(f"--lora: {e}")
-    image.save(args.out, format=fmt)
-    t3 = time.perf_counter()
-    speed = "".join(f"\n  {r}" for r in pipe.reports if r.actions)
-    print(
-        f"{args.out} {request.width}x{request.height} seed={request.seed} steps={request.steps} "
-        f"model={source.spec.name} load={t1 - t0:.2f}s warm-up={warm:.2f}s generate={t3 - t2:.2f}s{speed}"
-    )
-    return 0
 
 
 def _loras(values: list[str], parser: argparse.ArgumentParser) -> tuple:
@@ -316,8 +372,16 @@ def _loadtest(args, parser: argparse.ArgumentParser) -> int:
     if not 1 <= seconds <= 24 * 3600:
         parser.error(f"--run-time: must be between 1 s and 24 h, got {args.run_time}")
     extra = {"KLEIN_SIZES": args.sizes} if args.sizes else {}
-    summary = loadtest.run(args.host, args.out, args.users, args.spawn_rate, args.run_time, args.shape,
-                           os.environ.get("KLEIN_API_KEY"), extra)  # fmt: skip
+    summary = loadtest.run(
+        args.host,
+        args.out,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        run_time=args.run_time,
+        shape=args.shape,
+        api_key=os.environ.get("KLEIN_API_KEY"),
+        extra_env=extra,
+    )
     print((args.out / "summary.md").read_text())
     return 0 if summary["images"] > 0 else 1
 

@@ -41,7 +41,7 @@ def summarize(stats: dict, csv_prefix: Path) -> dict:
         "job_latency_s": {
             q: (round(v, 3) if (v := percentile(lat, p)) is not None else None)
             for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
-        },  # fmt: skip
+        },
         "jobs_by_status": stats["status"],
         "errors_by_kind": errors,
         "http_429": errors.get("HTTP 429", 0),
@@ -54,19 +54,32 @@ def summarize(stats: dict, csv_prefix: Path) -> dict:
 def markdown(s: dict, host: str) -> str:
     lat = s["job_latency_s"]
     other = {k: v for k, v in s["errors_by_kind"].items() if k not in ("HTTP 429", "HTTP 503")}
-    return "\n".join([
-        f"# Load test against {host}", "",
-        f"- duration: {s['seconds']} s; images: {s['images']} ({s['images_per_s']}/s); "
-        f"megapixels: {s['megapixels']} ({s['megapixels_per_s']}/s)",
-        f"- job latency (submit to image): p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s",
-        f"- rejected: HTTP 429 x{s['http_429']}, HTTP 503 x{s['http_503']}; other errors: {other or 'none'}",
-        f"- jobs by status: {s['jobs_by_status']}; HTTP requests: {s['requests']} ({s['request_failures']} failed)",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# Load test against {host}",
+            "",
+            f"- duration: {s['seconds']} s; images: {s['images']} ({s['images_per_s']}/s); "
+            f"megapixels: {s['megapixels']} ({s['megapixels_per_s']}/s)",
+            f"- job latency (submit to image): p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s",
+            f"- rejected: HTTP 429 x{s['http_429']}, HTTP 503 x{s['http_503']}; other errors: {other or 'none'}",
+            f"- jobs by status: {s['jobs_by_status']}; HTTP requests: {s['requests']} ({s['request_failures']} failed)",
+            "",
+        ]
+    )
 
 
-def run(host: str, out: Path, users: int, spawn_rate: float, run_time: str, shape: str | None,
-        api_key: str | None, extra_env: dict | None = None, timeout_s: float | None = None) -> dict:  # fmt: skip
+def run(
+    host: str,
+    out: Path,
+    *,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    shape: str | None,
+    api_key: str | None,
+    extra_env: dict | None = None,
+    timeout_s: float | None = None,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **(extra_env or {}), "KLEIN_STATS_FILE": str(out / "klein-stats.json")}
     if api_key:
@@ -75,9 +88,17 @@ def run(host: str, out: Path, users: int, spawn_rate: float, run_time: str, shap
         env["KLEIN_SHAPE"] = shape
         env.setdefault("KLEIN_PEAK_USERS", str(users))
         env.setdefault("KLEIN_DURATION_S", str(_seconds(run_time)))
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "-u", str(users), "-r", str(spawn_rate), "-t", run_time, "--stop-timeout", "30",
-           "--csv", str(out / "locust"), "--html", str(out / "report.html"), "--only-summary"]  # fmt: skip
+    flags = {
+        "--host": host,
+        "-u": users,
+        "-r": spawn_rate,
+        "-t": run_time,
+        "--stop-timeout": 30,
+        "--csv": out / "locust",
+        "--html": out / "report.html",
+    }
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary"]
+    cmd += [str(x) for flag in flags.items() for x in flag]
     limit = timeout_s or _seconds(run_time) + 120
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
     (out / "locust.log").write_text(proc.stdout + proc.stderr)

@@ -42,9 +42,13 @@ EDIT_SHARE = float(os.environ.get("KLEIN_EDIT_SHARE", "0.3"))
 REPEAT_SHARE = float(os.environ.get("KLEIN_REPEAT_SHARE", "0.5"))
 DEADLINE_S = float(os.environ.get("KLEIN_JOB_DEADLINE_S", "300"))
 PROMPT_POOL = [
-    "a lighthouse at dusk, long exposure", "a red fox in fresh snow", "an isometric city block at night",
-    "a bowl of ramen, studio lighting", "a watercolor map of an imaginary island", "portrait of an astronaut, film grain",
-]  # fmt: skip
+    "a lighthouse at dusk, long exposure",
+    "a red fox in fresh snow",
+    "an isometric city block at night",
+    "a bowl of ramen, studio lighting",
+    "a watercolor map of an imaginary island",
+    "portrait of an astronaut, film grain",
+]
 HEADERS = {"x-key": API_KEY, "Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
 
 
@@ -95,10 +99,17 @@ def _stop(environment, **_):
     if not path:
         return
     with Stats.lock:
-        data = {"started": Stats.started, "stopped": time.time(), "images": Stats.images,
-                "megapixels": Stats.megapixels, "job_latencies": Stats.job_latencies,
-                "errors": dict(Stats.errors), "status": dict(Stats.status), "requests": Stats.requests,
-                "request_failures": Stats.request_failures}  # fmt: skip
+        data = {
+            "started": Stats.started,
+            "stopped": time.time(),
+            "images": Stats.images,
+            "megapixels": Stats.megapixels,
+            "job_latencies": Stats.job_latencies,
+            "errors": dict(Stats.errors),
+            "status": dict(Stats.status),
+            "requests": Stats.requests,
+            "request_failures": Stats.request_failures,
+        }
     with open(path, "w") as f:
         json.dump(data, f)
 
@@ -165,8 +176,9 @@ class AsyncUser(KleinUser):
             body["input_image" if k == 0 else f"input_image_{k + 1}"] = random.choice(REFERENCES)
         kind = f"edit {refs} ref" if refs else "t2i"
         t0 = time.perf_counter()
-        with self.client.post(f"/v1/{self.model}", json=body, headers=HEADERS, name=f"submit {kind}",
-                              catch_response=True) as r:  # fmt: skip
+        with self.client.post(
+            f"/v1/{self.model}", json=body, headers=HEADERS, name=f"submit {kind}", catch_response=True
+        ) as r:
             if _failed(r):
                 return
             job = r.json()
@@ -178,8 +190,9 @@ class AsyncUser(KleinUser):
                 return
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
-            with self.client.get(f"/v1/get_result?id={job['id']}", headers=HEADERS, name="poll",
-                                 catch_response=True) as p:  # fmt: skip
+            with self.client.get(
+                f"/v1/get_result?id={job['id']}", headers=HEADERS, name="poll", catch_response=True
+            ) as p:
                 if _failed(p):
                     continue
                 res = p.json()
@@ -203,9 +216,13 @@ class AsyncUser(KleinUser):
 
     def _job_event(self, kind: str, t0: float, error: str | None) -> None:
         self.environment.events.request.fire(
-            request_type="JOB", name=f"job {kind}", response_time=(time.perf_counter() - t0) * 1000,
-            response_length=0, exception=RuntimeError(error) if error else None, context={},
-        )  # fmt: skip
+            request_type="JOB",
+            name=f"job {kind}",
+            response_time=(time.perf_counter() - t0) * 1000,
+            response_length=0,
+            exception=RuntimeError(error) if error else None,
+            context={},
+        )
 
 
 class SyncUser(KleinUser):
@@ -214,11 +231,17 @@ class SyncUser(KleinUser):
     @task
     def generate(self):
         w, h = random.choice(SIZES)
-        body = {"model": self.model, "prompt": _prompt(), "size": f"{w}x{h}", "response_format": "url",
-                "seed": random.randrange(2**31)}  # fmt: skip
+        body = {
+            "model": self.model,
+            "prompt": _prompt(),
+            "size": f"{w}x{h}",
+            "response_format": "url",
+            "seed": random.randrange(2**31),
+        }
         t0 = time.perf_counter()
-        with self.client.post("/v1/images/generations", json=body, headers=HEADERS, name="sync generate",
-                              catch_response=True) as r:  # fmt: skip
+        with self.client.post(
+            "/v1/images/generations", json=body, headers=HEADERS, name="sync generate", catch_response=True
+        ) as r:
             if _failed(r):
                 return
             data = r.json()

@@ -21,6 +21,7 @@ SOURCES = ("model", "base_model", "weights", "transformer", "vae", "text_encoder
 
 def load_config(
     path: Path,
+    *,
     preset=None,
     weights=None,
     host=None,
@@ -104,6 +105,14 @@ def wait_running(app_name: str, timeout_s: float = 900) -> None:
 
 
 def serve_forever(args, parser) -> int:
+    config = _config(args, parser)
+    for app in config.applications:
+        _prepare(app, args, parser, host=config.http_options.host)
+    return _run(config)
+
+
+def _config(args, parser):
+    """The Serve config the flags ask for; every bad flag is a message naming it."""
     path = args.config or DEFAULT_CONFIG
     if not path.is_file():
         parser.error(f"--config: {path} does not exist")
@@ -118,35 +127,50 @@ def serve_forever(args, parser) -> int:
     if args.port is not None and not 1 <= args.port <= 65535:
         parser.error(f"--port: must be between 1 and 65535, got {args.port}")
     try:
-        config = load_config(path, args.preset, args.weights, args.host, args.port, args.random_weights,
-                             args.model, args.base_model)  # fmt: skip
+        return load_config(
+            path,
+            preset=args.preset,
+            weights=args.weights,
+            host=args.host,
+            port=args.port,
+            random_weights=args.random_weights,
+            model=args.model,
+            base_model=args.base_model,
+        )
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
 
-    host = config.http_options.host
-    for app in config.applications:  # the keys the replicas will see: config args over environment
-        try:
-            from serve.settings import Settings
 
-            settings = Settings(**(app.args or {}))
-            keyed = settings.key_ring().enabled
-        except Exception as e:
-            parser.error(f"--config: application {app.name!r}: {e}")
-        if settings.model:  # fetched here, once, before any replica starts (they find it cached)
-            pinned = _fetched(settings, parser, "--model" if args.model else "--config")
-            app.args = {**(app.args or {}), **pinned}
-        if settings.storage.backend == "local":
-            print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
-        if not keyed and not _is_loopback(host):
-            parser.error(
-                f"--host: refusing to serve on {host} without API keys; set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE "
-                "(only loopback addresses may run without keys)"
-            )
-        if not keyed:
-            log.warning("!" * 78)
-            log.warning("NO API KEYS: every request is accepted. Fine on %s (loopback) only.", host)
-            log.warning("Set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE before exposing this service.")
-            log.warning("!" * 78)
+def _prepare(app, args, parser, host: str) -> None:
+    """Check one application's settings as its replicas will see them (config args over the
+    environment), fetch its hub model once, and say where results go and whether keys guard it."""
+    from serve.settings import Settings
+
+    try:
+        settings = Settings(**(app.args or {}))
+        keyed = settings.key_ring().enabled
+    except Exception as e:
+        parser.error(f"--config: application {app.name!r}: {e}")
+    if settings.model:  # fetched here, once, before any replica starts (they find it cached)
+        pinned = _fetched(settings, parser, "--model" if args.model else "--config")
+        app.args = {**(app.args or {}), **pinned}
+    if settings.storage.backend == "local":
+        print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
+    if keyed:
+        return
+    if not _is_loopback(host):
+        parser.error(
+            f"--host: refusing to serve on {host} without API keys; set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE "
+            "(only loopback addresses may run without keys)"
+        )
+    log.warning("!" * 78)
+    log.warning("NO API KEYS: every request is accepted. Fine on %s (loopback) only.", host)
+    log.warning("Set KLEIN_API_KEYS or KLEIN_API_KEYS_FILE before exposing this service.")
+    log.warning("!" * 78)
+
+
+def _run(config) -> int:
+    """A local Ray, the applications deployed as `serve run config.yaml` would, until a signal."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Replicas inherit this: idle OpenMP threads sleep instead of spinning. With several torch
     # processes on one machine, spinning threads burn the cores the other stages need (measured:
@@ -168,9 +192,8 @@ def serve_forever(args, parser) -> int:
             http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
         )
         client.deploy_apps(config, _blocking=False)
-        names = [a.name for a in config.applications]
-        for name in names:
-            wait_running(name)
+        for app in config.applications:
+            wait_running(app.name)
         http = config.http_options
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
         print(

@@ -119,6 +119,7 @@ def test_generate_from_a_diffusers_folder(tiny_dir, tmp_path):
     assert Image.open(out).size == (64, 64)
 
 
+@pytest.mark.slow  # a fresh interpreter runs the installed script
 def test_console_script_runs(tmp_path):
     out = tmp_path / "o.png"
     r = subprocess.run(

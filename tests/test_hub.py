@@ -152,6 +152,7 @@ def test_a_replica_on_a_node_without_the_files_fetches_its_part_at_the_same_comm
     assert (tmp_path / "cache").exists() and not here.transformer.files[0].exists()
 
 
+@pytest.mark.slow  # two CLI processes
 def test_cli_generate_and_download_by_hub_id(hub, tmp_path):
     """`klein download` and `klein generate --model` in a subprocess (the environment as a user
     sets it); offline without the cache the CLI names the flag and the repository, no traceback."""

@@ -188,6 +188,11 @@ async def images(
             "timeout",
             job_ids=[j.id for j in jobs],
         )
+    return _answer(request, body, jobs, results)
+
+
+def _answer(request: Request, body: ImagesRequest, jobs: list, results: list) -> Response:
+    """The finished jobs as OpenAI's answer: the images, or the first failure as its error."""
     failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
     if moderated := [j for j in failed if j.status in MODERATED]:
         message = f"{moderated[0].status.value}: {moderated[0].error}"
@@ -204,7 +209,7 @@ async def images(
         return openai_error(500, message, "server_error", code=job.status.value.lower().replace(" ", "_"))
     data = [
         ImageData(b64_json=base64.b64encode(r.data).decode())
-        if b64
+        if body.response_format == "b64_json"
         else ImageData(url=sample_url(request, r.key))
         for r in results
     ]

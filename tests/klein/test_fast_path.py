@@ -178,6 +178,7 @@ def test_vae_decoder_compiles_whole_and_matches(source):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
+@pytest.mark.slow  # inductor builds C++ kernels
 def test_qwen3_body_compiles_without_hooks(source):
     embedder = source.load_text_embedder()
     prompts = ["a fox", "a lighthouse at dusk"]

@@ -196,6 +196,7 @@ def test_an_adapter_over_an_fp8_transformer(tiny_bfl_dir, tmp_path):
     assert err < 0.03 < (without - with_full).norm() / with_full.norm(), err  # FP8's error, not the adapter's
 
 
+@pytest.mark.slow  # inductor builds C++ kernels
 def test_adapters_compiled_without_recompiling_per_adapter(tiny_dir, tmp_path):
     from torch._dynamo.testing import CompileCounter
 

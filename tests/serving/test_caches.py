@@ -6,6 +6,7 @@ import asyncio
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -42,6 +43,7 @@ def test_embedder_serves_repeated_prompts_from_its_cache():
     asyncio.run(go())
 
 
+@pytest.mark.slow  # a Codec with its VAE fit, twice
 def test_codec_encodes_the_same_references_once(tmp_path):
     """The n images of one OpenAI edit (and repeated edits of one picture) share an encoding."""
 

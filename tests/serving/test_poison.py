@@ -69,6 +69,7 @@ def _poison(ingress, stage: str, batches: list[int]):
         codec.post.flagged = flagged
 
 
+@pytest.mark.slow  # three stages started per case
 @pytest.mark.parametrize("stage", ["embed", "denoise", "codec"])
 def test_poisoned_request_fails_alone(tmp_path, stage):
     clean = build(tmp_path / "clean")

@@ -9,9 +9,12 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.serving.test_dag import MODEL, _png_b64
+
+pytestmark = pytest.mark.slow  # the served DAG on a local Ray
 
 
 def _events(lines) -> list[dict]:

@@ -123,14 +123,18 @@ def read_state_dict(
     device: torch.device | str = "cpu",
     rename: Callable[[str], str | None] = lambda k: k,
     keep_fp8: bool = False,
+    quantize: Callable[[str], bool] | None = None,
 ) -> dict[str, Tensor]:
     """Read every tensor that `rename` keeps, cast floating tensors to `dtype` on `device`.
 
     FP8 layers (`<layer>.weight` e4m3 + `<layer>.weight_scale`) are dequantised to `dtype`, or with
     `keep_fp8` stay e4m3, their scale expanded to one float32 per output row (klein.fp8's form).
     `input_scale` (a calibrated static activation scale) is not used: activations are scaled per
-    token as they come.
+    token as they come. `quantize` names (after `rename`) the layers whose full-precision weight is
+    turned into that form as it is read, so no more than one such weight is ever held at full size.
     """
+    from klein.fp8 import quantize_rows
+
     sd: dict[str, Tensor] = {}
     for path in files:
         f = SafetensorsFile(path)
@@ -160,6 +164,8 @@ def read_state_dict(
                 t = t.to(device=device, dtype=dtype)
             else:
                 t = t.to(device)
+            if quantize is not None and name.endswith(".weight") and quantize(name.removesuffix(".weight")):
+                t, sd[name.removesuffix(".weight") + ".weight_scale"] = quantize_rows(t)
             sd[name] = t
     return sd
 
@@ -237,6 +243,12 @@ def _apply_renames(key: str, table) -> str:
     return key  # unknown keys pass through and are reported as unexpected
 
 
+def transformer_layer_from_diffusers(name: str) -> str:
+    """A diffusers transformer layer's name -> the BFL layer it becomes part of (q, k and v: the qkv)."""
+    bfl = _apply_renames(f"{name}.weight", _DIT_RENAMES_RE).removesuffix(".weight")
+    return re.sub(r"(_attn\.qkv)\.[qkv]$", r"\1", bfl)
+
+
 def transformer_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """diffusers `Flux2Transformer2DModel` state dict -> BFL names (fuses q/k/v, un-swaps norm_out)."""
     out = {_apply_renames(k, _DIT_RENAMES_RE): v for k, v in sd.items()}
@@ -246,6 +258,9 @@ def transformer_from_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         if any(p is None for p in parts):
             raise CheckpointError(f"diffusers transformer: incomplete q/k/v projections for {base}")
         out[f"{base}.weight"] = torch.cat(parts)  # rows [q; k; v]
+        scales = [out.pop(f"{base}.{p}.weight_scale", None) for p in "qkv"]
+        if all(s is not None for s in scales):  # quantised as read: one scale per row, so rows concatenate
+            out[f"{base}.weight_scale"] = torch.cat(scales)
     w = out.get("final_layer.adaLN_modulation.1.weight")
     if w is not None:  # diffusers' AdaLayerNormContinuous chunks (scale, shift); BFL (shift, scale)
         scale, shift = w.chunk(2)

@@ -7,8 +7,11 @@
   `fullgraph=True` (the model has no graph breaks; a new one fails loudly). Blocks of one kind share
   their compiled code, so compiling costs about one block per kind and shape. With `cuda_graphs` the
   transformer's whole forward is compiled instead, with `mode="reduce-overhead"` (CUDA graphs).
-- FP8: `quantize="fp8"` turns the transformer's block linears into FP8 (klein.fp8); FP8 checkpoints
-  stay FP8 at load where the device runs FP8 GEMMs (klein.loader).
+- FP8: `quantize="fp8"` turns the transformer's block linears into FP8 (klein.fp8). The loaders
+  (klein.pipeline, the FlowTransformer stage) pass it to `load_transformer`, which converts each
+  block linear as it is read; `setup_transformer` converts what is still full precision (a model
+  loaded without it, random weights). FP8 checkpoints stay FP8 at load where the device runs FP8
+  GEMMs (klein.loader).
 - Shapes: compiled code is specialised to input shapes (`dynamic=False`, the fastest kernels) and
   `warm_up_*` compiles the configured sizes and batch sizes before any request arrives. A shape
   outside that set runs eagerly (`new_shapes="eager"`, the default: no request ever waits for a

@@ -33,11 +33,22 @@ def is_fp8_layer(name: str) -> bool:
     )
 
 
-def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, K) weight -> (e4m3 weight, float32 scale (N,)) with weight ≈ w8 * scale[:, None]."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=MIN_SCALE)
-    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+def quantize_rows(weight: Tensor, chunk_bytes: int = 64 * 2**20) -> tuple[Tensor, Tensor]:
+    """(N, K) weight -> (e4m3 weight, float32 scale (N,)) with weight ≈ w8 * scale[:, None].
+
+    Rows are converted a block of about `chunk_bytes` (as float32) at a time, so quantising a
+    large weight needs little memory beyond its FP8 result; each row's scale is its own, so the
+    blocks give what one pass would."""
+    n, k = weight.shape
+    w8 = torch.empty((n, k), dtype=FP8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    step = max(1, chunk_bytes // (4 * k))
+    for i in range(0, n, step):
+        w = weight[i : i + step].float()
+        s = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=MIN_SCALE)
+        w8[i : i + step] = (w / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[i : i + step] = s
+    return w8, scale
 
 
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ from klein.checkpoint import (
     read_shapes,
     read_state_dict,
     transformer_from_diffusers,
+    transformer_layer_from_diffusers,
     vae_from_diffusers,
     weight_files,
 )
@@ -38,7 +39,7 @@ from klein.config import (
     TransformerConfig,
     VAEConfig,
 )
-from klein.fp8 import fp8_unsupported_reason, log_once, quantize_linears
+from klein.fp8 import fp8_unsupported_reason, is_fp8_layer, log_once, quantize_linears
 from klein.hub import HubError, HubId, download, fetch_model, parse_hub_id
 from klein.text_embedder import TextEmbedder, build_tiny_tokenizer
 from klein.transformer import Flux2
@@ -146,10 +147,13 @@ class ModelSource:
         """Resolve a diffusers folder and/or BFL single files into components and a spec."""
         return _resolve(weights, transformer, vae, text_encoder, preset)
 
-    def load_transformer(self, device="cpu", dtype=torch.float32) -> Flux2:
+    def load_transformer(self, device="cpu", dtype=torch.float32, quantize: str | None = None) -> Flux2:
+        """`quantize="fp8"`: block linears in FP8 as they are read (see `load_transformer`); random
+        weights are drawn at full precision (klein.fast quantises them after)."""
         if self.transformer is None:
             return _random(Flux2, self.spec.transformer, self.spec.random_seed, device, dtype)
-        return load_transformer(self.local("transformer").transformer, self.spec.transformer, device, dtype)
+        t = self.local("transformer").transformer
+        return load_transformer(t, self.spec.transformer, device, dtype, quantize=quantize)
 
     def load_vae(self, device="cpu", dtype=torch.float32) -> AutoEncoder:
         if self.vae is None:
@@ -213,11 +217,15 @@ def _describe(c: Component) -> str:
     return c.files[0].parent.as_posix() if len(c.files) > 1 else c.files[0].as_posix()
 
 
-def load_transformer(c: Component, config: TransformerConfig, device="cpu", dtype=torch.float32) -> Flux2:
+def load_transformer(
+    c: Component, config: TransformerConfig, device="cpu", dtype=torch.float32, quantize: str | None = None
+) -> Flux2:
     """Build on the meta device and assign the checkpoint's tensors, converted as they are read.
 
     An FP8 checkpoint's layers stay FP8 (klein.fp8) where the device runs FP8 GEMMs; elsewhere they
-    are dequantised to `dtype` (said once in the log)."""
+    are dequantised to `dtype` (said once in the log). `quantize="fp8"` turns a full-precision
+    checkpoint's block linears into FP8 as they are read, where the device runs FP8 GEMMs, so the
+    load never holds more than one of them at full size (elsewhere klein.fast says why not)."""
     model = _on_meta(Flux2, config)
     stored = fp8_layers(c.files) if c.layout == "bfl" else []
     keep = False
@@ -228,7 +236,14 @@ def load_transformer(c: Component, config: TransformerConfig, device="cpu", dtyp
             quantize_linears(model, set(stored).__contains__)
         else:
             log_once(f"{_describe(c)} is FP8 but {reason}: its weights are dequantised to {dtype}")
-    sd = read_state_dict(c.files, dtype, device, keep_fp8=keep)
+    as_read = None
+    if quantize == "fp8" and not stored and fp8_unsupported_reason(device) is None:
+        quantize_linears(model)
+
+        def as_read(name: str) -> bool:  # a layer as the file names it
+            return is_fp8_layer(transformer_layer_from_diffusers(name) if c.layout == "diffusers" else name)
+
+    sd = read_state_dict(c.files, dtype, device, keep_fp8=keep, quantize=as_read)
     if c.layout == "diffusers":
         sd = transformer_from_diffusers(sd)
     load_into(model, sd, _describe(c))

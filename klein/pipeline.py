@@ -97,13 +97,13 @@ class Pipeline:
         self.spec = source.spec
         self.device = torch.device(device)
         self.dtype = dtype
+        self.fast = fast or FastPath()
         self.text_embedder = source.load_text_embedder(device, dtype)
-        self.transformer = source.load_transformer(device, dtype)
+        self.transformer = source.load_transformer(device, dtype, quantize=self.fast.quantize)
         self.vae = source.load_vae(device, dtype)
         self._negative: Tensor | None = None
         self.lora_options = lora or LoraOptions()
         self.lora_bank = None if lora is None else self._bank()
-        self.fast = fast or FastPath()
         self.reports = [
             fastpath.setup_text_embedder(self.text_embedder, self.fast),
             fastpath.setup_transformer(self.transformer, self.fast),

@@ -118,7 +118,10 @@ class FlowTransformer(Stage):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
-        self.model = self.on_worker(source.load_transformer, self.device, self.dtype)
+        quantize = options.fast.fast_path().quantize  # FP8 block linears as they are read
+        self.model = self.on_worker(
+            lambda: source.load_transformer(self.device, self.dtype, quantize=quantize)
+        )
         self.cancel, self.progress, self.previewer = cancel, progress, previewer
         self._background: set[asyncio.Task] = set()  # progress writes and previews under way
         self.options = options

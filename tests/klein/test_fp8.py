@@ -14,7 +14,15 @@ import torch.nn.functional as F
 import klein.loader
 from klein import GenerationRequest, ModelSource, Pipeline
 from klein.fast import FastPath, setup_transformer
-from klein.fp8 import FP8, fp8_linear, fp8_supported, quantize_rows, quantize_tokens, weight_bytes
+from klein.fp8 import (
+    FP8,
+    fp8_linear,
+    fp8_supported,
+    quantize_linears,
+    quantize_rows,
+    quantize_tokens,
+    weight_bytes,
+)
 from klein.request import validate
 from klein.sampler import grid_ids, reference_ids, text_ids
 
@@ -117,6 +125,48 @@ def test_quantize_fp8_turns_a_full_precision_checkpoint_to_fp8(tiny_dir):
         a = quantised(x[:, :24], torch.tensor([0.5]), ctx, plain.rope(tids, ids), x[:, 24:])
         b = plain(x[:, :24], torch.tensor([0.5]), ctx, plain.rope(tids, ids), x[:, 24:])
     assert 0 < _rel(a, b) < 5e-2
+
+
+def test_quantize_rows_in_blocks_equals_one_pass():
+    """A weight is quantised a block of rows at a time (little memory beyond the result): every
+    row and scale equal one pass over the whole weight, block edges included."""
+    w = torch.randn(37, 48, dtype=torch.bfloat16) * torch.logspace(-3, 1, 37)[:, None]
+    whole = quantize_rows(w)
+    for rows in (1, 5, 36):
+        part = quantize_rows(w, chunk_bytes=4 * 48 * rows)
+        assert torch.equal(part[0].view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(
+            part[1], whole[1]
+        )
+    ref = w.float().abs().amax(dim=1) / 448.0
+    assert torch.equal(whole[1], ref)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_quantize_as_read_equals_quantizing_after_loading(tiny_dir, tiny_bfl_dir, layout):
+    """--quantize fp8 converts each block linear as the file is read (q, k and v of a diffusers
+    folder separately, their rows then joined): the same weights and scales, bit for bit, as
+    loading at full precision and quantising the model after."""
+    if layout == "diffusers":
+        source = ModelSource.from_paths(tiny_dir)
+    else:
+        source = ModelSource.from_paths(
+            tiny_bfl_dir, transformer=tiny_bfl_dir / "flux-2-klein-tiny.safetensors"
+        )
+    for dtype in (torch.float32, torch.bfloat16):
+        after = source.load_transformer(dtype=dtype)
+        quantize_linears(after)
+        as_read = source.load_transformer(dtype=dtype, quantize="fp8")
+        want, got = after.state_dict(), as_read.state_dict()
+        assert want.keys() == got.keys()
+        assert got["double_blocks.0.img_attn.qkv.weight"].dtype == FP8
+        assert sum(t.dtype == FP8 for t in got.values()) == 12
+        for key, t in want.items():
+            assert got[key].dtype == t.dtype and torch.equal(
+                got[key].view(torch.uint8), t.view(torch.uint8)
+            ), key
+    pipe = Pipeline(source, fast=FastPath(quantize="fp8"))
+    assert pipe.transformer.single_blocks[0].linear1.weight.dtype == FP8
+    assert "FP8 block linears (12)" in str(pipe.reports[1])
 
 
 def test_fp8_model_compiles_as_one_graph(tiny_dir):

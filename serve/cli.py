@@ -299,6 +299,7 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
     refs = [read(path, "--ref") for path in args.ref]
     if args.image is not None:
         refs.insert(0, read(args.image, "--image"))
+    mask = read(args.mask, "--mask") if args.mask is not None else None
     request = GenerationRequest(
         prompt=args.prompt,
         width=args.width,
@@ -308,7 +309,7 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
         guidance=args.guidance,
         references=tuple(refs),
         loras=_loras(args.lora, parser),
-        mask=read(args.mask, "--mask") if args.mask is not None else None,
+        mask=mask,
         strength=args.strength,
     )
     try:

@@ -144,9 +144,9 @@ def _config(args, parser):
 def _prepare(app, args, parser, host: str) -> None:
     """Check one application's settings as its replicas will see them (config args over the
     environment), fetch its hub model once, and say where results go and whether keys guard it."""
-    from serve.settings import Settings
-
     try:
+        from serve.settings import Settings
+
         settings = Settings(**(app.args or {}))
         keyed = settings.key_ring().enabled
     except Exception as e:

@@ -32,7 +32,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         _, _, height, width = h.shape
-        q, k, v = (rearrange(f(h), "B C H W -> B 1 (H W) C") for f in (self.q, self.k, self.v))
+        # contiguous: SDPA's fused kernels need a unit stride on the channels; a strided view falls
+        # back to the math kernel, which builds the (HW)^2 score matrix (12 GB at 1536^2 on the CPU)
+        q, k, v = (rearrange(f(h), "B C H W -> B 1 (H W) C").contiguous() for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)
         h = rearrange(h, "B 1 (H W) C -> B C H W", H=height, W=width)
         return x + self.proj_out(h)

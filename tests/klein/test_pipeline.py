@@ -147,3 +147,19 @@ def test_import_klein_stays_light():
     code = "import sys, klein; print(sorted(m for m in ('ray', 'fastapi', 'boto3', 'diffusers', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_vae_attention_runs_on_a_fused_kernel():
+    """The VAE's mid-block attention gives SDPA contiguous tensors, so the fused (flash) kernel runs
+    it: a strided view falls back to the math kernel, which holds the whole (HW)^2 score matrix
+    (12 GB for a 1536^2 decode on the CPU). With only flash allowed, a strided input is refused."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    vae = ModelSource.preset("tiny").load_vae()
+    z = torch.randn(1, 4 * vae.config.z_channels, 8, 8)
+    with torch.inference_mode():
+        everything = vae.decode(z)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            flash = vae.decode(z)
+            encoded = vae.encode(flash.clamp(-1, 1))
+    assert torch.equal(flash, everything) and encoded.shape == z.shape

@@ -44,10 +44,18 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file ({len(head)} bytes long)")
+            (n,) = struct.unpack("<Q", head)
             if n > 100_000_000:
                 raise CheckpointError(f"{self.path}: not a safetensors file (header of {n} bytes)")
-            header = json.loads(f.read(n))
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+                raise CheckpointError(f"{self.path}: not a safetensors file (header: {e})") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
         self._data_start = 8 + n

@@ -104,7 +104,9 @@ def read_lora(path: str | Path, max_bytes: int = MAX_LORA_BYTES) -> tuple[dict[s
         tensors = {k: f.read(k) for k in f.entries}
     except (CheckpointError, ValueError, KeyError, OSError, RuntimeError) as e:
         detail = str(e).replace(f"{path}: ", "").replace(str(path), path.name)
-        raise LoraError(f"{path.name}: not a safetensors file ({detail})") from None
+        if not detail.startswith("not a safetensors file"):
+            detail = f"not a safetensors file ({detail})"
+        raise LoraError(f"{path.name}: {detail}") from None
     return tensors, f.metadata
 
 

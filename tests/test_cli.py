@@ -221,6 +221,9 @@ def test_generate_with_lora_adapters(tmp_path, capsys):
     bad.write_bytes(b"\x80\x04not safetensors")
     err = _error(capsys, [*base, str(tmp_path / "x.png"), "--lora", str(bad)])
     assert "--lora: bad.safetensors:" in err and "not a safetensors file" in err
+    bad.write_bytes(b"")
+    err = _error(capsys, [*base, str(tmp_path / "x.png"), "--lora", str(bad)])
+    assert "--lora: bad.safetensors: not a safetensors file (0 bytes long)" in err
 
 
 def test_generate_inpainting(tmp_path, capsys):

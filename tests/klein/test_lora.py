@@ -232,6 +232,16 @@ def test_bad_files_are_refused_naming_the_problem(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(LoraError, match="not a safetensors file"):
         load_lora(truncated, cfg)
+    odd = tmp_path / "odd.safetensors"
+    for content in (
+        b"",
+        b"12345",
+        b"\x04\x00\x00\x00\x00\x00\x00\x00\xff\xfe{}",
+        b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
+    ):
+        odd.write_bytes(content)  # empty, shorter than the length field, a header not JSON, not an object
+        with pytest.raises(LoraError, match="not a safetensors file"):
+            load_lora(odd, cfg)
     with pytest.raises(LoraError, match="over the 0 MB cap"):
         load_lora(good, cfg, max_bytes=1000)
     wrong = tmp_path / "wrong.safetensors"  # another model's width

@@ -78,10 +78,16 @@ def _generate_flags(sub) -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, help="inpainting: how much is repainted, (0, 1] (default 0.8)")
     for side in ("--width", "--height"):
         g.add_argument(
-            side, type=int, help="multiple of 16, 64-2048 (default: 1024, or the first reference's)"
+            side,
+            type=int,
+            help="multiple of 16, 64-2048 (default: the model's, 1024, tiny 256; or the first image's)",
         )
     g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1 (default 0)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: 4 distilled, 50 Base)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: the model's: 4 distilled, 50 Base, tiny presets 4)",
+    )
     g.add_argument(
         "--guidance",
         type=float,
@@ -292,7 +298,9 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
 
     if (args.image is None) != (args.mask is None):
         parser.error(
-            "--mask: inpainting takes both --image and --mask" if args.image else "--image: needs --mask"
+            "--mask: inpainting takes both --image and --mask (--mask is missing)"
+            if args.image
+            else "--image: inpainting takes both --image and --mask (--image is missing)"
         )
     if args.strength is not None and args.mask is None:
         parser.error("--strength: only with --image and --mask (inpainting)")

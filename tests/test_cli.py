@@ -257,6 +257,9 @@ def test_generate_inpainting(tmp_path, capsys):
     assert "--mask: inpainting takes both --image and --mask" in _error(
         capsys, ["generate", "--prompt", "x", "--image", str(src), "--out", o]
     )
+    assert "--image: inpainting takes both --image and --mask (--image is missing)" in _error(
+        capsys, ["generate", "--prompt", "x", "--mask", str(small), "--out", o]
+    )
     assert "--strength: only with --image and --mask" in _error(
         capsys, ["generate", "--prompt", "x", "--strength", "0.5", "--out", o]
     )

@@ -190,6 +190,13 @@ def test_serve_config_is_the_apps(overlay):
             assert d.autoscaling_config["max_replicas"] > d.autoscaling_config["min_replicas"] >= 1
 
 
+def test_the_base_serves_gpu_4b_verbatim():
+    """`kubectl apply -k k8s/base` deploys serve/configs/gpu-4b.yaml as it is (its header says so):
+    a section added to the config and not to the base fails here."""
+    text = _rayservice(render(K8S / "base"))["spec"]["serveConfigV2"]
+    assert yaml.safe_load(text) == yaml.safe_load((ROOT / "serve" / "configs" / "gpu-4b.yaml").read_text())
+
+
 def test_dockerfile_installs_like_the_readme():
     text = (K8S / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM nvidia/cuda:" in text

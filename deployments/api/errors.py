@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,7 +37,10 @@ def json_error(status: int, detail: str, headers: dict | None = None) -> JSONRes
 
 
 def field_error(status: int, field: str, message: str) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": ["body", field], "msg": message, "type": "value_error"}]}, status)
+    """The 422 body FastAPI gives, with `loc` in pydantic's form: "loras[1].path" (or "loras.1.path")
+    is ["body", "loras", 1, "path"], as a schema's own refusal of loras[1].scale would say it."""
+    loc = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", field)]
+    return JSONResponse({"detail": [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]}, status)
 
 
 def openai_error(status: int, message: str, type_: str, **extra) -> JSONResponse:

@@ -111,7 +111,7 @@ def test_lora_adapter_from_the_bucket(app, s3, tmp_path):
     plain = local.generate([GenerationRequest("inked", 64, 64, 3)])[0]
     assert np.abs(served - np.asarray(plain).astype(int)).max() > 8  # the adapter did change the image
     r = app.http.post(f"/v1/{MODEL}", json=body | {"loras": [{"path": "styles/missing"}]})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "loras[0].path"], r.text
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "loras", 0, "path"], r.text
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         spans = [json.loads(line) for line in app.traces.read_text().splitlines()]

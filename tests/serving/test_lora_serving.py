@@ -212,7 +212,7 @@ def test_bad_adapters_are_refused_naming_the_field(tmp_path, registry, origin):
                 )
                 assert r.status_code == 422, (path, r.text)
                 detail = r.json()["detail"][0]
-                assert detail["loc"] == ["body", "loras[1].path"] and why in detail["msg"], (path, detail)
+                assert detail["loc"] == ["body", "loras", 1, "path"] and why in detail["msg"], (path, detail)
             r = await c.post(MODEL, json={"prompt": "x", "loras": [{"path": "style", "scale": 5}]})
             assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "loras", 0, "scale"]
             r = await c.post(MODEL, json={"prompt": "x", "loras": [{"path": "style"}] * 4})

@@ -28,7 +28,7 @@ def result_body(request: Request, job: JobRecord, step: Step | None) -> ResultRe
         result=job.summary(sample),
         progress=progress_of(job, step),
         details={"error": job.error} if job.error else None,
-        cost=job.cost,
+        cost=job.charge,
         input_mp=job.input_mp,
         output_mp=job.output_mp,
     )
@@ -109,7 +109,7 @@ async def submit(
     return SubmitResponse(
         id=job.id,
         polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",
-        cost=job.cost,
+        cost=job.charge,
         input_mp=job.input_mp,
         output_mp=job.output_mp,
     )

@@ -192,38 +192,46 @@ async def images(
 
 
 def _answer(request: Request, body: ImagesRequest, jobs: list, results: list) -> Response:
-    """The finished jobs as OpenAI's answer: the images, or the first failure as its error."""
+    """The finished jobs as OpenAI's answer: the images that were made, billed and metered alone,
+    with the others named under `metering.failed` (moderated, or failed after their retries); when
+    none was made, the first failure as the error."""
+    made = [(j, r) for j, r in zip(jobs, results, strict=True) if r is not None]
     failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
-    if moderated := [j for j in failed if j.status in MODERATED]:
+    if not made and (moderated := [j for j in failed if j.status in MODERATED]):
         message = f"{moderated[0].status.value}: {moderated[0].error}"
         return openai_error(
             400,
             message,
             "invalid_request_error",
             code="content_policy_violation",
-            job_ids=[j.id for j in moderated],
+            job_ids=[j.id for j in jobs],
         )
-    if failed:
+    if not made:
         job = failed[0]
         message = f"job {job.id}: {job.status.value}: {job.error or ''}".strip()
-        return openai_error(500, message, "server_error", code=job.status.value.lower().replace(" ", "_"))
+        code = job.status.value.lower().replace(" ", "_")
+        return openai_error(500, message, "server_error", code=code, job_ids=[j.id for j in jobs])
     data = [
         ImageData(b64_json=base64.b64encode(r.data).decode())
         if body.response_format == "b64_json"
         else ImageData(url=sample_url(request, r.key))
-        for r in results
+        for _, r in made
     ]
+    billed = [j for j, _ in made]
+    metering = {
+        "input_mp": sum(j.input_mp for j in billed),
+        "output_mp": sum(j.output_mp for j in billed),
+        "cost": round(sum(j.cost for j in billed), 6),
+        "job_ids": [j.id for j in billed],
+    }
+    if failed:
+        metering["failed"] = [{"job_id": j.id, "status": j.status.value, "error": j.error} for j in failed]
     return ImagesResponse(
         created=int(time.time()),
         data=data,
         output_format=body.output_format,
-        size=f"{results[0].width}x{results[0].height}",
-        metering={
-            "input_mp": sum(j.input_mp for j in jobs),
-            "output_mp": sum(j.output_mp for j in jobs),
-            "cost": round(sum(j.cost for j in jobs), 6),
-            "job_ids": [j.id for j in jobs],
-        },
+        size=f"{made[0][1].width}x{made[0][1].height}",
+        metering=metering,
     )
 
 

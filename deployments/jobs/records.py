@@ -168,6 +168,12 @@ class JobRecord(BaseModel):
     _etag: str | None = PrivateAttr(None)  # the stored version this copy was read as or written as
 
     @property
+    def charge(self) -> float:
+        """What the caller is charged: the price while the job may still make its image, the price
+        once Ready, nothing once it ended otherwise (errors, cancellations, moderation are free)."""
+        return self.cost if self.status in (Status.PENDING, Status.READY) else 0.0
+
+    @property
     def day(self) -> str:
         """The UTC day it was submitted on, YYYY-MM-DD: its usage is metered to that day."""
         return datetime.fromtimestamp(self.created_at, UTC).strftime("%Y-%m-%d")

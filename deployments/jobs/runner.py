@@ -115,8 +115,8 @@ class JobRunner:
 
     async def _write_end(self, job: JobRecord) -> None:
         await self.store.finish(job)  # Superseded unless this run still owns the job
-        if job.status is not Status.READY and job.attempts:  # no charge without an image: a usage record
-            await self.billing.withdraw(job)  # written just before the end (a caller leaving) is withdrawn
+        if job.status is not Status.READY:  # no charge without an image: a usage record written before
+            await self.billing.withdraw(job)  # the end (a caller leaving, a run the reaper ended) goes
 
     def _announce(self, job: JobRecord) -> None:
         extra = {"job_id": job.id, "status": job.status.value, "key_id": job.key_id}

@@ -293,3 +293,73 @@ def test_keys_file_and_short_keys(tmp_path):
     import pickle
 
     assert KEY_A.encode() not in pickle.dumps(KeyRing.from_keys([KEY_A]))  # only digests travel
+
+
+def test_a_sync_job_the_reaper_ends_is_not_billed(tmp_path):
+    """A sync job's image was made and its usage written, then storage failed on its final record
+    (the caller got an error); the reaper ends it as Error on its first attempt. Unbilled: its
+    usage record is withdrawn, and get_result shows no cost."""
+    from deployments.storage import StorageError
+    from tests.serving.inprocess import submit_job
+
+    ingress = build(tmp_path / "data")
+    service = ingress.service
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
+        finish, calls = service.store.finish, []
+
+        async def blip(j):
+            calls.append(j.status)
+            if len(calls) == 1:
+                raise StorageError("storage failed while writing the terminal record")
+            return await finish(j)
+
+        service.store.finish = blip
+        with pytest.raises(StorageError):
+            await service.run(job, return_bytes=True, fresh=True, shed=True)
+        assert calls == [Status.READY] and len(await _usage_keys(service)) == 1  # written before Ready
+        stored = await service.store.get(job.id)
+        stored.lease_until = 0
+        await service.store.save(stored)
+        await service.reaper.reap()
+        stored = await service.store.get(job.id)
+        assert stored.status is Status.ERROR and stored.attempts == 0 and stored.sync
+        assert await _usage_keys(service) == []
+        async with client(ingress.__serve_build_asgi_app__()) as c:
+            body = (await c.get("/v1/get_result", params={"id": job.id})).json()
+        assert body["status"] == "Error" and body["cost"] == 0 and body["output_mp"] > 0
+
+    asyncio.run(go())
+
+
+async def _usage_keys(service) -> list[str]:
+    return await service.storage.list("usage")
+
+
+def test_openai_n_images_partly_made_bills_and_answers_what_was_made(tmp_path):
+    """n=2, one image fails after its retries: the answer carries the one made, metered as billed
+    (usage agrees), the other under metering.failed; when none is made, an error naming all."""
+    ingress = build(tmp_path / "data", max_attempts=1)
+    app = ingress.__serve_build_asgi_app__()
+
+    async def go():
+        async with client(app) as c:
+            ingress.service.stages.codec.fail_next["finish"] = [RuntimeError("decode failed")]
+            r = await c.post(
+                "/v1/images/generations", json={"prompt": "x", "size": "64x64", "n": 2, "seed": 3}
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["data"]) == 1 and len(body["metering"]["job_ids"]) == 1
+            (failed,) = body["metering"]["failed"]
+            assert failed["status"] == "Error" and failed["job_id"] not in body["metering"]["job_ids"]
+            usage = (await c.get("/v1/usage")).json()["total"]
+            assert usage["jobs"] == 1 and usage["cost"] == pytest.approx(body["metering"]["cost"])
+            assert usage["output_mp"] == pytest.approx(body["metering"]["output_mp"]) == 64 * 64 / 1e6
+            ingress.service.stages.codec.fail_next["finish"] = [RuntimeError("decode failed")] * 2
+            r = await c.post("/v1/images/generations", json={"prompt": "y", "size": "64x64", "n": 2})
+            assert r.status_code == 500 and len(r.json()["error"]["job_ids"]) == 2, r.text
+            assert (await c.get("/v1/usage")).json()["total"]["jobs"] == 1
+
+    asyncio.run(go())

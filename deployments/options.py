@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class Autoscaling(BaseModel):
+class Options(BaseModel):
+    """A section of the settings: a key it does not know (a misspelling) is an error naming it,
+    not a setting silently left at its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(Options):
     min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0: scale to zero)")
     max_replicas: int = Field(1, ge=1, description="upper bound")
     initial_replicas: int | None = Field(None, ge=0, description="replicas at start-up (default: min)")
@@ -22,13 +29,13 @@ class Autoscaling(BaseModel):
     look_back_period_s: float = Field(30.0, gt=0, description="window averaged for decisions")
 
 
-class ActorOptions(BaseModel):
+class ActorOptions(Options):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPU fraction per replica (Ray does bookkeeping only)")
     memory: int | None = Field(None, ge=0, description="bytes of RAM reserved per replica")
 
 
-class DeploymentOptions(BaseModel):
+class DeploymentOptions(Options):
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count; None: autoscale")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     max_ongoing_requests: int = Field(8, ge=1, description="in-flight requests per replica")
@@ -55,7 +62,7 @@ class DeploymentOptions(BaseModel):
         return opts
 
 
-class IngressOptions(BaseModel):
+class IngressOptions(Options):
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(
             max_ongoing_requests=256, ray_actor=ActorOptions(num_cpus=0.5)

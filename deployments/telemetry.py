@@ -21,7 +21,9 @@ from typing import Literal
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from deployments.options import Options
 
 log = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -29,7 +31,7 @@ _LOCK = threading.Lock()
 _CONFIGURED: str | None = None
 
 
-class TelemetryOptions(BaseModel):
+class TelemetryOptions(Options):
     traces: Literal["off", "otlp", "file", "console"] = Field("off", description="where spans go")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP collector, e.g. http://otel-collector:4318"

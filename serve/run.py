@@ -56,7 +56,39 @@ def load_config(
         http["host"] = host
     if port is not None:
         http["port"] = port
+    unknown = _unknown_keys(raw)
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a Serve config key (Ray's schema would drop it unread)")
     return ServeDeploySchema.model_validate(raw)
+
+
+def _unknown_keys(raw: dict) -> list[str]:
+    """Keys of a Serve config that Ray's schemas do not know, where they would be dropped silently
+    (a misspelt `max_ongoing_request` or `autoscaling_confg`), as paths: applications[0].x.y."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
+
+    def extra(d, schema, where: str) -> list[str]:
+        known = set(schema.model_fields) | {f.alias for f in schema.model_fields.values() if f.alias}
+        return [f"{where}{k}" for k in d if k not in known] if isinstance(d, dict) else []
+
+    found = extra(raw, ServeDeploySchema, "") + extra(
+        raw.get("http_options"), HTTPOptionsSchema, "http_options."
+    )
+    for i, app in enumerate(raw.get("applications") or []):
+        found += extra(app, ServeApplicationSchema, f"applications[{i}].")
+        for j, d in enumerate((app or {}).get("deployments") or []):
+            where = f"applications[{i}].deployments[{j}]."
+            found += extra(d, DeploymentSchema, where)
+            found += extra(
+                (d or {}).get("autoscaling_config"), AutoscalingConfig, where + "autoscaling_config."
+            )
+    return found
 
 
 def _is_loopback(host: str) -> bool:
@@ -127,7 +159,7 @@ def _config(args, parser):
     if args.port is not None and not 1 <= args.port <= 65535:
         parser.error(f"--port: must be between 1 and 65535, got {args.port}")
     try:
-        return load_config(
+        config = load_config(
             path,
             preset=args.preset,
             weights=args.weights,
@@ -139,6 +171,11 @@ def _config(args, parser):
         )
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
+    if not 1 <= config.http_options.port <= 65535:
+        parser.error(
+            f"--config: {path}: http_options.port must be between 1 and 65535, got {config.http_options.port}"
+        )
+    return config
 
 
 def _prepare(app, args, parser, host: str) -> None:
@@ -151,6 +188,15 @@ def _prepare(app, args, parser, host: str) -> None:
         keyed = settings.key_ring().enabled
     except Exception as e:
         parser.error(f"--config: application {app.name!r}: {e}")
+    if app.import_path == "serve.app:build":  # ours: a deployment named in the config must be one of its own
+        from serve.app import DEPLOYMENTS
+
+        for d in app.deployments:
+            if d.name not in DEPLOYMENTS:
+                parser.error(
+                    f"--config: application {app.name!r}: no deployment {d.name!r}; "
+                    f"its deployments are {', '.join(DEPLOYMENTS)}"
+                )
     if settings.model:  # fetched here, once, before any replica starts (they find it cached)
         pinned = _fetched(settings, parser, "--model" if args.model else "--config")
         app.args = {**(app.args or {}), **pinned}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.api.auth import KeyRing, parse_keys
@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     safety: SafetyOptions = Field(default_factory=SafetyOptions)
     provenance: ProvenanceOptions = Field(default_factory=ProvenanceOptions)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str | None) -> str | None:
+        from klein.config import PRESETS
+
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        return name
 
     @model_validator(mode="after")
     def _one_source(self):

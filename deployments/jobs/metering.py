@@ -10,10 +10,11 @@ from datetime import date, timedelta
 from pydantic import BaseModel, Field
 
 from deployments.jobs.records import JobRecord, usage_key, usage_prefix
+from deployments.options import Options
 from deployments.storage import Storage
 
 
-class Price(BaseModel):
+class Price(Options):
     first_mp: float = Field(..., ge=0, description="credits for the first output megapixel (or part of it)")
     per_mp: float = Field(
         ..., ge=0, description="credits per further output megapixel and per input megapixel"

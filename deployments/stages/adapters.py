@@ -19,9 +19,10 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from deployments import netguard
+from deployments.options import Options
 from deployments.storage import StorageOptions, open_storage
 from klein.config import TransformerConfig
 from klein.hub import explain
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*")
 
 
-class LoraSettings(BaseModel):
+class LoraSettings(Options):
     root: str | None = Field(
         None,
         description="adapter registry: a local folder, or storage:PREFIX for a prefix of the service's "

@@ -18,15 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
+from deployments.options import Options
 from deployments.stages.payloads import JobCancelled
 from klein import DTYPES, FastPath
 
 log = logging.getLogger(__name__)
 
 
-class Placement(BaseModel):
+class Placement(Options):
     device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when the replica sees one")
     dtype: Literal["bf16", "fp32"] | None = Field(None, description="default: bf16 on cuda, fp32 on cpu")
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads per replica")
@@ -41,7 +42,7 @@ class Placement(BaseModel):
         return torch.device(device), dtype
 
 
-class FastPathOptions(BaseModel):
+class FastPathOptions(Options):
     """The fast path of a stage's model (klein.fast), set up and warmed up before the replica
     reports healthy; the stage logs what it compiled and how long warm-up took."""
 
@@ -100,7 +101,7 @@ class FastPathOptions(BaseModel):
         )
 
 
-class StageOptions(BaseModel):
+class StageOptions(Options):
     """What every model stage's options share; each adds its Serve defaults and batch bound."""
 
     placement: Placement = Field(default_factory=Placement)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from deployments.options import Options
 from deployments.stages.payloads import ContentModerated, FinishParams
 from klein.provenance import BFL_WATERMARK_BITS, C2PASigner, Watermarker, parse_bits
 from klein.safety import NSFWClassifier, PromptFilter
@@ -26,7 +27,7 @@ def service_version() -> str:
         return "0.1.0"
 
 
-class SafetyOptions(BaseModel):
+class SafetyOptions(Options):
     classifier: Path | None = Field(
         None, description="local transformers image-classification folder with an 'nsfw' label"
     )
@@ -49,7 +50,7 @@ class SafetyOptions(BaseModel):
         return PromptFilter(self.prompt_terms)
 
 
-class ProvenanceOptions(BaseModel):
+class ProvenanceOptions(Options):
     watermark: bool = Field(True, description="invisible watermark (dwtDct) in every output of 256 px and up")
     watermark_bits: str = Field(BFL_WATERMARK_BITS, description="48-bit payload; default: BFL's FLUX.2 mark")
     c2pa_cert_chain: Path | None = Field(

@@ -18,7 +18,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
+
+from deployments.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def default_root() -> Path:
     return Path(base) / "klein-serve"
 
 
-class StorageOptions(BaseModel):
+class StorageOptions(Options):
     backend: Literal["local", "s3"] = Field("local", description="'local' directory or 's3'-compatible")
     root: Path = Field(
         default_factory=lambda: default_root(),

@@ -115,3 +115,76 @@ def test_klein_serve_refuses_a_contradictory_config_before_deploying(tmp_path, c
         main(["serve", "--config", str(path)])
     assert e.value.code == 2
     assert "safety.classifier: required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"ingress": {"max_job_in_flight": 5}},
+        {"storage": {"bucket_name": "x"}},
+        {"transformer_stage": {"fast": {"compil": True}}},
+        {"lora": {"slot": 3}},
+        {"safety": {"classifer": "/x"}},
+        {"codec": {"deployment": {"autoscaling": {"max_replica": 2}}}},
+        {"prices": {"flux-2-klein-tiny": {"first_mp": 1, "per_mp": 1, "lora_mp": 1}}},
+    ],
+)
+def test_a_misspelt_key_in_any_section_is_refused_by_name(section):
+    """Every section of the settings knows its keys: a misspelling names itself instead of leaving
+    the setting at its default without a word."""
+    with pytest.raises(ValueError, match="Extra inputs are not permitted") as e:
+        Settings(**section)
+    path = []
+    value = section
+    while isinstance(value, dict) and len(value) == 1:
+        (key, value), *_ = value.items()
+        path.append(key)
+    assert ".".join(path[-2:]) in str(e.value)
+
+
+def test_an_unknown_preset_is_refused_when_parsed():
+    with pytest.raises(ValueError, match="unknown preset 'klein-7b'; choose one of"):
+        Settings(preset="klein-7b")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(http_option={"port": 1}), "http_option is not a Serve config key"),
+        (
+            lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=3),
+            "applications[0].deployments[0].max_ongoing_request is not a Serve config key",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][1].update(autoscaling_confg={}),
+            "applications[0].deployments[1].autoscaling_confg is not a Serve config key",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][1].update(name="FlowTransfomer"),
+            "no deployment 'FlowTransfomer'; its deployments are Ingress",
+        ),
+        (lambda c: c["http_options"].update(port=70000), "http_options.port must be between 1 and 65535"),
+        (lambda c: c["applications"][0]["args"].update(preset="klein-7b"), "unknown preset 'klein-7b'"),
+    ],
+)
+def test_klein_serve_refuses_what_ray_would_drop_or_fail_on_later(
+    tmp_path, capsys, monkeypatch, change, message
+):
+    """Ray's config schema drops keys it does not know; a wrong deployment name, a port out of
+    range or an unknown preset fail only once Ray runs. klein serve says so first (exit 2)."""
+    import serve.run
+    from serve.cli import main
+
+    def deployed(config):
+        raise AssertionError("the config was deployed")
+
+    monkeypatch.setattr(serve.run, "_run", deployed)  # a missed check fails here, without starting Ray
+
+    config = yaml.safe_load(CONFIGS[-1].read_text())  # local-cpu.yaml
+    change(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--config", str(path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -18,7 +18,7 @@ from deployments.stages.adapters import Adapters
 from deployments.stages.codec import Codec
 from deployments.stages.text_embedder import TextEmbedder
 from deployments.stages.transformer import FlowTransformer
-from serve.settings import Settings, api_model_id
+from serve.settings import Settings, api_model_id, unknown_variables
 
 log = logging.getLogger(__name__)
 DEPLOYMENTS = ("Ingress", "TextEmbedder", "FlowTransformer", "Codec")
@@ -35,6 +35,8 @@ def build_app(settings: Settings) -> Application:
             "require_api_keys is set but no API keys are configured (KLEIN_API_KEYS / KLEIN_API_KEYS_FILE)"
         )
     log.info("building %s (%s) with %s storage", model_id, source.spec.name, storage.backend)
+    for name in unknown_variables():  # klein serve refuses these; KubeRay's path gets a warning
+        log.warning("%s is not a setting (misspelt?): it is ignored", name)
     if settings.safety.classifier is None:  # (required and missing was refused when parsing)
         log.warning("NO SAFETY CLASSIFIER: outputs and inputs are not moderated (set safety.classifier)")
     if settings.provenance.c2pa_cert_chain is None:  # (one of the two without the other: refused)

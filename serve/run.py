@@ -171,6 +171,10 @@ def _config(args, parser):
         )
     except Exception as e:
         parser.error(f"--config: {path} is not a valid Serve config: {e}")
+    from serve.settings import unknown_variables
+
+    for name in unknown_variables():
+        parser.error(f"{name}: not a setting (misspelt?); see README.md's settings, or unset it")
     if not 1 <= config.http_options.port <= 65535:
         parser.error(
             f"--config: {path}: http_options.port must be between 1 and 65535, got {config.http_options.port}"

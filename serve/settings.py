@@ -7,9 +7,10 @@ config can name the bucket while the credentials come from the environment (a Se
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deployments.api.auth import KeyRing, parse_keys
@@ -114,3 +115,43 @@ class Settings(BaseSettings):
         if model_id not in self.prices:
             raise ValueError(f"no price for model {model_id!r}; set prices.{model_id} (KLEIN_PRICES)")
         return self.prices[model_id]
+
+
+# KLEIN_* variables that are not settings: the load generator's (serve/locustfile.py, `klein loadtest`)
+# and the test suite's.
+LOAD_VARIABLES = frozenset(
+    {
+        "KLEIN_API_KEY",
+        "KLEIN_DURATION_S",
+        "KLEIN_EDIT_SHARE",
+        "KLEIN_JOB_DEADLINE_S",
+        "KLEIN_MODEL",
+        "KLEIN_PEAK_USERS",
+        "KLEIN_REFERENCE_SIZES",
+        "KLEIN_REPEAT_SHARE",
+        "KLEIN_SHAPE",
+        "KLEIN_SIZES",
+        "KLEIN_STATS_FILE",
+        "KLEIN_SYNC_SHARE",
+        "KLEIN_TEST_ARTIFACTS",
+    }
+)
+
+
+def unknown_variables(environ=None) -> list[str]:
+    """KLEIN_* environment variables that set nothing (misspelt: KLEIN_INGRES__MAX_JOBS_IN_FLIGHT),
+    which the settings would otherwise ignore without a word."""
+    unknown = []
+    for name in sorted(os.environ if environ is None else environ):
+        if not name.startswith("KLEIN_") or name in LOAD_VARIABLES:
+            continue
+        model: type[BaseModel] = Settings
+        for part in name.removeprefix("KLEIN_").lower().split("__"):
+            field = model.model_fields.get(part)
+            if field is None:
+                unknown.append(name)
+                break
+            if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+                break  # a value (or a table such as prices): what follows is its own
+            model = field.annotation
+    return unknown

@@ -47,7 +47,7 @@ class Reaper:
             try:
                 restarted += await self.reap_one(key_id, job_id)
             except Exception:
-                log.exception("reaper: job %s", job_id, extra={"job_id": job_id})
+                log.exception("reaper: job %s", job_id, extra={"klein_job_id": job_id})
         return restarted
 
     async def reap_one(self, key_id: str, job_id: str) -> int:
@@ -74,7 +74,7 @@ class Reaper:
         except Superseded:
             return 0  # another reaper, or the job's own runner, wrote it first
         why = f"lease expired after attempt {job.attempts}; running it again"
-        log.warning("job %s: %s", job_id, why, extra={"job_id": job_id})
+        log.warning("job %s: %s", job_id, why, extra={"klein_job_id": job_id})
         self.runner.start(job)
         return 1
 
@@ -85,5 +85,7 @@ class Reaper:
         marked = await self.store.marked_at(key_id, job_id)
         limit = self.options.job_lease_s + 2 * self.store.storage.longest_op_s
         if marked is not None and marked < time.time() - limit and await self.store.get(job_id) is None:
-            log.warning("job %s: pending marker without a record; dropped", job_id, extra={"job_id": job_id})
+            log.warning(
+                "job %s: pending marker without a record; dropped", job_id, extra={"klein_job_id": job_id}
+            )
             await self.store.unmark(key_id, job_id)

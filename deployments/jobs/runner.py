@@ -119,7 +119,7 @@ class JobRunner:
             await self.billing.withdraw(job)  # the end (a caller leaving, a run the reaper ended) goes
 
     def _announce(self, job: JobRecord) -> None:
-        extra = {"job_id": job.id, "status": job.status.value, "key_id": job.key_id}
+        extra = {"klein_job_id": job.id, "status": job.status.value, "key_id": job.key_id}
         log.info("job %s %s after %d attempts", job.id, job.status.value, job.attempts, extra=extra)
         seconds = (job.finished_at or time.time()) - job.created_at
         metrics.job_finished(job.model, job.status.value, seconds, job.input_mp, job.output_mp)
@@ -201,7 +201,9 @@ class JobRunner:
     async def _retry(self, job: JobRecord, error: Exception, late: bool) -> bool:
         """After a failed attempt: True to try again (after a backoff), else the job's end is set."""
         what = f"{type(error).__name__}: {error}"
-        log.warning("job %s attempt %d failed: %s", job.id, job.attempts, what, extra={"job_id": job.id})
+        log.warning(
+            "job %s attempt %d failed: %s", job.id, job.attempts, what, extra={"klein_job_id": job.id}
+        )
         if late:
             job.status, job.error = Status.ERROR, f"not finished within {self.options.job_deadline_s:g} s"
             return False
@@ -215,7 +217,7 @@ class JobRunner:
         """This runner's copy of the record is stale (another runner took the job over, or the reaper
         ended it): adopt the stored record, which the caller is then answered from."""
         why = "its record changed under this run (taken over elsewhere); this run stops"
-        log.warning("job %s: %s", job.id, why, extra={"job_id": job.id})
+        log.warning("job %s: %s", job.id, why, extra={"klein_job_id": job.id})
         stored = await self.store.get(job.id)
         if stored is not None:
             job.adopt(stored)

@@ -243,7 +243,7 @@ class JobService:
 
     async def _moderated(self, job: JobRecord, term: str, s: Submission) -> tuple[JobRecord, bool]:
         """A blocked prompt: the job is recorded Request Moderated, never run, never billed."""
-        log.info("job %s: prompt blocked by term %r", job.id, term, extra={"job_id": job.id})
+        log.info("job %s: prompt blocked by term %r", job.id, term, extra={"klein_job_id": job.id})
         try:
             await self.runner.end(job, Status.REQUEST_MODERATED, "the prompt contains a blocked term")
         except Superseded:  # a racing submission with the same Idempotency-Key was first

@@ -363,3 +363,26 @@ def test_openai_n_images_partly_made_bills_and_answers_what_was_made(tmp_path):
             assert (await c.get("/v1/usage")).json()["total"]["jobs"] == 1
 
     asyncio.run(go())
+
+
+def test_job_log_lines_name_the_job_under_a_key_ray_leaves_alone(tmp_path, caplog):
+    """Ray's log filter writes its own `job_id` (the Ray job) over any record's: the job id travels
+    as `klein_job_id`, which Ray's JSON logs keep."""
+    import logging
+
+    from ray._common.logging_constants import LogKey
+
+    from tests.serving.inprocess import submit_job
+
+    ingress = build(tmp_path / "data")
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
+        with caplog.at_level(logging.INFO, logger="deployments"):
+            await ingress.service.run(job, return_bytes=True, fresh=True, shed=True)
+        return job
+
+    job = asyncio.run(go())
+    ended = [r for r in caplog.records if getattr(r, "klein_job_id", None) == job.id]
+    assert ended and ended[-1].status == "Ready" and ended[-1].key_id == job.key_id
+    assert {"klein_job_id", "status", "key_id"}.isdisjoint(k.value for k in LogKey)

@@ -188,3 +188,34 @@ def test_klein_serve_refuses_what_ray_would_drop_or_fail_on_later(
         main(["serve", "--config", str(path)])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_misspelt_environment_variable_is_named(tmp_path, capsys, monkeypatch):
+    """KLEIN_* variables that set nothing are listed (the settings would ignore them without a word);
+    klein serve refuses to start with one, naming it. The load generator's own variables are not
+    settings and pass."""
+    import serve.run
+    from serve.cli import main
+    from serve.settings import unknown_variables
+
+    env = {
+        "KLEIN_INGRES__MAX_JOBS_IN_FLIGHT": "3",
+        "KLEIN_INGRESS__MAX_INFLIGHT_PER_KEY": "-1",
+        "KLEIN_PRESETT": "tiny",
+        "KLEIN_INGRESS__MAX_JOBS_IN_FLIGHT": "3",
+        "KLEIN_TRANSFORMER_STAGE__FAST__COMPILE": "true",
+        "KLEIN_PRICES": "{}",
+        "KLEIN_SIZES": "64x64",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == [
+        "KLEIN_INGRESS__MAX_INFLIGHT_PER_KEY",
+        "KLEIN_INGRES__MAX_JOBS_IN_FLIGHT",
+        "KLEIN_PRESETT",
+    ]
+    monkeypatch.setattr(serve.run, "_run", lambda config: pytest.fail("deployed"))
+    monkeypatch.setenv("KLEIN_INGRES__MAX_JOBS_IN_FLIGHT", "3")
+    with pytest.raises(SystemExit) as e:
+        main(["serve"])
+    assert e.value.code == 2
+    assert "KLEIN_INGRES__MAX_JOBS_IN_FLIGHT: not a setting" in capsys.readouterr().err

@@ -134,6 +134,8 @@ def test_generate_watch_download_and_copy(server, browser):
     assert any(s.startswith("step ") and not s.startswith("step 40 ") for s in seen["steps"]), seen
     assert seen["previews"] >= 1, seen  # previews arrived while it ran
     assert sent[-1]["preview"] is True and sent[-1]["steps"] == 40 and sent[-1]["width"] == 512
+    # the page is done once the job is Ready and the image's link is set; the browser loads it after
+    page.wait_for_function("document.querySelector('#result-image').complete", timeout=30_000)
     size = page.evaluate(
         "[document.querySelector('#result-image').naturalWidth, document.querySelector('#result-image').naturalHeight]"
     )

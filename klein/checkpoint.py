@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from klein.fp8 import FP8, FP8_MAX, is_fp8_layer
+from klein.fp8 import FP8, FP8_MAX, is_fp8_layer, quantize_rows
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -141,7 +141,6 @@ def read_state_dict(
     token as they come. `quantize` names (after `rename`) the layers whose full-precision weight is
     turned into that form as it is read, so no more than one such weight is ever held at full size.
     """
-    from klein.fp8 import quantize_rows
 
     sd: dict[str, Tensor] = {}
     for path in files:

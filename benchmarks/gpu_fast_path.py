@@ -112,6 +112,10 @@ class Run:
                         "" if c is None else f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells
                     )
                 )
+                if r.get("ran_eagerly"):
+                    notes.append(
+                        f"- {r['variant']} B={r['B']}: {r['ran_eagerly']} calls ran EAGERLY (not warmed)"
+                    )
             elif "skipped" in r or "error" in r:
                 notes.append(f"- {r['variant']}: {r.get('skipped') or r.get('error')}")
             else:
@@ -222,9 +226,12 @@ def rel_err(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def measure(run: Run, vid: str, what: str, fn, b: int, spec) -> dict:
-    """Warm-up call (compilation happens here), then the timed calls; one row per batch size."""
+def measure(run: Run, vid: str, what: str, fn, b: int, spec, gate=None) -> dict:
+    """Warm-up call (compilation happens here), then the timed calls; one row per batch size.
+    `gate`: a compiled model's ShapeGate; the row says how many calls it ran eagerly (any means
+    the timed inputs were not the warmed ones and the figure is not the compiled one)."""
     device = run.device
+    eager_before = gate.eager_calls if gate is not None else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
@@ -254,6 +261,8 @@ def measure(run: Run, vid: str, what: str, fn, b: int, spec) -> dict:
         run.ref[(vid, b)] = row
         if vid == "V5" and (v1 := run.ref.get(("V1", b))) is not None:
             row["rel_err"] = rel_err(out, v1["output"])
+    if gate is not None:
+        row["ran_eagerly"] = gate.eager_calls - eager_before
     run.write(row)
     return row
 
@@ -510,7 +519,7 @@ def transformer_variants(run: Run, spec) -> None:
             {"variant": f"{vid}-setup", "setup": str(report), "warm_up": str(warm), "warmup_s": warm.warmup_s}
         )
         for b in args.batch:
-            measure(run, vid, what, klein_run(model, inputs[b]), b, spec)
+            measure(run, vid, what, klein_run(model, inputs[b]), b, spec, gate=model.forward)
         if vid == "V3":
             run.write(
                 {
@@ -546,7 +555,7 @@ def transformer_variants(run: Run, spec) -> None:
         warm_up_transformer(model, opts, multiple=spec.multiple)
         b = 1 if 1 in inputs else args.batch[0]
         what = "klein whole-model compile, mode reduce-overhead (CUDA graphs)"
-        measure(run, "V6", what, klein_run(model, inputs[b]), b, spec)
+        measure(run, "V6", what, klein_run(model, inputs[b]), b, spec, gate=model.forward)
         dit.set_attention_priority(None)
 
     def peer_best():

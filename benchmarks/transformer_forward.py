@@ -1,14 +1,19 @@
 """Transformer forward time: klein's Flux2 vs diffusers' Flux2Transformer2DModel, same weights.
 
     python benchmarks/transformer_forward.py [--hidden 512 --double 2 --single 4 --img 1024 --txt 512]
-        [--dtype fp32 bf16] [--repeats 15] [--device cpu] [--no-widen] [--compile] [--fp8]
+        [--dtype fp32 bf16] [--repeats 15] [--device cpu] [--no-widen] [--compile] [--freeze]
+        [--autotune] [--fp8] [--backend inductor]
 
 Runs alternate (ours, theirs, ours, ...) after warm-up so both see the same machine state; prints
 the median time of each and the median of the per-pair ratios ours / diffusers. `--compile` adds
 klein compiled by its fast path (klein.fast: regional, inductor, warmed up at the measured shape;
 compile time reported, plus the first call at a size that was not warmed up, compiled on demand,
-and the same size run eagerly by the shape gate); `--fp8` adds klein with FP8 block linears
-(eager, and compiled with --compile) and the resident bytes of each.
+and the same size run eagerly by the shape gate); `--freeze` and `--autotune` add klein compiled
+with inductor's freezing (weights as constants: oneDNN linears on prepacked weights on the CPU) and
+max-autotune, each alone and both together; `--fp8` adds klein with FP8 block linears (eager, and
+compiled with --compile) and the resident bytes of each. Klein gets its timestep in float32 as its
+samplers pass it (diffusers gets the model's dtype, as its pipeline passes it): a compiled variant is
+warmed up for exactly the inputs it is timed on, and the run fails if one of them ran eagerly.
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ def main():
         "--no-widen", action="store_true", help="run klein's bf16 GEMMs in bf16 even without native support"
     )
     ap.add_argument("--compile", action="store_true", help="add klein compiled (klein.fast, inductor)")
+    ap.add_argument("--freeze", action="store_true", help="add klein compiled with inductor freezing")
+    ap.add_argument("--autotune", action="store_true", help="add klein compiled with inductor max-autotune")
     ap.add_argument("--fp8", action="store_true", help="add klein with FP8 block linears")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a rehearsal)")
     args = ap.parse_args()
     if args.no_widen:
         klein.transformer._WIDEN_BF16_ON_CPU = False
@@ -98,13 +106,14 @@ def measure(c: TransformerConfig, args, name: str) -> None:
     with torch.inference_mode():  # inputs as the samplers make them (compiled code is specialised)
         x = torch.randn(b, side * side, 128, generator=g).to(args.device, dtype)
         ctx = torch.randn(b, args.txt, c.context_in_dim, generator=g).to(args.device, dtype)
-        t = torch.full((b,), 0.6).to(args.device, dtype)
+        t = torch.full((b,), 0.6).to(args.device, dtype)  # diffusers' pipeline: the latents' dtype
+        t32 = torch.full((1,), 0.6, device=args.device)  # klein's samplers: float32, shared by the batch
         ids = grid_ids(side, side).expand(b, -1, -1).to(args.device)
         tids = text_ids(args.txt).expand(b, -1, -1).to(args.device)
         pe = ours.rope(tids, ids)
 
     def klein_call(model):
-        return lambda: model(x, t[:1], ctx, pe)
+        return lambda: model(x, t32, ctx, pe)
 
     def run_theirs():
         return theirs(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=ids, txt_ids=tids,
@@ -119,19 +128,21 @@ def measure(c: TransformerConfig, args, name: str) -> None:
             f"resident bytes: klein {weight_bytes(ours) / 1e6:.1f} MB, FP8 {weight_bytes(fp8) / 1e6:.1f} MB"
         )
     if args.compile:
-        labels = [("ours compiled", None)] + ([("ours compiled fp8", "fp8")] if args.fp8 else [])
         compiled = {}
-        for label, quantize in labels:
-            opts = FastPath(compile=True, quantize=quantize, warmup_sizes=((side * 16, side * 16),))
+        for label, extra in compiled_variants(args):
+            opts = FastPath(
+                compile=True, warmup_sizes=((side * 16, side * 16),), backend=args.backend, **extra
+            )
             t0 = time.perf_counter()
             compiled[label] = model = fast_variant(ours, opts)
-            warm = warm_up_transformer(model, opts)
+            warm = warm_up_transformer(model, opts, context_len=args.txt)
             notes.append(f"{label}: set-up + warm-up (compilation) {time.perf_counter() - t0:.1f} s ({warm})")
             variants[label] = klein_call(model)
         notes += unwarmed(compiled["ours compiled"], c, args, dtype)
 
+    eager_before = {k: m.forward.eager_calls for k, m in compiled.items()} if args.compile else {}
     with torch.inference_mode():
-        exact = build(c, args.device, torch.float32)[0](x.float(), t[:1].float(), ctx.float(), pe)
+        exact = build(c, args.device, torch.float32)[0](x.float(), t32, ctx.float(), pe)
         errors = {k: (fn().float() - exact).abs().max().item() for k, fn in variants.items()}
         for _ in range(2):
             for fn in variants.values():
@@ -144,6 +155,9 @@ def measure(c: TransformerConfig, args, name: str) -> None:
                 fn()
                 sync(args.device)
                 times[label].append(time.perf_counter() - t0)
+    for label, before in eager_before.items():
+        if (ran := compiled[label].forward.eager_calls - before) > 0:
+            raise SystemExit(f"{label}: {ran} timed calls ran eagerly (the inputs were not the warmed ones)")
     md = statistics.median(times["diffusers"])
     print(
         f"{name}: diffusers {md * 1e3:.1f} ms (median of {args.repeats}); max |out - fp32 ours| {errors['diffusers']:.2e}"
@@ -159,6 +173,20 @@ def measure(c: TransformerConfig, args, name: str) -> None:
         )
     for note in notes:
         print(f"  {note}")
+
+
+def compiled_variants(args) -> list[tuple[str, dict]]:
+    """(label, extra FastPath options) of each compiled variant the flags ask for."""
+    out = [("ours compiled", {})]
+    if args.freeze:
+        out.append(("ours compiled freeze", {"freeze": True}))
+    if args.autotune:
+        out.append(("ours compiled max-autotune", {"autotune": True}))
+    if args.freeze and args.autotune:
+        out.append(("ours compiled freeze + max-autotune", {"freeze": True, "autotune": True}))
+    if args.fp8:
+        out.append(("ours compiled fp8", {"quantize": "fp8"}))
+    return out
 
 
 def timed_calls(fn, n: int) -> list[float]:
@@ -186,7 +214,7 @@ def unwarmed(model: Flux2, c: TransformerConfig, args, dtype) -> list[str]:
         pe = model.rope(
             text_ids(args.txt).expand(args.batch, -1, -1), grid_ids(side, side).expand(args.batch, -1, -1)
         )
-        t = torch.full((1,), 0.6).to(args.device, dtype)
+        t = torch.full((1,), 0.6, device=args.device)  # float32, as the samplers pass it
         out = []
         for policy in ("eager", "compile"):  # closed after warm-up: eager; then opened: compiled now
             model.forward.closed = policy == "eager"

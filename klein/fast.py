@@ -7,6 +7,13 @@
   `fullgraph=True` (the model has no graph breaks; a new one fails loudly). Blocks of one kind share
   their compiled code, so compiling costs about one block per kind and shape. With `cuda_graphs` the
   transformer's whole forward is compiled instead, with `mode="reduce-overhead"` (CUDA graphs).
+  Two inductor options on top: `autotune` (what mode "max-autotune" sets: GEMM kernels chosen by
+  timing candidates while compiling, so compiling takes longer) and `freeze` (inductor's freezing:
+  the weights become constants of the compiled code, which folds what depends only on them and, on
+  the CPU, runs the linears through oneDNN on weights packed once; each block is then compiled on
+  its own and the packed weights are a second copy beside the module's). Frozen weights must not
+  change, so `freeze` is refused for a transformer with LoRA slots (klein.lora writes adapters into
+  them while serving).
 - FP8: `quantize="fp8"` turns the transformer's block linears into FP8 (klein.fp8). The loaders
   (klein.pipeline, the FlowTransformer stage) pass it to `load_transformer`, which converts each
   block linear as it is read; `setup_transformer` converts what is still full precision (a model
@@ -24,6 +31,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +48,10 @@ from klein.transformer import LoraSelection
 log = logging.getLogger(__name__)
 
 Attention = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
+FREEZE_WITH_LORA = (
+    "freeze makes the weights constants of the compiled code, and LoRA adapters are written into the "
+    "transformer's slots while it serves: use one or the other"
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,8 @@ class FastPath:
     backend: str | Callable = (
         "inductor"  # torch.compile backend ("eager" / "aot_eager" trace without codegen)
     )
-    mode: str | None = None  # torch.compile mode; None: "reduce-overhead" with cuda_graphs, else default
+    freeze: bool = False  # inductor freezing: weights become constants of the compiled code (not with LoRA)
+    autotune: bool = False  # inductor max-autotune: GEMM kernels chosen by timing them while compiling
 
     def __post_init__(self):
         if self.max_shapes < 1:
@@ -67,20 +80,27 @@ class FastPath:
             raise ValueError(f"quantize must be 'fp8' or None, got {self.quantize!r}")
         if self.new_shapes not in ("eager", "compile"):
             raise ValueError(f"new_shapes must be 'eager' or 'compile', got {self.new_shapes!r}")
-
-    @property
-    def compile_mode(self) -> str | None:
-        return self.mode or ("reduce-overhead" if self.cuda_graphs else None)
+        for name in ("freeze", "autotune"):
+            if getattr(self, name) and not (self.compile or self.cuda_graphs):
+                raise ValueError(f"{name} is a compiler option: it needs compile (or cuda_graphs)")
 
     def compile_kwargs(self, cuda_graphs: bool = True) -> dict:
         """torch.compile's keywords; `cuda_graphs=False` for components never CUDA-graphed (the
-        text encoder and the VAE: their batch sizes and shapes vary more than buckets allow)."""
+        text encoder and the VAE: their batch sizes and shapes vary more than buckets allow).
+        Inductor's options as torch.compile's modes set them ("reduce-overhead": CUDA graphs;
+        "max-autotune": autotuning and coordinate-descent tuning) and `freezing`."""
         kw = {"fullgraph": True, "dynamic": self.dynamic, "backend": self.backend}
-        mode = self.compile_mode
-        if mode == "reduce-overhead" and not cuda_graphs:
-            mode = None
-        if mode and self.backend == "inductor":
-            kw["mode"] = mode
+        options = {}
+        if self.cuda_graphs and cuda_graphs:
+            options["triton.cudagraphs"] = True
+        if self.autotune:
+            options |= {"max_autotune": True, "coordinate_descent_tuning": True}
+        if self.freeze:  # for inductor; dynamo needs it set while tracing too (`_frozen`), and it makes
+            options["freezing"] = (
+                True  # the backend differ from an unfrozen one, whose graphs dynamo would reuse
+            )
+        if options and self.backend == "inductor":
+            kw["options"] = options
         return kw
 
 
@@ -143,8 +163,25 @@ def _close_after_warm_up(fn, opts: FastPath, report: Report) -> None:
 
 
 def _gated(fn: Callable, opts: FastPath, name: str) -> Callable:
-    """Static shapes: `fn` behind a ShapeGate. Dynamic shapes: as it is (one graph serves all)."""
+    """Static shapes: `fn` behind a ShapeGate. Dynamic shapes: as it is (one graph serves all).
+    With `freeze`, every call runs under inductor's freezing (see `_frozen`)."""
+    fn = _frozen(fn) if opts.freeze and opts.backend == "inductor" else fn
     return fn if opts.dynamic else ShapeGate(fn, opts.max_shapes, name)
+
+
+def _frozen(fn: Callable) -> Callable:
+    """`fn` with inductor's `freezing` set while it runs. Dynamo reads that setting while it traces
+    (it decides whether the weights are traced as constants), so it must hold whenever a call may
+    compile; passed as one of torch.compile's `options` only, it reaches inductor alone, which then
+    finds the weights traced as inputs and freezes nothing."""
+    import torch._inductor.config
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch._inductor.config.patch(freezing=True):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _allow_recompiles(opts: FastPath) -> None:
@@ -235,6 +272,8 @@ def setup_transformer(model: dit.Flux2, opts: FastPath) -> Report:
     report.actions.append(pin_attention(opts.attention, c.num_heads, c.head_dim, device, model.dtype))
     if opts.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs CUDA; this model is on {device}")
+    if opts.freeze and getattr(model, "lora_places", None):
+        raise ValueError(FREEZE_WITH_LORA)
     if opts.compile or opts.cuda_graphs:
         _allow_recompiles(opts)
         kw = opts.compile_kwargs()
@@ -291,8 +330,10 @@ def setup_vae(vae, opts: FastPath) -> Report:
 
 
 def _describe(kw: dict) -> str:
-    mode = kw.get("mode") or "default"
-    return f"{kw['backend']}, mode {mode}, {'dynamic' if kw['dynamic'] else 'static'} shapes"
+    options = kw.get("options", {})
+    named = {"triton.cudagraphs": "CUDA graphs", "max_autotune": "max-autotune", "freezing": "frozen weights"}
+    what = [label for key, label in named.items() if options.get(key)]
+    return f"{kw['backend']}, {', '.join(what) or 'default options'}, {'dynamic' if kw['dynamic'] else 'static'} shapes"
 
 
 # --- warm-up ---

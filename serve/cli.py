@@ -5,7 +5,8 @@
                    [--text-encoder DIR] [--ref IMAGE ...] [--image SRC --mask MASK [--strength S]]
                    [--width W --height H --seed S
                    --steps N --guidance G] [--lora FILE[:SCALE] ...] [--dtype bf16|fp32] [--device cpu|cuda]
-                   [--compile] [--cuda-graphs] [--quantize fp8] [--attention NAME] --out FILE.png
+                   [--compile [--freeze] [--autotune]] [--cuda-graphs] [--quantize fp8] [--attention NAME]
+                   --out FILE.png
     klein serve [--preset NAME [--random-weights] | --model NAME_OR_PATH [--base-model ID] | --weights DIR]
                 [--config FILE] [--host HOST] [--port PORT]
     klein download --model ORG/NAME[@REVISION] [--base-model ORG/NAME]
@@ -99,6 +100,12 @@ def _generate_flags(sub) -> argparse.ArgumentParser:
     fast = g.add_argument_group("fast path (klein.fast)")
     fast.add_argument(
         "--compile", action="store_true", help="torch.compile the model, warmed up at this size first"
+    )
+    fast.add_argument(
+        "--freeze", action="store_true", help="with --compile: weights as constants (inductor freezing)"
+    )
+    fast.add_argument(
+        "--autotune", action="store_true", help="with --compile: GEMM kernels chosen by timing (max-autotune)"
     )
     fast.add_argument(
         "--cuda-graphs", action="store_true", help="CUDA graphs for the transformer (CUDA only)"
@@ -330,16 +337,24 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
 
 
 def _fast_path(args, parser: argparse.ArgumentParser, device: str, request):
-    """--compile, --cuda-graphs, --quantize and --attention as FastPath options, warmed at the request's size."""
+    """The fast-path flags as FastPath options, warmed at the request's size."""
     from klein import FastPath
+    from klein.fast import FREEZE_WITH_LORA
 
     if args.cuda_graphs and device != "cuda":
         parser.error(f"--cuda-graphs: needs CUDA; the device is {device}")
     if args.attention not in ("auto", "default", "math") and device != "cuda":
         parser.error(f"--attention: {args.attention} needs CUDA; the device is {device}")
+    for flag in ("freeze", "autotune"):
+        if getattr(args, flag) and not (args.compile or args.cuda_graphs):
+            parser.error(f"--{flag}: a compiler option; it needs --compile (or --cuda-graphs)")
+    if args.freeze and args.lora:
+        parser.error(f"--freeze: not with --lora: {FREEZE_WITH_LORA}")
     return FastPath(
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
+        freeze=args.freeze,
+        autotune=args.autotune,
         quantize=args.quantize,
         attention=args.attention,
         warmup_sizes=((request.width, request.height),) if args.compile or args.cuda_graphs else (),

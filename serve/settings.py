@@ -24,6 +24,7 @@ from deployments.stages.transformer import FlowTransformerOptions
 from deployments.storage import StorageOptions
 from deployments.telemetry import TelemetryOptions
 from klein import ModelSource
+from klein.fast import FREEZE_WITH_LORA
 
 
 def api_model_id(name: str) -> str:
@@ -91,6 +92,8 @@ class Settings(BaseSettings):
             raise ValueError("random_weights: give a preset, not weights")
         if self.model and any((self.weights, self.transformer, self.vae, self.text_encoder)):
             raise ValueError("model: give either a model or weights files, not both")
+        if self.lora.enabled and self.transformer_stage.fast.freeze:
+            raise ValueError(f"transformer_stage.fast.freeze with lora.enabled: {FREEZE_WITH_LORA}")
         return self
 
     def key_ring(self) -> KeyRing:

@@ -41,6 +41,12 @@ def _error(capsys, argv) -> str:
         (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
         (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs: needs CUDA; the device is cpu"),
         (["--device", "cpu", "--attention", "cudnn"], "--attention: cudnn needs CUDA; the device is cpu"),
+        (["--freeze"], "--freeze: a compiler option; it needs --compile"),
+        (["--autotune"], "--autotune: a compiler option; it needs --compile"),
+        (
+            ["--compile", "--freeze", "--lora", __file__],
+            "--freeze: not with --lora: freeze makes the weights",
+        ),
     ],
 )
 def test_bad_flags_name_the_flag(capsys, tmp_path, extra, message):

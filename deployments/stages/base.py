@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from deployments.options import Options
 from deployments.stages.payloads import JobCancelled
@@ -66,6 +66,15 @@ class FastPathOptions(Options):
     backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend (aot_eager / eager trace without generating code)"
     )
+    freeze: bool = Field(False, description="inductor freezing: weights as constants; not with LoRA")
+    autotune: bool = Field(False, description="inductor max-autotune: GEMMs chosen by timing them")
+
+    @model_validator(mode="after")
+    def _compiler_options(self):
+        for name in ("freeze", "autotune"):
+            if getattr(self, name) and not (self.compile or self.cuda_graphs):
+                raise ValueError(f"{name}: a compiler option; it needs compile: true (or cuda_graphs)")
+        return self
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -98,6 +107,8 @@ class FastPathOptions(Options):
             warmup_sizes=sizes,
             warmup_batches=tuple(self.warmup_batch_sizes),
             backend=self.backend,
+            freeze=self.freeze,
+            autotune=self.autotune,
         )
 
 

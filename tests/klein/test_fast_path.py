@@ -26,6 +26,7 @@ from klein.fast import (
     warm_up_vae,
 )
 from klein.loader import ModelSource
+from klein.lora import LoraBank
 from klein.sampler import grid_ids, reference_ids, text_ids
 
 
@@ -103,6 +104,22 @@ def test_real_valued_rope_equals_the_complex_product_bit_for_bit(source, monkeyp
     assert torch.equal(now, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_spelling_of_rope_is_the_same_arithmetic(source, dtype):
+    """Compiled code rotates with `_rope_swapped_pairs` (one elementwise expression, which inductor
+    vectorises); run eagerly, it equals apply_rope's eager spelling bit for bit, on whole and
+    sliced phases as the blocks pass them."""
+    model = source.load_transformer()
+    _, _, ids, tids, _ = _inputs(b=2, h=5, w=6, refs=((2, 3),))
+    pe = model.rope(tids, ids)
+    x = (torch.randn(2, 2, pe.shape[2], 32) * 4).to(dtype)
+    assert torch.equal(dit._rope_swapped_pairs(x, pe), dit.apply_rope(x, pe))
+    rows = slice(3, 40)
+    assert torch.equal(
+        dit._rope_swapped_pairs(x[:, :, rows], pe[:, :, rows]), dit.apply_rope(x[:, :, rows], pe[:, :, rows])
+    )
+
+
 def test_regional_compile_recompiles_once_per_shape_and_warm_shapes_cost_nothing(source):
     model = source.load_transformer()
     eager = copy.deepcopy(model)
@@ -160,6 +177,48 @@ def test_compiled_with_inductor_matches_eager(source, dtype):
     else:  # as close to the fp32 result as eager bf16 is
         assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
         assert (got.float() - fp32).norm() <= 1.5 * (want.float() - fp32).norm()
+
+
+@pytest.mark.slow  # inductor builds C++ kernels
+def test_frozen_weights_are_constants_of_the_compiled_code(source):
+    """`freeze`: the compiled output equals eager's, and weights changed in place after compiling no
+    longer reach it, where without `freeze` they do (it is what freezing means, and why LoRA slots,
+    written while serving, refuse it). Set as one of torch.compile's options only, freezing did
+    nothing: dynamo had traced the weights as inputs."""
+    img, ctx, ids, tids, ref = _inputs(b=1, h=4, w=6, refs=(), seed=3)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for freeze in (True, False):
+        torch._dynamo.reset()
+        model = source.load_transformer()
+        eager = copy.deepcopy(model)
+        opts = FastPath(compile=True, freeze=freeze, warmup_sizes=((96, 64),))
+        assert ("frozen weights" in str(setup_transformer(model, opts))) == freeze
+        warm_up_transformer(model, opts)
+        with torch.inference_mode():
+            assert (
+                rel(_forward(model, img, ctx, ids, tids, ref), _forward(eager, img, ctx, ids, tids, ref))
+                < 1e-5
+            )
+            for m in (model, eager):
+                for p in (*m.double_blocks.parameters(), *m.single_blocks.parameters()):
+                    p.mul_(0.5)
+            got, want = _forward(model, img, ctx, ids, tids, ref), _forward(eager, img, ctx, ids, tids, ref)
+        assert model.forward.eager_calls == 0
+        assert (rel(got, want) > 1e-4) if freeze else (rel(got, want) < 1e-5), (freeze, rel(got, want))
+
+
+def test_compiler_options_need_compile_and_freeze_refuses_lora_slots(source):
+    for name in ("freeze", "autotune"):
+        with pytest.raises(ValueError, match=f"{name} is a compiler option"):
+            FastPath(**{name: True})
+    model = source.load_transformer()
+    LoraBank(model, slots=2, max_rank=4, places=1)
+    with pytest.raises(ValueError, match="LoRA adapters are written into the transformer's slots"):
+        setup_transformer(model, FastPath(compile=True, freeze=True, backend="eager"))
+    setup_transformer(model, FastPath(compile=True, autotune=True, backend="eager"))
 
 
 def test_vae_decoder_compiles_whole_and_matches(source):

@@ -142,6 +142,19 @@ def test_a_misspelt_key_in_any_section_is_refused_by_name(section):
     assert ".".join(path[-2:]) in str(e.value)
 
 
+def test_compiler_options_need_compile_and_frozen_weights_refuse_lora(tmp_path):
+    with pytest.raises(ValueError, match="freeze: a compiler option; it needs compile: true"):
+        Settings(transformer_stage={"fast": {"freeze": True}})
+    with pytest.raises(ValueError, match="autotune: a compiler option; it needs compile: true"):
+        Settings(codec={"fast": {"autotune": True}})
+    frozen = {"fast": {"compile": True, "freeze": True, "autotune": True}}
+    assert Settings(transformer_stage=frozen).transformer_stage.fast.fast_path().freeze
+    with pytest.raises(ValueError, match="transformer_stage.fast.freeze with lora.enabled: freeze makes"):
+        Settings(transformer_stage=frozen, lora={"root": str(tmp_path)})
+    # the other stages hold no adapters: their weights may be frozen with LoRA on
+    Settings(codec=frozen, text_embedder=frozen, lora={"root": str(tmp_path)})
+
+
 def test_an_unknown_preset_is_refused_when_parsed():
     with pytest.raises(ValueError, match="unknown preset 'klein-7b'; choose one of"):
         Settings(preset="klein-7b")

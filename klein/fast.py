@@ -8,7 +8,8 @@
   their compiled code, so compiling costs about one block per kind and shape. With `cuda_graphs` the
   transformer's whole forward is compiled instead, with `mode="reduce-overhead"` (CUDA graphs).
   Two inductor options on top: `autotune` (what mode "max-autotune" sets: GEMM kernels chosen by
-  timing candidates while compiling, so compiling takes longer) and `freeze` (inductor's freezing:
+  timing candidates while compiling, so compiling takes longer; on the CPU inductor's GEMM
+  templates need frozen weights, so there it does nothing without `freeze`) and `freeze` (inductor's freezing:
   the weights become constants of the compiled code, which folds what depends only on them and, on
   the CPU, runs the linears through oneDNN on weights packed once; each block is then compiled on
   its own and the packed weights are a second copy beside the module's). Frozen weights must not

@@ -7,12 +7,12 @@
   `fullgraph=True` (the model has no graph breaks; a new one fails loudly). Blocks of one kind share
   their compiled code, so compiling costs about one block per kind and shape. With `cuda_graphs` the
   transformer's whole forward is compiled instead, with `mode="reduce-overhead"` (CUDA graphs).
-  Two inductor options on top: `autotune` (what mode "max-autotune" sets: GEMM kernels chosen by
-  timing candidates while compiling, so compiling takes longer; on the CPU inductor's GEMM
-  templates need frozen weights, so there it does nothing without `freeze`) and `freeze` (inductor's freezing:
-  the weights become constants of the compiled code, which folds what depends only on them and, on
-  the CPU, runs the linears through oneDNN on weights packed once; each block is then compiled on
-  its own and the packed weights are a second copy beside the module's). Frozen weights must not
+  Two inductor options on top. `autotune`: what mode "max-autotune" sets, GEMM kernels chosen by
+  timing candidates while compiling (longer compiles); on the CPU inductor's GEMM templates need
+  frozen weights, so there it does nothing without `freeze`. `freeze`: inductor's freezing, the
+  weights become constants of the compiled code, which folds what depends only on them and, on the
+  CPU, runs the linears through oneDNN on weights packed once; each block is then compiled on its
+  own, and the packed weights are a second copy beside the module's. Frozen weights must not
   change, so `freeze` is refused for a transformer with LoRA slots (klein.lora writes adapters into
   them while serving).
 - FP8: `quantize="fp8"` turns the transformer's block linears into FP8 (klein.fp8). The loaders
@@ -96,10 +96,10 @@ class FastPath:
             options["triton.cudagraphs"] = True
         if self.autotune:
             options |= {"max_autotune": True, "coordinate_descent_tuning": True}
-        if self.freeze:  # for inductor; dynamo needs it set while tracing too (`_frozen`), and it makes
-            options["freezing"] = (
-                True  # the backend differ from an unfrozen one, whose graphs dynamo would reuse
-            )
+        # freezing: for inductor (dynamo needs it set while tracing too: `_frozen`); it also makes
+        # this backend differ from an unfrozen one, whose graphs dynamo would otherwise reuse
+        if self.freeze:
+            options["freezing"] = True
         if options and self.backend == "inductor":
             kw["options"] = options
         return kw
@@ -333,8 +333,8 @@ def setup_vae(vae, opts: FastPath) -> Report:
 def _describe(kw: dict) -> str:
     options = kw.get("options", {})
     named = {"triton.cudagraphs": "CUDA graphs", "max_autotune": "max-autotune", "freezing": "frozen weights"}
-    what = [label for key, label in named.items() if options.get(key)]
-    return f"{kw['backend']}, {', '.join(what) or 'default options'}, {'dynamic' if kw['dynamic'] else 'static'} shapes"
+    what = ", ".join(label for key, label in named.items() if options.get(key)) or "default options"
+    return f"{kw['backend']}, {what}, {'dynamic' if kw['dynamic'] else 'static'} shapes"
 
 
 # --- warm-up ---

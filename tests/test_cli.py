@@ -151,9 +151,11 @@ def test_console_script_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_compiled_and_fp8(tmp_path, capsys):
+@pytest.mark.parametrize("compile_flags", [["--compile"], ["--compile", "--freeze"]], ids=["plain", "frozen"])
+def test_generate_compiled_and_fp8(tmp_path, capsys, compile_flags):
     """--compile (inductor, warmed up at the request's size first) and --quantize fp8, in a fresh
-    process as a user runs it; the image matches the eager FP8 run within one level."""
+    process as a user runs it; the image matches the eager FP8 run within one level. With --freeze
+    every component's weights are constants of its compiled code (FP8 ones included)."""
     args = [
         "generate",
         "--prompt",
@@ -168,7 +170,7 @@ def test_generate_compiled_and_fp8(tmp_path, capsys):
         "fp8",
     ]
     r = subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args, "--compile", "--out", str(tmp_path / "fast.png")],
+        [sys.executable, "-m", "serve.cli", *args, *compile_flags, "--out", str(tmp_path / "fast.png")],
         capture_output=True,
         text=True,
     )
@@ -178,6 +180,7 @@ def test_generate_compiled_and_fp8(tmp_path, capsys):
         and "compiled 1 double + 2 single blocks" in r.stdout
     )
     assert "text encoder: compiled 27 Qwen3 layers" in r.stdout and "VAE decoder: compiled" in r.stdout
+    assert r.stdout.count("frozen weights") == (3 if "--freeze" in compile_flags else 0)
     assert main([*args, "--out", str(tmp_path / "eager.png")]) == 0
     fast = np.asarray(Image.open(tmp_path / "fast.png")).astype(int)
     eager = np.asarray(Image.open(tmp_path / "eager.png")).astype(int)

@@ -1,6 +1,7 @@
 """The reaper: jobs never vanish. Every ingress replica looks, every `reaper_interval_s`, for this
 model's Pending jobs whose lease expired (their ingress died) and runs them again with the same
-output keys; of racing reapers one takes a job (its claim is a compare-and-swap on the record)."""
+output keys; of racing reapers one takes a job (its claim is a compare-and-swap on the record). A
+listed job that has ended gets its end settled (an unbilled job's usage withdrawn) and is unlisted."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ class Reaper:
         if job is None:
             await self._drop_stale_marker(key_id, job_id)
             return 0
-        if job.status.terminal:  # finished, but its pending marker was left behind
+        if job.status.terminal:  # finished, but its marker was left behind, or its end not settled
+            if job.status is not Status.READY:
+                await self.runner.billing.withdraw(job)  # its usage record, if one is left: not billed
             await self.store.unmark(key_id, job_id)
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():

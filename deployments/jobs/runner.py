@@ -10,6 +10,7 @@ changed under it (`Superseded`: taken over elsewhere) stops and adopts the store
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -114,9 +115,11 @@ class JobRunner:
         self._announce(job)
 
     async def _write_end(self, job: JobRecord) -> None:
-        await self.store.finish(job)  # Superseded unless this run still owns the job
-        if job.status is not Status.READY:  # no charge without an image: a usage record written before
-            await self.billing.withdraw(job)  # the end (a caller leaving, a run the reaper ended) goes
+        """Superseded unless this run still owns the job. No charge without an image: a usage record
+        written before a non-Ready end (a caller leaving, a run the reaper ended) is withdrawn while
+        the job is still listed, so a failed withdrawal is retried by the reaper."""
+        settle = None if job.status is Status.READY else functools.partial(self.billing.withdraw, job)
+        await self.store.finish(job, settle)
 
     def _announce(self, job: JobRecord) -> None:
         extra = {"klein_job_id": job.id, "status": job.status.value, "key_id": job.key_id}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 from deployments.jobs.records import PENDING, JobRecord, cancel_key, job_key, marker_key, marker_prefix
 from deployments.storage import PreconditionFailed, Storage, StorageError, StorageOptions, open_storage
@@ -72,10 +73,14 @@ class JobStore:
                     raise StorageError(f"job record {job_id} is unreadable") from None
                 await asyncio.sleep(0.05 * 2**attempt)
 
-    async def finish(self, job: JobRecord) -> None:
-        """Save a terminal record, then drop the pending marker (in this order: never lost)."""
+    async def finish(self, job: JobRecord, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Save a terminal record, then `settle` what its end undoes (the runner withdraws an unbilled
+        job's usage record), then drop the pending marker. In this order a job is never lost, and
+        one whose settling failed stays listed: the reaper settles it again (Reaper.reap_one)."""
         assert job.status.terminal
         await self.save(job)
+        if settle is not None:
+            await settle()
         await self.unmark(job.key_id, job.id)
 
     async def pending(self) -> list[tuple[str, str]]:

@@ -309,11 +309,11 @@ def test_a_sync_job_the_reaper_ends_is_not_billed(tmp_path):
         job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
         finish, calls = service.store.finish, []
 
-        async def blip(j):
+        async def blip(j, settle=None):
             calls.append(j.status)
             if len(calls) == 1:
                 raise StorageError("storage failed while writing the terminal record")
-            return await finish(j)
+            return await finish(j, settle)
 
         service.store.finish = blip
         with pytest.raises(StorageError):
@@ -329,6 +329,46 @@ def test_a_sync_job_the_reaper_ends_is_not_billed(tmp_path):
         async with client(ingress.__serve_build_asgi_app__()) as c:
             body = (await c.get("/v1/get_result", params={"id": job.id})).json()
         assert body["status"] == "Error" and body["cost"] == 0 and body["output_mp"] > 0
+
+    asyncio.run(go())
+
+
+def test_a_withdrawal_that_fails_is_retried_by_the_reaper(tmp_path):
+    """The reaper ends a job as Error (as above) but storage fails on withdrawing its usage record:
+    the job is terminal, still listed, and still billed; the reaper's next pass withdraws the
+    record and unlists the job. Before, the marker was dropped first and the charge stayed."""
+    from deployments.storage import StorageError
+    from tests.serving.inprocess import submit_job
+
+    ingress = build(tmp_path / "data")
+    service = ingress.service
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
+        finish, withdraw, withdrawals = service.store.finish, service.billing.withdraw, []
+
+        async def lost_record(j, settle=None):  # the run's terminal write fails (its caller gets an error)
+            service.store.finish = finish
+            raise StorageError("storage failed while writing the terminal record")
+
+        async def blip(j):
+            withdrawals.append(j.status)
+            if len(withdrawals) == 1:
+                raise StorageError("storage failed while deleting the usage record")
+            return await withdraw(j)
+
+        service.store.finish, service.billing.withdraw = lost_record, blip
+        with pytest.raises(StorageError):
+            await service.run(job, return_bytes=True, fresh=True, shed=True)
+        stored = await service.store.get(job.id)
+        stored.lease_until = 0
+        await service.store.save(stored)
+        await service.reaper.reap()  # ends it as Error; the withdrawal fails (logged)
+        assert (await service.store.get(job.id)).status is Status.ERROR and withdrawals == [Status.ERROR]
+        assert len(await _usage_keys(service)) == 1 and await service.store.in_flight(job.key_id) == 1
+        await service.reaper.reap()
+        assert withdrawals == [Status.ERROR] * 2
+        assert await _usage_keys(service) == [] and await service.store.in_flight(job.key_id) == 0
 
     asyncio.run(go())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Options(BaseModel):
@@ -78,6 +78,11 @@ class IngressOptions(Options):
         40_000_000, ge=4096, description="largest input image before resizing"
     )
     max_images_per_request: int = Field(4, ge=1, le=16, description="OpenAI `n` upper bound")
+    metrics_key_ids: list[str] = Field(
+        default_factory=list,
+        description="ids of the API keys that may read /metrics (a key's id: the first 16 hex digits "
+        "of its SHA-256); with keys configured, no other key may (it totals every tenant's jobs)",
+    )
     max_jobs_in_flight: int = Field(24, ge=1, description="per API key, like BFL; 429 beyond")
     max_running_jobs: int = Field(
         256, ge=1, description="jobs one ingress replica runs at once (async and sync); 503 beyond"
@@ -105,3 +110,14 @@ class IngressOptions(Options):
         False, description="allow input-image URLs on private/loopback addresses"
     )
     fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="time cap for fetching one input image")
+
+    @field_validator("metrics_key_ids")
+    @classmethod
+    def _key_ids(cls, ids: list[str]) -> list[str]:
+        for kid in ids:
+            if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
+                raise ValueError(
+                    f"{kid!r} is not a key id: 16 lowercase hex digits, the start of the key's SHA-256 "
+                    "(printf %s KEY | sha256sum | cut -c1-16)"
+                )
+        return ids

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse, Response
 
 from deployments import metrics
 from deployments.api.auth import caller
-from deployments.api.deps import service_of
+from deployments.api.deps import options_of, service_of
 from deployments.api.errors import json_error
+from deployments.jobs.records import ANONYMOUS
 from deployments.storage import check_key
 from deployments.storage.local import LocalStorage
 from klein.image import CONTENT_TYPES, EXTENSIONS
@@ -41,7 +42,11 @@ async def healthz(request: Request):
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus(key_id: str = Depends(caller)):
+async def prometheus(request: Request, key_id: str = Depends(caller)):
+    """The whole service's counters (every tenant's jobs): for the operator's keys only, where keys
+    are configured (ingress.metrics_key_ids); open on a keyless loopback service."""
+    if key_id != ANONYMOUS and key_id not in options_of(request).metrics_key_ids:
+        return json_error(403, "metrics are the operator's: this key's id is not in ingress.metrics_key_ids")
     text = await asyncio.to_thread(metrics.gather_prometheus)
     return Response(text, media_type="text/plain; version=0.0.4")
 

@@ -16,6 +16,7 @@ import pytest
 from deployments.api.auth import KeyRing, key_id
 from deployments.jobs.records import Status
 from deployments.jobs.webhooks import SIGNATURE_HEADER
+from deployments.options import IngressOptions
 from tests.serving.conftest import Receiver
 from tests.serving.inprocess import build
 
@@ -45,7 +46,6 @@ def test_auth_matrix(ingress):
         ("GET", "/v1/models", None),
         ("GET", "/openapi.json", None),
         ("GET", "/docs", None),
-        ("GET", "/metrics", None),
         ("GET", "/v1/get_result?id=abc", None),
         ("DELETE", "/v1/jobs/abc", None),
         ("GET", f"/v1/usage?start={TODAY}&end={TODAY}", None),
@@ -72,6 +72,26 @@ def test_auth_matrix(ingress):
             await drain(ingress)
 
     asyncio.run(go())
+
+
+def test_metrics_are_for_the_operators_keys_only(tmp_path):
+    """/metrics totals every tenant's jobs: with keys configured, only the keys listed in
+    ingress.metrics_key_ids read it; another valid key gets 403 naming the setting, none gets 401."""
+    ingress = build(
+        tmp_path / "data", keys=KeyRing.from_keys([KEY_A, KEY_B]), metrics_key_ids=[key_id(KEY_B)]
+    )
+
+    async def go():
+        async with client(ingress.__serve_build_asgi_app__()) as c:
+            assert (await c.get("/metrics")).status_code == 401
+            r = await c.get("/metrics", headers={"x-key": KEY_A})
+            assert r.status_code == 403 and "ingress.metrics_key_ids" in r.json()["detail"]
+            r = await c.get("/metrics", headers={"Authorization": f"Bearer {KEY_B}"})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+    asyncio.run(go())
+    with pytest.raises(ValueError, match="'KEY-B' is not a key id: 16 lowercase hex digits"):
+        IngressOptions(metrics_key_ids=["KEY-B"])
 
 
 def test_jobs_belong_to_their_key_and_result_links_need_no_key(ingress):

@@ -7,14 +7,14 @@
   `fullgraph=True` (the model has no graph breaks; a new one fails loudly). Blocks of one kind share
   their compiled code, so compiling costs about one block per kind and shape. With `cuda_graphs` the
   transformer's whole forward is compiled instead, with `mode="reduce-overhead"` (CUDA graphs).
-  Two inductor options on top. `autotune`: what mode "max-autotune" sets, GEMM kernels chosen by
-  timing candidates while compiling (longer compiles); on the CPU inductor's GEMM templates need
-  frozen weights, so there it does nothing without `freeze`. `freeze`: inductor's freezing, the
-  weights become constants of the compiled code, which folds what depends only on them and, on the
+  Two compiler options on top. `autotune` (inductor only): what mode "max-autotune-no-cudagraphs"
+  sets, GEMM kernels chosen by timing candidates while compiling (longer compiles); on the CPU inductor's GEMM templates need
+  frozen weights, so there it does nothing without `freeze`. `freeze`: freezing, the weights become
+  constants of the compiled code (dynamo traces them so for any backend; inductor then folds them), which folds what depends only on them and, on the
   CPU, runs the linears through oneDNN on weights packed once; each block is then compiled on its
-  own, and the packed weights are a second copy beside the module's. Frozen weights must not
-  change, so `freeze` is refused for a transformer with LoRA slots (klein.lora writes adapters into
-  them while serving).
+  own (the recompile limits grow with the number of blocks), and the packed weights are a second
+  copy beside the module's. Frozen weights must not change; LoRA slots are written while serving
+  (klein.lora), so `freeze` and LoRA are refused together, whichever comes second.
 - FP8: `quantize="fp8"` turns the transformer's block linears into FP8 (klein.fp8). The loaders
   (klein.pipeline, the FlowTransformer stage) pass it to `load_transformer`, which converts each
   block linear as it is read; `setup_transformer` converts what is still full precision (a model
@@ -84,12 +84,14 @@ class FastPath:
         for name in ("freeze", "autotune"):
             if getattr(self, name) and not (self.compile or self.cuda_graphs):
                 raise ValueError(f"{name} is a compiler option: it needs compile (or cuda_graphs)")
+        if self.autotune and self.backend != "inductor":
+            raise ValueError(f"autotune is inductor's: it does nothing with backend {self.backend!r}")
 
     def compile_kwargs(self, cuda_graphs: bool = True) -> dict:
         """torch.compile's keywords; `cuda_graphs=False` for components never CUDA-graphed (the
         text encoder and the VAE: their batch sizes and shapes vary more than buckets allow).
         Inductor's options as torch.compile's modes set them ("reduce-overhead": CUDA graphs;
-        "max-autotune": autotuning and coordinate-descent tuning) and `freezing`."""
+        "max-autotune-no-cudagraphs": autotuning and coordinate-descent tuning) and `freezing`."""
         kw = {"fullgraph": True, "dynamic": self.dynamic, "backend": self.backend}
         options = {}
         if self.cuda_graphs and cuda_graphs:
@@ -165,8 +167,8 @@ def _close_after_warm_up(fn, opts: FastPath, report: Report) -> None:
 
 def _gated(fn: Callable, opts: FastPath, name: str) -> Callable:
     """Static shapes: `fn` behind a ShapeGate. Dynamic shapes: as it is (one graph serves all).
-    With `freeze`, every call runs under inductor's freezing (see `_frozen`)."""
-    fn = _frozen(fn) if opts.freeze and opts.backend == "inductor" else fn
+    With `freeze`, every call runs under freezing (see `_frozen`)."""
+    fn = _frozen(fn) if opts.freeze else fn
     return fn if opts.dynamic else ShapeGate(fn, opts.max_shapes, name)
 
 
@@ -174,7 +176,9 @@ def _frozen(fn: Callable) -> Callable:
     """`fn` with inductor's `freezing` set while it runs. Dynamo reads that setting while it traces
     (it decides whether the weights are traced as constants), so it must hold whenever a call may
     compile; passed as one of torch.compile's `options` only, it reaches inductor alone, which then
-    finds the weights traced as inputs and freezes nothing."""
+    finds the weights traced as inputs and freezes nothing. The setting is the process's: callers
+    that compile with and without freezing from two threads at once could see each other's (the
+    stages run all of a model's torch work on one thread)."""
     import torch._inductor.config
 
     @functools.wraps(fn)
@@ -185,13 +189,16 @@ def _frozen(fn: Callable) -> Callable:
     return call
 
 
-def _allow_recompiles(opts: FastPath) -> None:
+def _allow_recompiles(opts: FastPath, blocks: int = 1) -> None:
     """Dynamo's per-function cache must hold every shape the gates let through (its default, 8,
-    would make a fullgraph function fail on the ninth)."""
+    would make a fullgraph function fail on the ninth). Frozen, each of the `blocks` compiled
+    modules that share code has its own graph per shape (its weights are constants)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
     need = 2 * opts.max_shapes + 8  # the last single block adds a guard of its own per shape
+    if opts.freeze:
+        need *= blocks
     cfg.recompile_limit = max(cfg.recompile_limit, need)
     if hasattr(cfg, "accumulated_recompile_limit"):
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * need)
@@ -276,17 +283,18 @@ def setup_transformer(model: dit.Flux2, opts: FastPath) -> Report:
     if opts.freeze and getattr(model, "lora_places", None):
         raise ValueError(FREEZE_WITH_LORA)
     if opts.compile or opts.cuda_graphs:
-        _allow_recompiles(opts)
+        model.frozen_weights = opts.freeze  # klein.lora refuses slots for it
+        _allow_recompiles(opts, len(model.double_blocks) + len(model.single_blocks))
         kw = opts.compile_kwargs()
         if opts.cuda_graphs:
             model.forward = _with_cudagraph_steps(torch.compile(model.forward, **kw))
-            report.actions.append(f"compiled whole ({_describe(kw)})")
+            report.actions.append(f"compiled whole ({_describe(kw, opts)})")
         else:
             for block in (*model.double_blocks, *model.single_blocks):
                 block.compile(**kw)
             report.actions.append(
                 f"compiled {len(model.double_blocks)} double + {len(model.single_blocks)} single blocks "
-                f"({_describe(kw)})"
+                f"({_describe(kw, opts)})"
             )
         model.forward = _gated(model.forward, opts, "transformer")
     return report
@@ -306,12 +314,12 @@ def setup_text_embedder(embedder, opts: FastPath) -> Report:
     """Compiles each Qwen3 decoder layer (tokenising and collecting the taps stay eager)."""
     report = Report("text encoder")
     if opts.compile:
-        _allow_recompiles(opts)
+        _allow_recompiles(opts, len(embedder.model.layers))
         kw = opts.compile_kwargs(cuda_graphs=False)
         for layer in embedder.model.layers:
             layer.compile(**kw)
         embedder.encode = _gated(embedder.encode, opts, "text encoder")
-        report.actions.append(f"compiled {len(embedder.model.layers)} Qwen3 layers ({_describe(kw)})")
+        report.actions.append(f"compiled {len(embedder.model.layers)} Qwen3 layers ({_describe(kw, opts)})")
     return report
 
 
@@ -326,14 +334,15 @@ def setup_vae(vae, opts: FastPath) -> Report:
         kw = opts.compile_kwargs(cuda_graphs=False)
         vae.decoder.compile(**kw)
         vae.decode_one = _gated(vae.decode_one, opts, "VAE decoder")
-        report.actions.append(f"compiled ({_describe(kw)})")
+        report.actions.append(f"compiled ({_describe(kw, opts)})")
     return report
 
 
-def _describe(kw: dict) -> str:
+def _describe(kw: dict, opts: FastPath) -> str:
     options = kw.get("options", {})
-    named = {"triton.cudagraphs": "CUDA graphs", "max_autotune": "max-autotune", "freezing": "frozen weights"}
-    what = ", ".join(label for key, label in named.items() if options.get(key)) or "default options"
+    named = {"triton.cudagraphs": "CUDA graphs", "max_autotune": "max-autotune"}
+    labels = [label for key, label in named.items() if options.get(key)] + ["frozen weights"] * opts.freeze
+    what = ", ".join(labels) or "default options"
     return f"{kw['backend']}, {what}, {'dynamic' if kw['dynamic'] else 'static'} shapes"
 
 

@@ -344,6 +344,10 @@ def _assemble(
 def enable_lora(model: nn.Module, slots: int, max_rank: int) -> int:
     """Give every LoRA-able linear of `model` a bank of `slots` adapter slots of rank `max_rank`
     (slot 0 stays empty); returns the bytes the banks take."""
+    if getattr(model, "frozen_weights", False):
+        from klein.fast import FREEZE_WITH_LORA
+
+        raise ValueError(FREEZE_WITH_LORA)
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and "lora_A" in m._buffers and not SHARED_INPUT.match(name):

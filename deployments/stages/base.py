@@ -74,6 +74,8 @@ class FastPathOptions(Options):
         for name in ("freeze", "autotune"):
             if getattr(self, name) and not (self.compile or self.cuda_graphs):
                 raise ValueError(f"{name}: a compiler option; it needs compile: true (or cuda_graphs)")
+        if self.autotune and self.backend != "inductor":
+            raise ValueError(f"autotune: inductor's option; it does nothing with backend {self.backend}")
         return self
 
     @field_validator("warmup_sizes")

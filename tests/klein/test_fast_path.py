@@ -214,11 +214,32 @@ def test_compiler_options_need_compile_and_freeze_refuses_lora_slots(source):
     for name in ("freeze", "autotune"):
         with pytest.raises(ValueError, match=f"{name} is a compiler option"):
             FastPath(**{name: True})
+    with pytest.raises(ValueError, match="autotune is inductor's: it does nothing with backend 'eager'"):
+        FastPath(compile=True, autotune=True, backend="eager")
     model = source.load_transformer()
     LoraBank(model, slots=2, max_rank=4, places=1)
     with pytest.raises(ValueError, match="LoRA adapters are written into the transformer's slots"):
         setup_transformer(model, FastPath(compile=True, freeze=True, backend="eager"))
-    setup_transformer(model, FastPath(compile=True, autotune=True, backend="eager"))
+    setup_transformer(model, FastPath(compile=True, backend="eager"))
+    frozen = source.load_transformer()  # and the other way round: slots for a frozen transformer
+    setup_transformer(frozen, FastPath(compile=True, freeze=True, backend="eager"))
+    with pytest.raises(ValueError, match="LoRA adapters are written into the transformer's slots"):
+        LoraBank(frozen, slots=2, max_rank=4, places=1)
+
+
+@pytest.mark.slow  # 54 traces
+def test_frozen_blocks_each_get_a_graph_per_shape_within_the_recompile_limits(source):
+    """Frozen, every one of the 27 Qwen3 layers has its own graph per batch size (their weights are
+    constants): 54 graphs for two batch sizes, past the limit that fits unfrozen code (40 for 16
+    shapes), which failed warm-up with fullgraph=True. The limits grow with the blocks."""
+    embedder = source.load_text_embedder()
+    eager = copy.deepcopy(embedder)
+    opts = FastPath(compile=True, freeze=True, backend="aot_eager", warmup_batches=(1, 2))
+    assert "frozen weights" in str(setup_text_embedder(embedder, opts))
+    warm_up_text_embedder(embedder, opts)
+    with torch.inference_mode():
+        assert torch.equal(embedder(["a fox", "a hen"]), eager(["a fox", "a hen"]))
+    assert embedder.encode.eager_calls == 0
 
 
 def test_vae_decoder_compiles_whole_and_matches(source):

@@ -102,7 +102,11 @@ class Billing:
             raise
 
     async def withdraw(self, job: JobRecord) -> None:
-        await self.storage.delete(usage_key(job.key_id, job.day, job.id))
+        """Delete the job's usage record where there is one (most jobs that end unbilled never had
+        one: only a deletion that is needed can fail and keep the job listed)."""
+        key = usage_key(job.key_id, job.day, job.id)
+        if await self.storage.get(key) is not None:
+            await self.storage.delete(key)
 
     async def usage(self, key_id: str, first: date, last: date) -> list[UsageRecord]:
         """The key's usage records for jobs submitted on days first..last (inclusive, UTC)."""

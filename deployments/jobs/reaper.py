@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from deployments.jobs.records import Status
+from deployments.jobs.records import Status, usage_key
 from deployments.jobs.runner import JobRunner
 from deployments.jobs.store import JobStore, Superseded
 from deployments.options import IngressOptions
@@ -58,7 +58,7 @@ class Reaper:
             return 0
         if job.status.terminal:  # finished, but its marker was left behind, or its end not settled
             if job.status is not Status.READY:
-                await self.runner.billing.withdraw(job)  # its usage record, if one is left: not billed
+                await self._withdraw(job)  # its usage record, if one is left: not billed
             await self.store.unmark(key_id, job_id)
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():
@@ -80,6 +80,20 @@ class Reaper:
         log.warning("job %s: %s", job_id, why, extra={"klein_job_id": job_id})
         self.runner.start(job)
         return 1
+
+    async def _withdraw(self, job) -> None:
+        """Withdraw an ended job's usage record; a failure is retried on later passes (the job stays
+        listed, counted among its key's jobs in flight) until the job has been over for a lease,
+        then the job is unlisted with an error in the log: its charge stays until someone deletes it."""
+        try:
+            await self.runner.billing.withdraw(job)
+        except StorageError:
+            over_s = time.time() - (job.finished_at or job.updated_at)
+            if over_s < self.options.job_lease_s:
+                raise
+            log.error("job %s ended %s %.0f s ago and its usage record cannot be withdrawn; unlisted, "
+                      "still billed until %s is deleted", job.id, job.status.value, over_s,
+                      usage_key(job.key_id, job.day, job.id), extra={"klein_job_id": job.id}, exc_info=True)  # fmt: skip
 
     async def _drop_stale_marker(self, key_id: str, job_id: str) -> None:
         """A marker without a record: a submission that failed between the two, or is between them.

@@ -225,7 +225,8 @@ class JobRunner:
         if stored is not None:
             job.adopt(stored)
             if job.status.terminal and job.status is not Status.READY:
-                await self.billing.withdraw(job)  # this run may have written one after the job had ended
+                # this run may have written a usage record after the job had ended
+                await self.store.settle_ended(job, functools.partial(self.billing.withdraw, job))
 
     def _run_time_left(self, job: JobRecord) -> float:
         """Until shortly before the lease ends (the lease started when the record was written)."""

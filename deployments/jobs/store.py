@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from deployments.jobs.records import PENDING, JobRecord, cancel_key, job_key, marker_key, marker_prefix
 from deployments.storage import PreconditionFailed, Storage, StorageError, StorageOptions, open_storage
+
+log = logging.getLogger(__name__)
+Settle = Callable[[], Awaitable[None]]
 
 
 class Superseded(Exception):
@@ -73,14 +77,29 @@ class JobStore:
                     raise StorageError(f"job record {job_id} is unreadable") from None
                 await asyncio.sleep(0.05 * 2**attempt)
 
-    async def finish(self, job: JobRecord, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def finish(self, job: JobRecord, settle: Settle | None = None) -> None:
         """Save a terminal record, then `settle` what its end undoes (the runner withdraws an unbilled
         job's usage record), then drop the pending marker. In this order a job is never lost, and
         one whose settling failed stays listed: the reaper settles it again (Reaper.reap_one)."""
         assert job.status.terminal
         await self.save(job)
+        await self._settle_and_unmark(job, settle)
+
+    async def settle_ended(self, job: JobRecord, settle: Settle) -> None:
+        """Settle a job that ended elsewhere (its record is not this copy's to write), listed again
+        meanwhile, so that a failure leaves it to the reaper as `finish` does."""
+        assert job.status.terminal
+        await self.mark_pending(job)
+        await self._settle_and_unmark(job, settle)
+
+    async def _settle_and_unmark(self, job: JobRecord, settle: Settle | None) -> None:
         if settle is not None:
-            await settle()
+            try:
+                await settle()
+            except StorageError as e:  # the end stands; the job stays listed until it is settled
+                log.warning("job %s ended %s but is not settled yet (%s); the reaper will retry",
+                            job.id, job.status.value, e, extra={"klein_job_id": job.id})  # fmt: skip
+                return
         await self.unmark(job.key_id, job.id)
 
     async def pending(self) -> list[tuple[str, str]]:

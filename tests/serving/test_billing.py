@@ -393,6 +393,76 @@ def test_a_withdrawal_that_fails_is_retried_by_the_reaper(tmp_path):
     asyncio.run(go())
 
 
+def test_a_charge_that_cannot_be_withdrawn_is_unlisted_after_a_lease_with_an_error(tmp_path, caplog):
+    """Deleting the usage record keeps failing (a bucket policy that denies it, say): the ended job
+    stays listed, and counted in flight, for one lease, then the reaper unlists it and logs an
+    error naming the record to delete, so its key is not throttled for good."""
+    from deployments.jobs.records import usage_key
+    from deployments.storage import StorageError
+    from tests.serving.inprocess import submit_job
+
+    ingress = build(tmp_path / "data")
+    service = ingress.service
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
+        finish, delete = service.store.finish, service.storage.delete
+
+        async def lost_record(j, settle=None):
+            service.store.finish = finish
+            raise StorageError("storage failed while writing the terminal record")
+
+        async def denied(key, *args, **kwargs):
+            if key.startswith("usage/"):
+                raise StorageError("access denied")
+            return await delete(key, *args, **kwargs)
+
+        service.store.finish, service.storage.delete = lost_record, denied
+        with pytest.raises(StorageError):
+            await service.run(job, return_bytes=True, fresh=True, shed=True)
+        stored = await service.store.get(job.id)
+        stored.lease_until = 0
+        await service.store.save(stored)
+        await service.reaper.reap()  # ends it as Error; its charge cannot go
+        await service.reaper.reap()  # within a lease of its end: tried again, kept listed
+        assert await service.store.in_flight(job.key_id) == 1
+        stored = await service.store.get(job.id)
+        stored.finished_at -= service.options.job_lease_s + 1
+        await service.store.save(stored)
+        with caplog.at_level("ERROR", logger="deployments.jobs.reaper"):
+            await service.reaper.reap()
+        assert await service.store.in_flight(job.key_id) == 0 and len(await _usage_keys(service)) == 1
+        assert usage_key(job.key_id, job.day, job.id) in caplog.text and "still billed" in caplog.text
+
+    asyncio.run(go())
+
+
+def test_an_unbilled_end_with_no_charge_needs_no_deletion(tmp_path):
+    """Most jobs that end unbilled never had a usage record: withdrawing looks first, so a storage
+    that refuses deletions does not keep them listed (nor their key throttled)."""
+    from deployments.storage import StorageError
+    from tests.serving.inprocess import submit_job
+
+    ingress = build(tmp_path / "data")
+    service = ingress.service
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1)
+        delete = service.storage.delete
+
+        async def denied(key, *args, **kwargs):
+            if key.startswith("usage/"):
+                raise StorageError("access denied")
+            return await delete(key, *args, **kwargs)
+
+        service.storage.delete = denied
+        await service.runner.end(job, Status.CANCELLED, "cancelled before it ran")
+        assert (await service.store.get(job.id)).status is Status.CANCELLED
+        assert await service.store.in_flight(job.key_id) == 0
+
+    asyncio.run(go())
+
+
 async def _usage_keys(service) -> list[str]:
     return await service.storage.list("usage")
 

@@ -126,6 +126,40 @@ def test_a_runner_whose_job_was_taken_over_stops_without_writing(tmp_path):
     asyncio.run(go())
 
 
+def test_a_late_charge_of_a_taken_over_job_that_cannot_be_withdrawn_is_left_to_the_reaper(tmp_path):
+    """As above, but withdrawing the charge the runner wrote late fails: the job, ended elsewhere
+    and unlisted there, is listed again until the reaper has withdrawn it (before, it was left)."""
+    from deployments.storage import StorageError
+
+    a, b = build(tmp_path / "data"), build(tmp_path / "data")
+
+    async def go():
+        job, _ = await submit_job(a, **_args(seed=3))
+        real, withdraw, withdrawals = a.service.billing.record, a.service.billing.withdraw, []
+
+        async def record_usage(j):
+            await real(j)
+            theirs = await b.service.store.get(j.id)
+            theirs.status, theirs.error = Status.ERROR, "ended by another replica"
+            await b.service.store.finish(theirs)
+
+        async def blip(j):
+            withdrawals.append(j.id)
+            raise StorageError("storage failed while deleting the usage record")
+
+        a.service.billing.record, a.service.billing.withdraw = record_usage, blip
+        assert await a.service.run(job, fresh=True) is None
+        assert withdrawals == [job.id] and len(await a.service.storage.list("usage")) == 1
+        assert await a.service.store.in_flight(job.key_id) == 1  # listed again, for the reaper
+        a.service.billing.withdraw = withdraw
+        await b.service.reaper.reap()
+        assert (
+            await a.service.storage.list("usage") == [] and await a.service.store.in_flight(job.key_id) == 0
+        )
+
+    asyncio.run(go())
+
+
 def test_racing_submissions_with_one_idempotency_key_make_one_job(tmp_path):
     a, b = build(tmp_path / "data"), build(tmp_path / "data")
     png = io.BytesIO()

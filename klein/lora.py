@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from klein.checkpoint import _DIT_RENAMES_RE, _DTYPES, CheckpointError, SafetensorsFile, _apply_renames
 from klein.config import TransformerConfig
+from klein.fast import FREEZE_WITH_LORA
 from klein.request import MAX_LORAS
 from klein.transformer import Flux2, LoraSelection, lora_delta  # noqa: F401 (re-exported)
 
@@ -345,8 +346,6 @@ def enable_lora(model: nn.Module, slots: int, max_rank: int) -> int:
     """Give every LoRA-able linear of `model` a bank of `slots` adapter slots of rank `max_rank`
     (slot 0 stays empty); returns the bytes the banks take."""
     if getattr(model, "frozen_weights", False):
-        from klein.fast import FREEZE_WITH_LORA
-
         raise ValueError(FREEZE_WITH_LORA)
     total = 0
     for name, m in model.named_modules():

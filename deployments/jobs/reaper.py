@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from deployments.jobs.records import Status, usage_key
+from deployments.jobs.records import JobRecord, Status, usage_key
 from deployments.jobs.runner import JobRunner
 from deployments.jobs.store import JobStore, Superseded
 from deployments.options import IngressOptions
@@ -81,7 +81,7 @@ class Reaper:
         self.runner.start(job)
         return 1
 
-    async def _withdraw(self, job) -> None:
+    async def _withdraw(self, job: JobRecord) -> None:
         """Withdraw an ended job's usage record; a failure is retried on later passes (the job stays
         listed, counted among its key's jobs in flight) until the job has been over for a lease,
         then the job is unlisted with an error in the log: its charge stays until someone deletes it."""

@@ -358,18 +358,13 @@ def test_a_withdrawal_that_fails_is_retried_by_the_reaper(tmp_path):
     the job is terminal, still listed, and still billed; the reaper's next pass withdraws the
     record and unlists the job. Before, the marker was dropped first and the charge stayed."""
     from deployments.storage import StorageError
-    from tests.serving.inprocess import submit_job
 
     ingress = build(tmp_path / "data")
     service = ingress.service
 
     async def go():
-        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
-        finish, withdraw, withdrawals = service.store.finish, service.billing.withdraw, []
-
-        async def lost_record(j, settle=None):  # the run's terminal write fails (its caller gets an error)
-            service.store.finish = finish
-            raise StorageError("storage failed while writing the terminal record")
+        job = await _left_to_the_reaper(ingress)
+        withdraw, withdrawals = service.billing.withdraw, []
 
         async def blip(j):
             withdrawals.append(j.status)
@@ -377,12 +372,7 @@ def test_a_withdrawal_that_fails_is_retried_by_the_reaper(tmp_path):
                 raise StorageError("storage failed while deleting the usage record")
             return await withdraw(j)
 
-        service.store.finish, service.billing.withdraw = lost_record, blip
-        with pytest.raises(StorageError):
-            await service.run(job, return_bytes=True, fresh=True, shed=True)
-        stored = await service.store.get(job.id)
-        stored.lease_until = 0
-        await service.store.save(stored)
+        service.billing.withdraw = blip
         await service.reaper.reap()  # ends it as Error; the withdrawal fails (logged)
         assert (await service.store.get(job.id)).status is Status.ERROR and withdrawals == [Status.ERROR]
         assert len(await _usage_keys(service)) == 1 and await service.store.in_flight(job.key_id) == 1
@@ -399,30 +389,20 @@ def test_a_charge_that_cannot_be_withdrawn_is_unlisted_after_a_lease_with_an_err
     error naming the record to delete, so its key is not throttled for good."""
     from deployments.jobs.records import usage_key
     from deployments.storage import StorageError
-    from tests.serving.inprocess import submit_job
 
     ingress = build(tmp_path / "data")
     service = ingress.service
 
     async def go():
-        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
-        finish, delete = service.store.finish, service.storage.delete
-
-        async def lost_record(j, settle=None):
-            service.store.finish = finish
-            raise StorageError("storage failed while writing the terminal record")
+        job = await _left_to_the_reaper(ingress)
+        delete = service.storage.delete
 
         async def denied(key, *args, **kwargs):
             if key.startswith("usage/"):
                 raise StorageError("access denied")
             return await delete(key, *args, **kwargs)
 
-        service.store.finish, service.storage.delete = lost_record, denied
-        with pytest.raises(StorageError):
-            await service.run(job, return_bytes=True, fresh=True, shed=True)
-        stored = await service.store.get(job.id)
-        stored.lease_until = 0
-        await service.store.save(stored)
+        service.storage.delete = denied
         await service.reaper.reap()  # ends it as Error; its charge cannot go
         await service.reaper.reap()  # within a lease of its end: tried again, kept listed
         assert await service.store.in_flight(job.key_id) == 1
@@ -461,6 +441,29 @@ def test_an_unbilled_end_with_no_charge_needs_no_deletion(tmp_path):
         assert await service.store.in_flight(job.key_id) == 0
 
     asyncio.run(go())
+
+
+async def _left_to_the_reaper(ingress):
+    """A sync job whose image and usage record were made but whose terminal record failed to be
+    written (its caller got an error), its lease expired: the reaper's to end, as Error."""
+    from deployments.storage import StorageError
+    from tests.serving.inprocess import submit_job
+
+    service = ingress.service
+    job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, sync=True)
+    finish = service.store.finish
+
+    async def lost_record(j, settle=None):
+        service.store.finish = finish
+        raise StorageError("storage failed while writing the terminal record")
+
+    service.store.finish = lost_record
+    with pytest.raises(StorageError):
+        await service.run(job, return_bytes=True, fresh=True, shed=True)
+    stored = await service.store.get(job.id)
+    stored.lease_until = 0
+    await service.store.save(stored)
+    return job
 
 
 async def _usage_keys(service) -> list[str]:

@@ -388,21 +388,13 @@ def test_a_charge_that_cannot_be_withdrawn_is_unlisted_after_a_lease_with_an_err
     stays listed, and counted in flight, for one lease, then the reaper unlists it and logs an
     error naming the record to delete, so its key is not throttled for good."""
     from deployments.jobs.records import usage_key
-    from deployments.storage import StorageError
 
     ingress = build(tmp_path / "data")
     service = ingress.service
 
     async def go():
         job = await _left_to_the_reaper(ingress)
-        delete = service.storage.delete
-
-        async def denied(key, *args, **kwargs):
-            if key.startswith("usage/"):
-                raise StorageError("access denied")
-            return await delete(key, *args, **kwargs)
-
-        service.storage.delete = denied
+        _deny_usage_deletions(service.storage)
         await service.reaper.reap()  # ends it as Error; its charge cannot go
         await service.reaper.reap()  # within a lease of its end: tried again, kept listed
         assert await service.store.in_flight(job.key_id) == 1
@@ -420,7 +412,6 @@ def test_a_charge_that_cannot_be_withdrawn_is_unlisted_after_a_lease_with_an_err
 def test_an_unbilled_end_with_no_charge_needs_no_deletion(tmp_path):
     """Most jobs that end unbilled never had a usage record: withdrawing looks first, so a storage
     that refuses deletions does not keep them listed (nor their key throttled)."""
-    from deployments.storage import StorageError
     from tests.serving.inprocess import submit_job
 
     ingress = build(tmp_path / "data")
@@ -428,19 +419,26 @@ def test_an_unbilled_end_with_no_charge_needs_no_deletion(tmp_path):
 
     async def go():
         job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1)
-        delete = service.storage.delete
-
-        async def denied(key, *args, **kwargs):
-            if key.startswith("usage/"):
-                raise StorageError("access denied")
-            return await delete(key, *args, **kwargs)
-
-        service.storage.delete = denied
+        _deny_usage_deletions(service.storage)
         await service.runner.end(job, Status.CANCELLED, "cancelled before it ran")
         assert (await service.store.get(job.id)).status is Status.CANCELLED
         assert await service.store.in_flight(job.key_id) == 0
 
     asyncio.run(go())
+
+
+def _deny_usage_deletions(storage) -> None:
+    """A storage whose policy refuses deleting usage records (and allows everything else)."""
+    from deployments.storage import StorageError
+
+    delete = storage.delete
+
+    async def denied(key, *args, **kwargs):
+        if key.startswith("usage/"):
+            raise StorageError("access denied")
+        return await delete(key, *args, **kwargs)
+
+    storage.delete = denied
 
 
 async def _left_to_the_reaper(ingress):

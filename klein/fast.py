@@ -55,6 +55,23 @@ FREEZE_WITH_LORA = (
 )
 
 
+class OptionConflict(ValueError):
+    """A FastPath option that does not go with the others: `field`, and `why`. The options `why`
+    names are {placeholders}, so that each layer words them as its users write them (`worded`:
+    the Serve config's fields, the CLI's flags); plain, they read as FastPath's own fields."""
+
+    def __init__(self, field: str, why: str):
+        self.field, self.why = field, why
+        super().__init__(self.worded())
+
+    def worded(self, spell: Callable[[str], str] = str) -> str:
+        class Spelled(dict):
+            def __missing__(self, name):
+                return spell(name)
+
+        return f"{spell(self.field)}: {self.why.format_map(Spelled())}"
+
+
 @dataclass(frozen=True)
 class FastPath:
     compile: bool = False  # regional torch.compile of the transformer, text encoder and VAE decoder
@@ -83,9 +100,11 @@ class FastPath:
             raise ValueError(f"new_shapes must be 'eager' or 'compile', got {self.new_shapes!r}")
         for name in ("freeze", "autotune"):
             if getattr(self, name) and not (self.compile or self.cuda_graphs):
-                raise ValueError(f"{name} is a compiler option: it needs compile (or cuda_graphs)")
+                raise OptionConflict(name, "a compiler option; it needs {compile} (or {cuda_graphs})")
         if self.autotune and self.backend != "inductor":
-            raise ValueError(f"autotune is inductor's: it does nothing with backend {self.backend!r}")
+            raise OptionConflict(
+                "autotune", f"inductor's option; it does nothing with {{backend}} {self.backend!r}"
+            )
 
     def compile_kwargs(self, cuda_graphs: bool = True) -> dict:
         """torch.compile's keywords; `cuda_graphs=False` for components never CUDA-graphed (the

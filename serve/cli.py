@@ -339,26 +339,26 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
 def _fast_path(args, parser: argparse.ArgumentParser, device: str, request):
     """The fast-path flags as FastPath options, warmed at the request's size."""
     from klein import FastPath
-    from klein.fast import FREEZE_WITH_LORA
+    from klein.fast import FREEZE_WITH_LORA, OptionConflict
 
     if args.cuda_graphs and device != "cuda":
         parser.error(f"--cuda-graphs: needs CUDA; the device is {device}")
     if args.attention not in ("auto", "default", "math") and device != "cuda":
         parser.error(f"--attention: {args.attention} needs CUDA; the device is {device}")
-    for flag in ("freeze", "autotune"):
-        if getattr(args, flag) and not (args.compile or args.cuda_graphs):
-            parser.error(f"--{flag}: a compiler option; it needs --compile (or --cuda-graphs)")
     if args.freeze and args.lora:
         parser.error(f"--freeze: not with --lora: {FREEZE_WITH_LORA}")
-    return FastPath(
-        compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
-        freeze=args.freeze,
-        autotune=args.autotune,
-        quantize=args.quantize,
-        attention=args.attention,
-        warmup_sizes=((request.width, request.height),) if args.compile or args.cuda_graphs else (),
-    )
+    try:
+        return FastPath(
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
+            freeze=args.freeze,
+            autotune=args.autotune,
+            quantize=args.quantize,
+            attention=args.attention,
+            warmup_sizes=((request.width, request.height),) if args.compile or args.cuda_graphs else (),
+        )
+    except OptionConflict as e:
+        parser.error(e.worded(lambda name: "--" + name.replace("_", "-")))
 
 
 def _loras(values: list[str], parser: argparse.ArgumentParser) -> tuple:

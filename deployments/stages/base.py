@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from deployments.options import Options
 from deployments.stages.payloads import JobCancelled
 from klein import DTYPES, FastPath
+from klein.fast import OptionConflict
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class Placement(Options):
             raise RuntimeError("device 'cuda' configured but this replica sees no CUDA device")
         dtype = DTYPES[self.dtype or ("bf16" if device == "cuda" else "fp32")]
         return torch.device(device), dtype
+
+
+SWITCHES = ("compile", "cuda_graphs")
 
 
 class FastPathOptions(Options):
@@ -71,11 +75,11 @@ class FastPathOptions(Options):
 
     @model_validator(mode="after")
     def _compiler_options(self):
-        for name in ("freeze", "autotune"):
-            if getattr(self, name) and not (self.compile or self.cuda_graphs):
-                raise ValueError(f"{name}: a compiler option; it needs compile: true (or cuda_graphs)")
-        if self.autotune and self.backend != "inductor":
-            raise ValueError(f"autotune: inductor's option; it does nothing with backend {self.backend}")
+        try:
+            self.fast_path()
+        except OptionConflict as e:
+            # the switches it needs, as the config sets them
+            raise ValueError(e.worded(lambda name: f"{name}: true" if name in SWITCHES else name)) from None
         return self
 
     @field_validator("warmup_sizes")

@@ -147,7 +147,7 @@ def test_compiler_options_need_compile_and_frozen_weights_refuse_lora(tmp_path):
         Settings(transformer_stage={"fast": {"freeze": True}})
     with pytest.raises(ValueError, match="autotune: a compiler option; it needs compile: true"):
         Settings(codec={"fast": {"autotune": True}})
-    with pytest.raises(ValueError, match="autotune: inductor's option; it does nothing with backend eager"):
+    with pytest.raises(ValueError, match="autotune: inductor's option; it does nothing with backend 'eager'"):
         Settings(codec={"fast": {"compile": True, "autotune": True, "backend": "eager"}})
     frozen = {"fast": {"compile": True, "freeze": True, "autotune": True}}
     assert Settings(transformer_stage=frozen).transformer_stage.fast.fast_path().freeze

@@ -101,13 +101,13 @@ def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
     skipped = {row["variant"]: row["skipped"] for row in rows if "skipped" in row}
     assert set(skipped) == {"V6", "V9"} and all("CUDA" in why for why in skipped.values())
     timed = {(row["variant"], row.get("B")) for row in rows if "ms_per_image" in row or "p50_ms" in row}
-    for variant in ("V1", "V2", "V3", "V4", "V5", "V8"):
+    for variant in ("V1", "V2", "V3", "V4", "V5", "V8", "V10"):
         assert {(variant, 1), (variant, 2)} <= timed, variant
     assert {("E1", None), ("E2", None), ("E3", None)} <= timed
     by = {(row["variant"], row.get("B")): row for row in rows}
     assert all(row["finite"] for row in rows if "finite" in row)
     assert by[("V3", 1)]["rel_err"] < 1e-6  # a tracing backend: the same arithmetic
-    for variant in ("V3", "V4"):  # compiled models: every timed call ran the compiled code
+    for variant in ("V3", "V4", "V10"):  # compiled models: every timed call ran the compiled code
         assert by[(variant, 1)]["ran_eagerly"] == by[(variant, 2)]["ran_eagerly"] == 0, variant
     assert 0 < by[("V4", 1)]["rel_err"] < 5e-2 and by[("V5", 1)]["rel_err"] < 3e-2
     assert {"A1", "A2", "P0", "P1", "V7", "V1-profile", "V3-profile"} <= {row["variant"] for row in rows}

@@ -31,12 +31,26 @@ def _hold_first_call(obj, name: str) -> tuple[threading.Event, threading.Event]:
     return entered, release
 
 
-async def _until(event: threading.Event) -> None:
+def _arrivals(stage) -> list:
+    """Count the requests that reached the stage (its `through`, where a request waits for a running
+    batch to end): the test then spaces its arrivals by their actually arriving, not by a sleep that
+    a loaded machine outlasts on the way there (embedding, storage)."""
+    real, arrived = stage.through, []
+
+    async def through(*args):
+        arrived.append(args)
+        return await real(*args)
+
+    stage.through = through
+    return arrived
+
+
+async def _until(done, what: str = "the first batch never started") -> None:
     for _ in range(3000):
-        if event.is_set():
+        if done():
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the first batch never started")
+    raise AssertionError(what)
 
 
 def test_embedder_batches_requests_that_arrived_one_by_one():
@@ -44,11 +58,13 @@ def test_embedder_batches_requests_that_arrived_one_by_one():
         _fresh_batch_queues()
         te = TextEmbedder(ModelSource.preset("tiny"), TextEmbedderOptions(max_batch_size=8, cache_mb=0))
         entered, release = _hold_first_call(te, "embed_now")
+        arrived = _arrivals(te)
         first = asyncio.create_task(te.embed("first"))
-        await _until(entered)
+        await _until(entered.is_set)
         later = []
-        for prompt in ("second", "third", "fourth"):
+        for n, prompt in enumerate(("second", "third", "fourth"), start=2):
             later.append(asyncio.create_task(te.embed(prompt)))
+            await _until(lambda n=n: len(arrived) == n, f"request {n} never reached the stage")
             await asyncio.sleep(0.02)  # separate arrivals, not one burst
         release.set()
         out = await asyncio.gather(first, *later)
@@ -71,12 +87,14 @@ def test_transformer_batches_jobs_that_arrived_one_by_one(tmp_path):
             await ingress.service.run(job, fresh=True)
             return await ingress.service.store.get(job.id)
 
+        arrived = _arrivals(transformer)
         first = asyncio.create_task(job(0))
-        await _until(entered)
+        await _until(entered.is_set)
         later = []
         for seed in (1, 2, 3):
             later.append(asyncio.create_task(job(seed)))
-            await asyncio.sleep(0.05)
+            await _until(lambda n=seed + 1: len(arrived) == n, f"job {seed} never reached the transformer")
+            await asyncio.sleep(0.02)
         release.set()
         jobs = await asyncio.gather(first, *later)
         assert [j.status for j in jobs] == [Status.READY] * 4

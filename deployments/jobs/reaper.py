@@ -59,6 +59,8 @@ class Reaper:
         if job.status.terminal:  # finished, but its marker was left behind, or its end not settled
             if job.status is not Status.READY:
                 await self._withdraw(job)  # its usage record, if one is left: not billed
+                if await self._relisted_lately(key_id, job_id):
+                    return 0  # by a runner that may still be writing a late charge: look again later
             await self.store.unmark(key_id, job_id)
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():
@@ -94,6 +96,11 @@ class Reaper:
             log.error("job %s ended %s %.0f s ago and its usage record cannot be withdrawn; unlisted, "
                       "still billed until %s is deleted", job.id, job.status.value, over_s,
                       usage_key(job.key_id, job.day, job.id), extra={"klein_job_id": job.id}, exc_info=True)  # fmt: skip
+
+    async def _relisted_lately(self, key_id: str, job_id: str) -> bool:
+        """An ended job listed again by a runner that is writing its usage record late (its marker
+        says until when that write may land): the charge may come after this pass."""
+        return await self.store.charging_until(key_id, job_id) > time.time()
 
     async def _drop_stale_marker(self, key_id: str, job_id: str) -> None:
         """A marker without a record: a submission that failed between the two, or is between them.

@@ -178,11 +178,15 @@ class JobRunner:
 
     async def _attempt(self, job: JobRecord, return_bytes: bool, check_cancel: bool) -> FinishResult:
         """One run of the stage chain, within the time the lease leaves; its usage record is written
-        before the job may turn Ready."""
+        before the job may turn Ready. A write that may land after the lease (when the reaper may
+        have ended and unlisted the job) is preceded by listing the job again: should this runner
+        die before it sees that end, the reaper still finds the job and withdraws the charge."""
         with telemetry.span("job", job.trace, job_id=job.id, attempt=job.attempts, model=job.model):
             run = self.pipeline(job, self.inputs.get(job.id), return_bytes, check_cancel)
             result = await asyncio.wait_for(run, self._run_time_left(job))
         job.finished_at = time.time()
+        if time.time() + self.store.storage.longest_op_s >= job.lease_until:
+            await self.store.mark_pending(job, charging=True)
         await self.billing.record(job)
         return result
 

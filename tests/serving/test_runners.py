@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 
@@ -156,6 +157,53 @@ def test_a_late_charge_of_a_taken_over_job_that_cannot_be_withdrawn_is_left_to_t
         assert (
             await a.service.storage.list("usage") == [] and await a.service.store.in_flight(job.key_id) == 0
         )
+
+    asyncio.run(go())
+
+
+class _Died(BaseException):
+    """The runner's process ending where it stands: nothing after it runs, no handler sees it."""
+
+
+def test_a_charge_written_after_the_job_ended_elsewhere_outlives_its_runner_unbilled(tmp_path):
+    """Another replica ends the job (and unlists it) while this runner is past the point where its
+    usage write may land after its lease; the runner writes the charge and dies before it can see
+    the end. The job was listed again before the write, so the reaper withdraws the charge; it
+    keeps the job listed while that runner could still be writing, then unlists it."""
+    a, b = build(tmp_path / "data"), build(tmp_path / "data")
+    a.service.storage.retry_s = 2 * a.service.options.job_lease_s  # one write may outlast the lease
+
+    async def go():
+        job, _ = await submit_job(a, **_args(seed=4))
+        transformer = a.service.stages.transformer.obj
+        denoise, record = transformer.denoise, a.service.billing.record
+
+        async def ended_elsewhere(params, *args):
+            theirs = await b.service.store.get(job.id)
+            theirs.status, theirs.error, theirs.finished_at = Status.ERROR, "ended by the reaper", time.time()
+            await b.service.store.finish(theirs)
+            assert await b.service.store.in_flight(job.key_id) == 0  # unlisted there
+            return await denoise(params, *args)
+
+        async def record_then_die(j):
+            await record(j)
+            raise _Died
+
+        transformer.denoise, a.service.billing.record = ended_elsewhere, record_then_die
+        with pytest.raises(_Died):
+            await a.service.run(job, fresh=True)
+        assert len(await a.service.storage.list("usage")) == 1  # a charge for an image never delivered
+        await b.service.reaper.reap()
+        assert await a.service.storage.list("usage") == []
+        assert await b.service.store.in_flight(job.key_id) == 1  # relisted lately: kept a while
+        marker = marker_key(job.key_id, job.id)
+        charging = json.loads(await a.service.storage.get(marker))
+        assert charging["charging_until"] > time.time() + 2 * a.service.storage.retry_s  # mark + write
+        await a.service.storage.put(marker, json.dumps(charging | {"charging_until": time.time() - 1}).encode(),
+                                    "application/json")  # fmt: skip
+        await b.service.reaper.reap()
+        assert await b.service.store.in_flight(job.key_id) == 0
+        assert (await b.service.store.get(job.id)).status is Status.ERROR
 
     asyncio.run(go())
 

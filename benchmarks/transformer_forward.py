@@ -14,6 +14,8 @@ max-autotune, each alone and both together; `--fp8` adds klein with FP8 block li
 compiled with --compile) and the resident bytes of each. Klein gets its timestep in float32 as its
 samplers pass it (diffusers gets the model's dtype, as its pipeline passes it): a compiled variant is
 warmed up for exactly the inputs it is timed on, and the run fails if one of them ran eagerly.
+Every variant leaves attention to torch's SDPA choice, as diffusers does (klein.fast pins cuDNN or
+flash on CUDA by default, process-wide; benchmarks/gpu_fast_path.py measures that separately).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def measure(c: TransformerConfig, args, name: str) -> None:
     variants = {"ours": klein_call(ours), "diffusers": run_theirs}
     notes = []
     if args.fp8:
-        fp8 = fast_variant(ours, FastPath(quantize="fp8"))
+        fp8 = fast_variant(ours, FastPath(quantize="fp8", attention="default"))
         variants["ours fp8"] = klein_call(fp8)
         notes.append(
             f"resident bytes: klein {weight_bytes(ours) / 1e6:.1f} MB, FP8 {weight_bytes(fp8) / 1e6:.1f} MB"
@@ -130,9 +132,8 @@ def measure(c: TransformerConfig, args, name: str) -> None:
     if args.compile:
         compiled = {}
         for label, extra in compiled_variants(args):
-            opts = FastPath(
-                compile=True, warmup_sizes=((side * 16, side * 16),), backend=args.backend, **extra
-            )
+            opts = FastPath(compile=True, warmup_sizes=((side * 16, side * 16),), backend=args.backend,
+                            attention="default", **extra)  # fmt: skip
             t0 = time.perf_counter()
             compiled[label] = model = fast_variant(ours, opts)
             warm = warm_up_transformer(model, opts, context_len=args.txt)
@@ -212,7 +213,8 @@ def unwarmed(model: Flux2, c: TransformerConfig, args, dtype) -> list[str]:
         x = torch.randn(args.batch, side * side, 128).to(args.device, dtype)
         ctx = torch.randn(args.batch, args.txt, c.context_in_dim).to(args.device, dtype)
         pe = model.rope(
-            text_ids(args.txt).expand(args.batch, -1, -1), grid_ids(side, side).expand(args.batch, -1, -1)
+            text_ids(args.txt).expand(args.batch, -1, -1).to(args.device),
+            grid_ids(side, side).expand(args.batch, -1, -1).to(args.device),
         )
         t = torch.full((1,), 0.6, device=args.device)  # float32, as the samplers pass it
         out = []

@@ -240,15 +240,20 @@ def _sdpa_backend(name: str):
 
 
 def _runs(name: str, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when SDPA with only backend `name` runs at this head size and dtype, else the error."""
+    """None when SDPA with only backend `name` runs at this head size and dtype on the layouts the
+    blocks pass it, else the error: q, k, v as strided views of one fused projection (whose q and
+    k RoPE makes contiguous), and the last single block's queries on image rows only."""
     from torch.nn.attention import sdpa_kernel
 
-    q = torch.randn(1, heads, 256, head_dim, device=device, dtype=dtype)
+    tokens, rows = 256, 192
+    qkv = torch.randn(1, tokens, 3, heads, head_dim, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0].contiguous(), qkv[1].contiguous(), qkv[2]  # v: (1, H, L, D), L-stride 3·H·D
     try:
         with sdpa_kernel([_sdpa_backend(name)]):
-            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        if not torch.isfinite(out).all():
-            return "non-finite output"
+            for query in (q, q[:, :, :rows]):
+                out = torch.nn.functional.scaled_dot_product_attention(query, k, v)
+                if not torch.isfinite(out).all():
+                    return "non-finite output"
     except RuntimeError as e:
         return str(e).splitlines()[0]
     return None

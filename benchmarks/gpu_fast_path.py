@@ -10,7 +10,8 @@ and GEMM micro-benchmarks at klein's shapes with achieved TFLOP/s.
 
 Every variant writes its JSON line to DIR/results.jsonl as soon as it is known and DIR/summary.md is
 rewritten after each, so a run cut short keeps what it measured. A variant that would run past
---deadline is skipped (and says so); one that fails records its traceback and the run goes on.
+--deadline is skipped (and says so); one that fails records its traceback and the run goes on, and
+`--only ID ...` re-runs just the variants named (the environment is always recorded).
 
 On a lent H100/H200 (torch 2.11 there, no package registry: diffusers travels as a wheel, see
 docs/benchmarks.md for the one command). Imports only klein's model modules, torch, einops, PIL,
@@ -39,6 +40,12 @@ from klein.fp8 import fp8_linear, fp8_unsupported_reason, quantize_rows, quantiz
 from klein.sampler import denoise, get_schedule, grid_ids, text_ids
 
 CONTEXT = 512  # text tokens
+VARIANTS = ("P1", "A1", "A2", "V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8", "V9", "V10", "E1", "E2", "E3")
+GROUPS = {  # what --only runs besides the variants it names: the environment, and a group's set-up
+    "P0": VARIANTS,
+    "V": ("V1", "V2", "V3", "V4", "V5", "V6", "V8", "V9", "V10"),
+    "E": ("E1", "E2", "E3"),
+}
 HEADER = (
     "variant | B | ms/image | ms/forward | TFLOP/s | % ceiling | × V1 | × V5 | rel.err | warm-up s | peak GB"
 )
@@ -85,7 +92,13 @@ class Run:
         self.rows.append(row)
         self.summary()
 
+    def wanted(self, vid: str) -> bool:
+        only = self.args.only
+        return not only or vid in only or any(member in only for member in GROUPS.get(vid, ()))
+
     def variant(self, vid: str, what: str, estimate_s: float, fn) -> None:
+        if not self.wanted(vid):
+            return
         if self.elapsed() + estimate_s * self.args.estimate_scale > self.args.deadline:
             self.write({"variant": vid, "what": what, "skipped": "deadline"})
             return
@@ -615,7 +628,7 @@ def transformer_variants(run: Run, spec) -> None:
             90,
             lambda: compiled("V4", "klein regional compile + FP8 W8A8 rowwise", quantize="fp8"),
         )
-    else:
+    elif run.wanted("V4"):
         run.write({"variant": "V4", "skipped": f"FP8: {fp8_reason}"})
     run.variant("V5", "diffusers eager", 30, peer)
     frozen = functools.partial(compiled, "V10", "klein regional compile, frozen weights (inductor freezing)", freeze=True)  # fmt: skip
@@ -709,6 +722,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed runs at batch > 1")
     ap.add_argument("--reps-b1", type=int, default=5, help="timed runs at batch 1")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="+", choices=VARIANTS, metavar="ID",
+                    help=f"run only these variants (a second call re-running what failed): {' '.join(VARIANTS)}")  # fmt: skip
     args = ap.parse_args(argv)
     spec = get_preset(args.preset)
     if args.size % spec.multiple or not 64 <= args.size <= 2048:

@@ -115,6 +115,27 @@ def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
     assert (tmp_path / "env.json").exists() and (tmp_path / "profile_compiled.txt").exists()
 
 
+def test_the_gpu_script_reruns_only_the_variants_named(tmp_path):
+    """`--only` (a second GPU call re-running what failed in the first): the variants named and the
+    environment, nothing else; a group whose variants are not named is not even set up."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_fast_path.py"), "--device", "cpu", "--preset", "tiny",
+           "--size", "128", "--batch", "1", "--backend", "aot_eager", "--reps-b1", "1", "--out", str(tmp_path),
+           "--only", "P1", "V2"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {row["variant"] for row in rows} == {"P0", "P1", "V2"}, rows
+    assert not [row for row in rows if "error" in row]
+    bad = subprocess.run([*cmd[:-3], "--only", "V11"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert bad.returncode == 2 and "--only: invalid choice: 'V11'" in bad.stderr
+
+
 def test_transformer_forward_times_every_variant_compiled(monkeypatch, capsys):
     """benchmarks/transformer_forward.py rehearsed on tiny shapes with a tracing backend: every
     variant is timed against diffusers, and the compiled ones ran compiled (the script exits when a

@@ -16,6 +16,7 @@ from deployments.jobs.progress import ProgressBoard
 from deployments.jobs.store import CancelFlags
 from deployments.stages.adapters import Adapters
 from deployments.stages.codec import Codec
+from deployments.stages.compile_cache import CompileCache
 from deployments.stages.text_embedder import TextEmbedder
 from deployments.stages.transformer import FlowTransformer
 from serve.settings import Settings, api_model_id, unknown_variables
@@ -68,6 +69,7 @@ def build_app(settings: Settings) -> Application:
         lora=settings.lora,
     )
     adapters = Adapters(settings.lora, storage, source.spec.transformer) if settings.lora.enabled else None
+    compiled = CompileCache(storage)  # code compiled by one replica, loaded by the next
     codec_app = codec.bind(
         source,
         settings.codec,
@@ -75,9 +77,10 @@ def build_app(settings: Settings) -> Application:
         safety=settings.safety,
         provenance=settings.provenance,
         tracing=tracing,
+        compile_cache=compiled,
     )
     return ingress.bind(
-        embedder.bind(source, settings.text_embedder, tracing=tracing),
+        embedder.bind(source, settings.text_embedder, tracing=tracing, compile_cache=compiled),
         transformer.bind(
             source,
             settings.transformer_stage,
@@ -86,6 +89,7 @@ def build_app(settings: Settings) -> Application:
             progress=ProgressBoard(storage),
             previewer=codec_app,  # the transformer sends previews to the Codec to render
             tracing=tracing,
+            compile_cache=compiled,
         ),
         codec_app,
         config=config,

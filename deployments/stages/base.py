@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from deployments.options import Options
+from deployments.stages.compile_cache import CompileCache
 from deployments.stages.payloads import JobCancelled
 from klein import DTYPES, FastPath
 from klein.fast import OptionConflict
@@ -72,6 +73,9 @@ class FastPathOptions(Options):
     )
     freeze: bool = Field(False, description="inductor freezing: weights as constants; not with LoRA")
     autotune: bool = Field(False, description="inductor max-autotune: GEMMs chosen by timing them")
+    share_compiled: bool = Field(
+        True, description="inductor's compiled code shared with the stage's other replicas through storage"
+    )
 
     @model_validator(mode="after")
     def _compiler_options(self):
@@ -188,24 +192,36 @@ class Stage:
     async def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "fast_path": self._fast_path_stats()}
 
-    def speed_up(self, model, setup, warm_up, gated: str, **warm_kw) -> None:
+    def speed_up(
+        self, model, setup, warm_up, gated: str, cache: CompileCache | None = None, spec=None, **warm_kw
+    ) -> None:
         """Sets `model` up for speed (klein.fast `setup`) and warms it up, on the worker thread,
         from the stage's `fast` options; `gated` names the model's attribute that klein.fast
-        guards by shape when it compiles (for the stats). Runs in the constructor: the replica
-        reports healthy only once it is done."""
+        guards by shape when it compiles (for the stats). With `cache`, code compiled by inductor
+        is shared with the stage's other replicas through storage (keyed by `spec`, the model's
+        configuration, among others: deployments.stages.compile_cache). Runs in the constructor:
+        the replica reports healthy only once it is done."""
         fast = self.options.fast.fast_path()
         start = time.perf_counter()
         done = self.on_worker(lambda: setup(model, fast))
-        warm = self.on_worker(lambda: warm_up(model, fast, **warm_kw))
-        self._fast = {
-            "setup": str(done),
-            "warm_up": str(warm),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        self._fast = {"setup": str(done)}
+
+        def warm():
+            return warm_up(model, fast, **warm_kw)
+
+        compiling = (fast.compile or fast.cuda_graphs) and fast.backend == "inductor"
+        if cache is not None and compiling and self.options.fast.share_compiled:
+            key = cache.key(
+                type(self).__name__, self.device, self.dtype, spec, self.options.fast.model_dump()
+            )
+            warmed, use = self.on_worker(cache.around, key, warm)
+            self._fast |= {"warm_up": str(warmed), "compile_cache": str(use)}
+        else:
+            self._fast["warm_up"] = str(self.on_worker(warm))
+        self._fast["seconds"] = round(time.perf_counter() - start, 2)
         self._gate = getattr(model, gated, None)
-        log.info(
-            "%s fast path: %s; %s (%.1f s in all)", type(self).__name__, done, warm, self._fast["seconds"]
-        )
+        said = "; ".join(v for k, v in self._fast.items() if k != "seconds")
+        log.info("%s fast path: %s (%.1f s in all)", type(self).__name__, said, self._fast["seconds"])
 
     def _fast_path_stats(self) -> dict:
         out = dict(getattr(self, "_fast", {}))

@@ -21,6 +21,7 @@ from torch import Tensor
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stages.base import LRU, Stage, StageOptions, gated, isolating
+from deployments.stages.compile_cache import CompileCache
 from deployments.stages.payloads import FinishParams, FinishResult, PreviewParams
 from deployments.stages.postprocess import PostProcessor, ProvenanceOptions, SafetyOptions, open_image
 from deployments.storage import StorageOptions, open_storage
@@ -83,6 +84,7 @@ class Codec(Stage):
         safety: SafetyOptions | None = None,
         provenance: ProvenanceOptions | None = None,
         tracing=None,
+        compile_cache: CompileCache | None = None,
     ):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "Codec")
@@ -100,8 +102,9 @@ class Codec(Stage):
             self.previews_map.fit.r2,
         )
         self.speed_up(
-            self.vae, fastpath.setup_vae, fastpath.warm_up_vae, "decode_one", multiple=self.spec.multiple
-        )
+            self.vae, fastpath.setup_vae, fastpath.warm_up_vae, "decode_one", cache=compile_cache, spec=self.spec,
+            multiple=self.spec.multiple,
+        )  # fmt: skip
         self.post = self.on_worker(
             PostProcessor, safety or SafetyOptions(), provenance or ProvenanceOptions(), self.device
         )

@@ -11,6 +11,7 @@ from torch import Tensor
 from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stages.base import LRU, Stage, StageOptions, gated, isolating
+from deployments.stages.compile_cache import CompileCache
 from klein import ModelSource
 from klein import fast as fastpath
 
@@ -22,12 +23,19 @@ class TextEmbedderOptions(StageOptions):
 
 
 class TextEmbedder(Stage):
-    def __init__(self, source: ModelSource, options: TextEmbedderOptions, tracing=None):
+    def __init__(
+        self,
+        source: ModelSource,
+        options: TextEmbedderOptions,
+        tracing=None,
+        compile_cache: CompileCache | None = None,
+    ):
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "TextEmbedder")
         self.embedder = self.on_worker(source.load_text_embedder, self.device, self.dtype)
         self.options = options
-        self.speed_up(self.embedder, fastpath.setup_text_embedder, fastpath.warm_up_text_embedder, "encode")
+        self.speed_up(self.embedder, fastpath.setup_text_embedder, fastpath.warm_up_text_embedder, "encode",
+                      cache=compile_cache, spec=source.spec)  # fmt: skip
         self.cache = LRU(options.cache_mb * 2**20, lambda t: t.numel() * t.element_size())
         self._embed_batch.set_max_batch_size(options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)

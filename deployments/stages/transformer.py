@@ -25,6 +25,7 @@ from deployments import metrics, telemetry
 from deployments.options import DeploymentOptions
 from deployments.stages.adapters import Adapters
 from deployments.stages.base import Stage, StageOptions, gated, isolating
+from deployments.stages.compile_cache import CompileCache
 from deployments.stages.payloads import (
     CancelCheck,
     DenoiseParams,
@@ -111,10 +112,12 @@ class FlowTransformer(Stage):
         progress: ProgressSink | None = None,
         previewer=None,
         tracing=None,
+        compile_cache: CompileCache | None = None,
     ):
         """`adapters`: where LoRA adapters come from (deployments.stages.adapters); None: no LoRA.
         `progress`: where steps done are reported; `previewer`: a handle to the Codec (its
-        `previews`), which renders requests' previews; without it none are made."""
+        `previews`), which renders requests' previews; without it none are made. `compile_cache`:
+        where compiled code is shared with the other replicas (deployments.stages.compile_cache)."""
         super().__init__(options.placement)
         telemetry.setup(tracing or telemetry.TelemetryOptions(), "FlowTransformer")
         self.spec = source.spec
@@ -134,6 +137,8 @@ class FlowTransformer(Stage):
             fastpath.setup_transformer,
             fastpath.warm_up_transformer,
             "forward",
+            cache=compile_cache,
+            spec=(self.spec, adapters.settings if adapters else None),  # LoRA slots change the graphs
             cfg=self.spec.sampling.cfg,
             multiple=self.spec.multiple,
         )

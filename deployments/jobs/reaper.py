@@ -1,7 +1,8 @@
 """The reaper: jobs never vanish. Every ingress replica looks, every `reaper_interval_s`, for this
 model's Pending jobs whose lease expired (their ingress died) and runs them again with the same
 output keys; of racing reapers one takes a job (its claim is a compare-and-swap on the record). A
-listed job that has ended gets its end settled (an unbilled job's usage withdrawn) and is unlisted."""
+listed job that has ended gets its end settled (an unbilled job's usage withdrawn) and is unlisted,
+and a usage write announced as late is withdrawn once it has landed unless its job is Ready."""
 
 from __future__ import annotations
 
@@ -49,7 +50,23 @@ class Reaper:
                 restarted += await self.reap_one(key_id, job_id)
             except Exception:
                 log.exception("reaper: job %s", job_id, extra={"klein_job_id": job_id})
+        for _, job_id, until, notice in await self.store.late_charges():
+            if until > time.time():
+                continue  # the write may still land
+            try:
+                await self._settle_late_charge(job_id, until, notice)
+            except Exception:
+                log.exception("reaper: late charge of job %s", job_id, extra={"klein_job_id": job_id})
         return restarted
+
+    async def _settle_late_charge(self, job_id: str, until: float, notice: str) -> None:
+        """A usage write announced as possibly late has landed (or never will) by now: withdrawn
+        unless the job is Ready. A job still running settles its own end; a failed withdrawal keeps
+        the notice for the next pass (see `_withdraw`)."""
+        job = await self.store.get(job_id)
+        if job is not None and job.status.terminal and job.status is not Status.READY:
+            await self._withdraw(job, since=until)
+        await self.store.storage.delete(notice)
 
     async def reap_one(self, key_id: str, job_id: str) -> int:
         job = await self.store.get(job_id)
@@ -59,8 +76,6 @@ class Reaper:
         if job.status.terminal:  # finished, but its marker was left behind, or its end not settled
             if job.status is not Status.READY:
                 await self._withdraw(job)  # its usage record, if one is left: not billed
-                if await self._relisted_lately(key_id, job_id):
-                    return 0  # by a runner that may still be writing a late charge: look again later
             await self.store.unmark(key_id, job_id)
             return 0
         if job.model != self.model_id or job.lease_until >= time.time():
@@ -83,24 +98,20 @@ class Reaper:
         self.runner.start(job)
         return 1
 
-    async def _withdraw(self, job: JobRecord) -> None:
+    async def _withdraw(self, job: JobRecord, since: float = 0.0) -> None:
         """Withdraw an ended job's usage record; a failure is retried on later passes (the job stays
-        listed, counted among its key's jobs in flight) until the job has been over for a lease,
-        then the job is unlisted with an error in the log: its charge stays until someone deletes it."""
+        listed, counted among its key's jobs in flight) until the job has been over (and the record
+        could land: `since`) for a lease, then the job is unlisted with an error in the log: its
+        charge stays until someone deletes it."""
         try:
             await self.runner.billing.withdraw(job)
         except StorageError:
-            over_s = time.time() - (job.finished_at or job.updated_at)
+            over_s = time.time() - max(job.finished_at or job.updated_at, since)
             if over_s < self.options.job_lease_s:
                 raise
-            log.error("job %s ended %s %.0f s ago and its usage record cannot be withdrawn; unlisted, "
+            log.error("job %s ended %s %.0f s ago and its usage record cannot be withdrawn; given up, "
                       "still billed until %s is deleted", job.id, job.status.value, over_s,
                       usage_key(job.key_id, job.day, job.id), extra={"klein_job_id": job.id}, exc_info=True)  # fmt: skip
-
-    async def _relisted_lately(self, key_id: str, job_id: str) -> bool:
-        """An ended job listed again by a runner that is writing its usage record late (its marker
-        says until when that write may land): the charge may come after this pass."""
-        return await self.store.charging_until(key_id, job_id) > time.time()
 
     async def _drop_stale_marker(self, key_id: str, job_id: str) -> None:
         """A marker without a record: a submission that failed between the two, or is between them.

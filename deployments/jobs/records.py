@@ -15,11 +15,16 @@ images/{yyyy}/{mm}/{dd}/{id}.{ext}     the output, at a key fixed at submission:
 idempotency/{key_id}/{sha256(token)}   which job an Idempotency-Key stands for (a bucket lifecycle
                                        rule may expire these after 24 h or more)
 usage/{key_id}/{yyyy}/{mm}/{dd}/{id}.json   one usage record per Ready job, on its submission day
+late/{key_id}/{id}/{until}             a runner's usage write that may land after the job's lease
+                                       (until that time): the reaper withdraws it then if the job
+                                       did not end Ready, and drops the notice
+compile-cache/{stage}/{digest}.bin     code inductor compiled for a stage (stages.compile_cache)
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import uuid
 from datetime import UTC, datetime
@@ -46,6 +51,14 @@ def marker_prefix(key_id: str) -> str:
 
 def marker_key(key_id: str, job_id: str) -> str:
     return f"{marker_prefix(key_id)}/{job_id}"
+
+
+LATE = "late"  # the prefix of every late-charge notice
+
+
+def late_charge_key(key_id: str, job_id: str, until: float) -> str:
+    """A runner writing a job's usage record late: it may land until `until` (whole seconds)."""
+    return f"{LATE}/{key_id}/{job_id}/{math.ceil(until)}"
 
 
 def cancel_key(job_id: str) -> str:

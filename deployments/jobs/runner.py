@@ -27,6 +27,7 @@ from deployments.options import IngressOptions
 from deployments.stages.payloads import ContentModerated, FinishResult, JobCancelled, RequestModerated
 
 log = logging.getLogger(__name__)
+CLOCK_SKEW_S = 30.0  # how far apart two replicas' clocks may be (leases and notices compare them)
 
 # How a stage's refusal ends a job (not failures: never retried, never billed)
 _ENDINGS = {
@@ -178,15 +179,17 @@ class JobRunner:
 
     async def _attempt(self, job: JobRecord, return_bytes: bool, check_cancel: bool) -> FinishResult:
         """One run of the stage chain, within the time the lease leaves; its usage record is written
-        before the job may turn Ready. A write that may land after the lease (when the reaper may
-        have ended and unlisted the job) is preceded by listing the job again: should this runner
-        die before it sees that end, the reaper still finds the job and withdraws the charge."""
+        before the job may turn Ready. A write that may land after the lease (when another replica
+        may have ended and settled the job) is announced first, with the time by which it has
+        landed: whatever becomes of this runner, the reaper withdraws it then unless the job is
+        Ready."""
         with telemetry.span("job", job.trace, job_id=job.id, attempt=job.attempts, model=job.model):
             run = self.pipeline(job, self.inputs.get(job.id), return_bytes, check_cancel)
             result = await asyncio.wait_for(run, self._run_time_left(job))
         job.finished_at = time.time()
-        if time.time() + self.store.storage.longest_op_s >= job.lease_until:
-            await self.store.mark_pending(job, charging=True)
+        op = self.store.storage.longest_op_s  # the most one write can take, retries included
+        if time.time() + op + CLOCK_SKEW_S >= job.lease_until:  # another replica may end the job meanwhile
+            await self.store.announce_late_charge(job, until=time.time() + 2 * op + CLOCK_SKEW_S)
         await self.billing.record(job)
         return result
 

@@ -8,7 +8,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from deployments.jobs.records import PENDING, JobRecord, cancel_key, job_key, marker_key, marker_prefix
+from deployments.jobs.records import (
+    LATE,
+    PENDING,
+    JobRecord,
+    cancel_key,
+    job_key,
+    late_charge_key,
+    marker_key,
+    marker_prefix,
+)
 from deployments.storage import PreconditionFailed, Storage, StorageError, StorageOptions, open_storage
 
 log = logging.getLogger(__name__)
@@ -31,36 +40,35 @@ class JobStore:
         await self.mark_pending(job)
         await self.save(job)
 
-    async def mark_pending(self, job: JobRecord, charging: bool = False) -> None:
-        """List the job for the reaper (and in its key's count of jobs in flight). `charging`: by a
-        runner about to write its usage record late; the marker says until when that write (and
-        this one before it) may land, so the reaper does not unlist the job before then."""
-        now = time.time()
-        marker = {"marked_at": now} | (
-            {"charging_until": now + 2 * self.storage.longest_op_s} if charging else {}
-        )
-        await self.storage.put(
-            marker_key(job.key_id, job.id), json.dumps(marker).encode(), "application/json"
-        )
+    async def mark_pending(self, job: JobRecord) -> None:
+        """List the job for the reaper (and in its key's count of jobs in flight)."""
+        marker = json.dumps({"marked_at": time.time()}).encode()
+        await self.storage.put(marker_key(job.key_id, job.id), marker, "application/json")
 
     async def marked_at(self, key_id: str, job_id: str) -> float | None:
         """When a job's pending marker was written; None without one, 0 if it does not say."""
-        marker = await self._marker(key_id, job_id)
-        return None if marker is None else _seconds(marker.get("marked_at"))
-
-    async def charging_until(self, key_id: str, job_id: str) -> float:
-        """Until when a late usage record of the job may still land (0: none announced)."""
-        return _seconds((await self._marker(key_id, job_id) or {}).get("charging_until"))
-
-    async def _marker(self, key_id: str, job_id: str) -> dict | None:
         raw = await self.storage.get(marker_key(key_id, job_id))
         if raw is None:
             return None
         try:
-            marker = json.loads(raw)
-        except ValueError:
-            return {}
-        return marker if isinstance(marker, dict) else {}
+            return float(json.loads(raw)["marked_at"])
+        except (ValueError, KeyError, TypeError):
+            return 0.0
+
+    async def announce_late_charge(self, job: JobRecord, until: float) -> None:
+        """Before a usage write that may land after the job's lease (when another replica may have
+        ended the job and settled it already): a notice, apart from the pending marker (which
+        whoever ends the job drops), that the reaper acts on once `until` has passed."""
+        await self.storage.put(late_charge_key(job.key_id, job.id, until), b"", "text/plain")
+
+    async def late_charges(self) -> list[tuple[str, str, float, str]]:
+        """(key_id, job_id, until, notice key) of every late-charge notice."""
+        out = []
+        for key in await self.storage.list(LATE):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3].isdigit():
+                out.append((parts[1], parts[2], float(parts[3]), key))
+        return out
 
     async def unmark(self, key_id: str, job_id: str) -> None:
         await self.storage.delete(marker_key(key_id, job_id))
@@ -153,11 +161,3 @@ class CancelFlags:
     async def __call__(self, job_ids: list[str]) -> set[str]:
         flags = await asyncio.gather(*(self._jobs.cancel_requested(j) for j in job_ids))
         return {j for j, flag in zip(job_ids, flags, strict=True) if flag}
-
-
-def _seconds(value) -> float:
-    """A marker's time field; 0 where it is missing or unreadable."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0

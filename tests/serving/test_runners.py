@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import threading
 import time
 
@@ -165,11 +164,14 @@ class _Died(BaseException):
     """The runner's process ending where it stands: nothing after it runs, no handler sees it."""
 
 
-def test_a_charge_written_after_the_job_ended_elsewhere_outlives_its_runner_unbilled(tmp_path):
-    """Another replica ends the job (and unlists it) while this runner is past the point where its
-    usage write may land after its lease; the runner writes the charge and dies before it can see
-    the end. The job was listed again before the write, so the reaper withdraws the charge; it
-    keeps the job listed while that runner could still be writing, then unlists it."""
+@pytest.mark.parametrize("ended", ["before the notice", "after the notice"])
+def test_a_late_charge_of_a_job_ended_elsewhere_outlives_its_runner_unbilled(tmp_path, ended):
+    """This runner is past the point where its usage write may land after its lease; another replica
+    ends the job (settling and unlisting it) before or after the runner announces the late write;
+    the runner writes the charge and dies before it can see the end. Once the write can no longer
+    land, the reaper withdraws the charge and drops the notice."""
+    from deployments.jobs.records import LATE
+
     a, b = build(tmp_path / "data"), build(tmp_path / "data")
     a.service.storage.retry_s = 2 * a.service.options.job_lease_s  # one write may outlast the lease
 
@@ -178,32 +180,61 @@ def test_a_charge_written_after_the_job_ended_elsewhere_outlives_its_runner_unbi
         transformer = a.service.stages.transformer.obj
         denoise, record = transformer.denoise, a.service.billing.record
 
-        async def ended_elsewhere(params, *args):
+        async def end_elsewhere():
             theirs = await b.service.store.get(job.id)
             theirs.status, theirs.error, theirs.finished_at = Status.ERROR, "ended by the reaper", time.time()
             await b.service.store.finish(theirs)
             assert await b.service.store.in_flight(job.key_id) == 0  # unlisted there
-            return await denoise(params, *args)
+
+        async def run_then_end(params, *args):
+            out = await denoise(params, *args)
+            if ended == "before the notice":
+                await end_elsewhere()
+            return out
 
         async def record_then_die(j):
+            if ended == "after the notice":
+                await end_elsewhere()
             await record(j)
             raise _Died
 
-        transformer.denoise, a.service.billing.record = ended_elsewhere, record_then_die
+        transformer.denoise, a.service.billing.record = run_then_end, record_then_die
         with pytest.raises(_Died):
             await a.service.run(job, fresh=True)
         assert len(await a.service.storage.list("usage")) == 1  # a charge for an image never delivered
+        (notice,) = await a.service.storage.list(LATE)
+        assert float(notice.rsplit("/", 1)[1]) > time.time() + 2 * a.service.storage.retry_s  # 2 writes
+        await b.service.reaper.reap()  # the write may still land: nothing yet
+        assert len(await a.service.storage.list("usage")) == 1 and await a.service.storage.list(LATE) == [
+            notice
+        ]
+        await a.service.storage.delete(notice)
+        await a.service.storage.put(notice.rsplit("/", 1)[0] + f"/{int(time.time()) - 1}", b"")  # time passed
         await b.service.reaper.reap()
-        assert await a.service.storage.list("usage") == []
-        assert await b.service.store.in_flight(job.key_id) == 1  # relisted lately: kept a while
-        marker = marker_key(job.key_id, job.id)
-        charging = json.loads(await a.service.storage.get(marker))
-        assert charging["charging_until"] > time.time() + 2 * a.service.storage.retry_s  # mark + write
-        await a.service.storage.put(marker, json.dumps(charging | {"charging_until": time.time() - 1}).encode(),
-                                    "application/json")  # fmt: skip
-        await b.service.reaper.reap()
-        assert await b.service.store.in_flight(job.key_id) == 0
+        assert await a.service.storage.list("usage") == [] and await a.service.storage.list(LATE) == []
         assert (await b.service.store.get(job.id)).status is Status.ERROR
+        assert await b.service.store.in_flight(job.key_id) == 0
+
+    asyncio.run(go())
+
+
+def test_a_late_charge_of_a_ready_job_stays(tmp_path):
+    """A job whose usage write was announced as late, and that turned Ready: the reaper drops the
+    notice once the write has landed, and the charge stands."""
+    from deployments.jobs.records import LATE
+
+    a = build(tmp_path / "data")
+    a.service.storage.retry_s = 2 * a.service.options.job_lease_s
+
+    async def go():
+        job, _ = await submit_job(a, **_args(seed=5))
+        await a.service.run(job, fresh=True)
+        assert job.status is Status.READY and len(await a.service.storage.list("usage")) == 1
+        (notice,) = await a.service.storage.list(LATE)
+        await a.service.storage.delete(notice)
+        await a.service.storage.put(notice.rsplit("/", 1)[0] + f"/{int(time.time()) - 1}", b"")
+        await a.service.reaper.reap()
+        assert await a.service.storage.list(LATE) == [] and len(await a.service.storage.list("usage")) == 1
 
     asyncio.run(go())
 

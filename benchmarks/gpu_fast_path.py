@@ -93,8 +93,11 @@ class Run:
         self.summary()
 
     def wanted(self, vid: str) -> bool:
+        """With --only: the variants named, the groups they are in, and V1 with any transformer
+        variant (the reference of every row's rel.err and × V1)."""
         only = self.args.only
-        return not only or vid in only or any(member in only for member in GROUPS.get(vid, ()))
+        with_v1 = vid == "V1" and any(member in only for member in GROUPS["V"]) if only else False
+        return not only or vid in only or with_v1 or any(member in only for member in GROUPS.get(vid, ()))
 
     def variant(self, vid: str, what: str, estimate_s: float, fn) -> None:
         if not self.wanted(vid):

@@ -64,6 +64,9 @@ class OptionConflict(ValueError):
         self.field, self.why = field, why
         super().__init__(self.worded())
 
+    def __reduce__(self):  # (through Ray, say: an exception is rebuilt from its arguments)
+        return type(self), (self.field, self.why)
+
     def worded(self, spell: Callable[[str], str] = str) -> str:
         class Spelled(dict):
             def __missing__(self, name):
@@ -250,7 +253,7 @@ def _runs(name: str, heads: int, head_dim: int, device: torch.device, dtype: tor
     q, k, v = qkv[0].contiguous(), qkv[1].contiguous(), qkv[2]  # v: (1, H, L, D), L-stride 3·H·D
     try:
         with sdpa_kernel([_sdpa_backend(name)]):
-            for query in (q, q[:, :, :rows]):
+            for query in (q, q[:, :, -rows:].contiguous()):
                 out = torch.nn.functional.scaled_dot_product_attention(query, k, v)
                 if not torch.isfinite(out).all():
                     return "non-finite output"

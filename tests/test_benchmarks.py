@@ -130,7 +130,9 @@ def test_the_gpu_script_reruns_only_the_variants_named(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {row["variant"] for row in rows} == {"P0", "P1", "V2"}, rows
+    assert {row["variant"] for row in rows} == {"P0", "P1", "V1", "V1-profile", "V2"}, (
+        rows
+    )  # V1: the reference
     assert not [row for row in rows if "error" in row]
     bad = subprocess.run([*cmd[:-3], "--only", "V11"], capture_output=True, text=True, cwd=root, timeout=300)
     assert bad.returncode == 2 and "--only: invalid choice: 'V11'" in bad.stderr

@@ -74,7 +74,9 @@ class FastPathOptions(Options):
     freeze: bool = Field(False, description="inductor freezing: weights as constants; not with LoRA")
     autotune: bool = Field(False, description="inductor max-autotune: GEMMs chosen by timing them")
     share_compiled: bool = Field(
-        True, description="inductor's compiled code shared with the stage's other replicas through storage"
+        False,
+        description="inductor's compiled code shared with the stage's other replicas through storage "
+        "(compile-cache/: loading it runs its code, so that prefix must be writable by the service alone)",
     )
 
     @model_validator(mode="after")
@@ -211,10 +213,10 @@ class Stage:
 
         compiling = (fast.compile or fast.cuda_graphs) and fast.backend == "inductor"
         if cache is not None and compiling and self.options.fast.share_compiled:
-            key = cache.key(
-                type(self).__name__, self.device, self.dtype, spec, self.options.fast.model_dump()
+            what = {"model": spec, "fast": self.options.fast.model_dump(exclude={"share_compiled"})}
+            warmed, use = self.on_worker(
+                cache.around, type(self).__name__, self.device, self.dtype, what, warm
             )
-            warmed, use = self.on_worker(cache.around, key, warm)
             self._fast |= {"warm_up": str(warmed), "compile_cache": str(use)}
         else:
             self._fast["warm_up"] = str(self.on_worker(warm))

@@ -138,7 +138,11 @@ class FlowTransformer(Stage):
             fastpath.warm_up_transformer,
             "forward",
             cache=compile_cache,
-            spec=(self.spec, adapters.settings if adapters else None),  # LoRA slots change the graphs
+            spec=(
+                self.spec,
+                adapters
+                and (adapters.settings.slots, adapters.settings.max_rank, adapters.settings.max_loras),
+            ),  # the LoRA bank is in the graphs
             cfg=self.spec.sampling.cfg,
             multiple=self.spec.multiple,
         )

@@ -7,6 +7,7 @@ Tracing uses the "eager" / "aot_eager" backends (seconds); one test runs inducto
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -216,8 +217,12 @@ def test_compiler_options_need_compile_and_freeze_refuses_lora_slots(source):
             ValueError, match=rf"{name}: a compiler option; it needs compile \(or cuda_graphs\)"
         ):
             FastPath(**{name: True})
-    with pytest.raises(ValueError, match="autotune: inductor's option; it does nothing with backend 'eager'"):
+    with pytest.raises(
+        ValueError, match="autotune: inductor's option; it does nothing with backend 'eager'"
+    ) as e:
         FastPath(compile=True, autotune=True, backend="eager")
+    again = pickle.loads(pickle.dumps(e.value))  # as it travels (through Ray, say)
+    assert (again.field, str(again)) == ("autotune", str(e.value))
     model = source.load_transformer()
     LoraBank(model, slots=2, max_rank=4, places=1)
     with pytest.raises(ValueError, match="LoRA adapters are written into the transformer's slots"):

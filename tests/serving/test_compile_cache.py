@@ -19,7 +19,7 @@ from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
 from deployments.storage import StorageOptions
 from klein import ModelSource
 
-fast = {"compile": True, "warmup_sizes": ["64x64"], "warmup_batch_sizes": [1]}
+fast = {"compile": True, "share_compiled": True, "warmup_sizes": ["64x64"], "warmup_batch_sizes": [1]}
 stage = TextEmbedder(ModelSource.preset("tiny"), TextEmbedderOptions(fast=fast, cache_mb=0),
                      compile_cache=CompileCache(StorageOptions(root=sys.argv[1])))
 (embedding,) = stage.on_worker(stage.embed_now, ["a lighthouse at dusk"])  # compiled code, warmed shape
@@ -42,31 +42,57 @@ def test_a_replica_loads_what_an_earlier_one_compiled(tmp_path):
     first = _replica(root, tmp_path / "inductor-1")
     (key,) = [p for p in root.rglob("*.bin")]
     assert key.relative_to(root).parts[:2] == ("compile-cache", "TextEmbedder")
-    assert "nothing to load; 0 graphs found, 1 compiled; saved" in first["compile_cache"], first
+    assert "nothing to load; 0 graphs found, 1 compiled; saving" in first["compile_cache"], first
     second = _replica(root, tmp_path / "inductor-2")
     assert "MB; 1 graphs found, 0 compiled" in second["compile_cache"], second
-    assert "saved" not in second["compile_cache"] and second["eager_calls"] == 0
+    assert "saving" not in second["compile_cache"] and second["eager_calls"] == 0
     assert first["embedding"] == second["embedding"]
 
 
 def test_an_unreadable_cache_is_logged_and_warm_up_goes_on(tmp_path, caplog):
     """What is at the key cannot be read (cut short, or framed by another torch): the replica says
     so and warms up by compiling; a storage that fails does not stop it either."""
+    import torch
+
     from deployments.stages.compile_cache import CompileCache
     from deployments.storage import StorageError, StorageOptions
 
     cache = CompileCache(StorageOptions(root=tmp_path))
-    key = "compile-cache/TextEmbedder/0123.bin"
-    (tmp_path / key).parent.mkdir(parents=True)
-    (tmp_path / key).write_bytes(b"not a cache")
+    where = ("Codec", torch.device("cpu"), torch.float32, {"model": "tiny"})
+    key = tmp_path / cache.key(*where)
+    key.parent.mkdir(parents=True)
+    key.write_bytes(b"not a cache")
     with caplog.at_level("WARNING", logger="deployments.stages.compile_cache"):
-        warmed, use = cache.around(key, lambda: "warmed")
+        warmed, use = cache.around(*where, lambda: "warmed")
     assert warmed == "warmed" and use.loaded_bytes == 0
     assert "not loaded (ValueError: torch could not read the 11 bytes there)" in str(use) in caplog.text
 
     async def down(*args, **kwargs):
         raise StorageError("connection refused")
 
-    cache.storage.get = down
-    warmed, use = cache.around(key, lambda: "warmed")
+    cache.storage.get_versioned = down
+    warmed, use = cache.around(*where, lambda: "warmed")
     assert warmed == "warmed" and "not loaded (StorageError: connection refused)" in str(use)
+
+
+def test_of_replicas_that_compiled_at_once_the_first_save_stands(tmp_path, caplog):
+    """Replicas that found nothing write only where there is still nothing; one that loaded a version
+    writes only over that version."""
+    import asyncio
+
+    import torch
+
+    from deployments.stages.compile_cache import CacheUse, CompileCache
+    from deployments.storage import StorageOptions
+
+    cache = CompileCache(StorageOptions(root=tmp_path))
+    use = CacheUse(key=cache.key("Codec", torch.device("cpu"), torch.float32, {}))
+    with caplog.at_level("INFO", logger="deployments.stages.compile_cache"):
+        cache._upload(use, b"first", None)
+        cache._upload(use, b"second", None)
+        assert "another replica saved its compiled code first; kept" in caplog.text
+        _, etag = asyncio.run(cache.storage.get_versioned(use.key))
+        cache._upload(use, b"third", "an older version")
+        assert asyncio.run(cache.storage.get(use.key)) == b"first"
+        cache._upload(use, b"fourth", etag)
+    assert asyncio.run(cache.storage.get(use.key)) == b"fourth"

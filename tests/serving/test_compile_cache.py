@@ -1,52 +1,26 @@
 """Compiled code shared through storage (deployments.stages.compile_cache): a replica that starts
 after another one loads what that one compiled and finds its graphs instead of compiling them. Each
-replica is a process of its own with an empty inductor cache, as on a fresh pod."""
+replica is a process of its own with an empty inductor cache, as on a fresh pod
+(benchmarks/compile_cache.py starts them)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPLICA = """
-import asyncio, hashlib, json, sys
-from deployments.stages.compile_cache import CompileCache
-from deployments.stages.text_embedder import TextEmbedder, TextEmbedderOptions
-from deployments.storage import StorageOptions
-from klein import ModelSource
-
-fast = {"compile": True, "share_compiled": True, "warmup_sizes": ["64x64"], "warmup_batch_sizes": [1]}
-stage = TextEmbedder(ModelSource.preset("tiny"), TextEmbedderOptions(fast=fast, cache_mb=0),
-                     compile_cache=CompileCache(StorageOptions(root=sys.argv[1])))
-(embedding,) = stage.on_worker(stage.embed_now, ["a lighthouse at dusk"])  # compiled code, warmed shape
-stats = asyncio.run(stage.stats())["fast_path"]
-print(json.dumps(stats | {"embedding": hashlib.sha256(embedding.numpy().tobytes()).hexdigest()}))
-"""
-
-
-def _replica(root: Path, inductor_cache: Path) -> dict:
-    env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
-    r = subprocess.run([sys.executable, "-c", REPLICA, str(root)], capture_output=True, text=True, env=env,
-                       cwd=Path(__file__).resolve().parents[2], timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow  # two processes compile with inductor
 def test_a_replica_loads_what_an_earlier_one_compiled(tmp_path):
-    root = tmp_path / "storage"
-    first = _replica(root, tmp_path / "inductor-1")
-    (key,) = [p for p in root.rglob("*.bin")]
-    assert key.relative_to(root).parts[:2] == ("compile-cache", "TextEmbedder")
+    """benchmarks/compile_cache.py's replicas: the first compiles and saves, the second loads it,
+    finds its graph and saves nothing; both embed alike."""
+    from benchmarks.compile_cache import run_replicas
+
+    first, second = run_replicas("text_embedder", "tiny", 64, "cpu", 2, tmp_path)
+    (key,) = [p for p in tmp_path.rglob("*.bin")]
+    assert key.relative_to(tmp_path).parts[:2] == ("compile-cache", "TextEmbedder")
     assert "nothing to load; 0 graphs found, 1 compiled; saving" in first["compile_cache"], first
-    second = _replica(root, tmp_path / "inductor-2")
     assert "MB; 1 graphs found, 0 compiled" in second["compile_cache"], second
-    assert "saving" not in second["compile_cache"] and second["eager_calls"] == 0
-    assert first["embedding"] == second["embedding"]
+    assert "saving" not in second["compile_cache"]
+    assert first["check"] == second["check"]
 
 
 def test_an_unreadable_cache_is_logged_and_warm_up_goes_on(tmp_path, caplog):

@@ -35,7 +35,7 @@ import torch
 
 from klein import transformer as dit
 from klein.config import get_preset
-from klein.fast import FastPath, setup_transformer, warm_up_transformer
+from klein.fast import FastPath, cudagraph_skips, setup_transformer, warm_up_transformer
 from klein.fp8 import fp8_linear, fp8_unsupported_reason, quantize_rows, quantize_tokens
 from klein.sampler import denoise, get_schedule, grid_ids, text_ids
 
@@ -568,11 +568,16 @@ def transformer_variants(run: Run, spec) -> None:
             cuda_graphs=True, warmup_sizes=((args.size, args.size),), warmup_batches=(1,), **compile_kw
         )
         # (the B=1 shape only: CUDA graphs are recorded per shape)
+        skipped = cudagraph_skips()
         setup_transformer(model, opts)
-        warm_up_transformer(model, opts, multiple=spec.multiple)
+        warm = warm_up_transformer(model, opts, multiple=spec.multiple)
         b = 1 if 1 in inputs else args.batch[0]
         what = "klein whole-model compile, mode reduce-overhead (CUDA graphs)"
         measure(run, "V6", what, klein_run(model, inputs[b]), b, spec, gate=model.forward)
+        # inductor may compile for CUDA graphs and then not use them: V6 would time plain compiled code
+        run.write(
+            {"variant": "V6-setup", "warm_up": str(warm), "cudagraph_skips": cudagraph_skips() - skipped}
+        )
         dit.set_attention_priority(None)
 
     def peer_best():

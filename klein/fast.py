@@ -385,7 +385,7 @@ def warm_up_transformer(
     from klein.sampler import grid_ids, text_ids
 
     report = Report("transformer")
-    start = time.perf_counter()
+    start, skipped = time.perf_counter(), cudagraph_skips()
     c, device, dtype = model.config, model.device, model.dtype
     for (w, h), b in _points(opts):  # inputs made as the samplers make them: inference tensors
         n = b * (2 if cfg else 1)
@@ -403,8 +403,21 @@ def warm_up_transformer(
         report.warmed.append(f"{w}x{h}x{n}")
     _sync(device)
     report.warmup_s = time.perf_counter() - start
+    if opts.cuda_graphs and (skips := cudagraph_skips() - skipped):  # compiled, but replayed without
+        report.actions.append(f"CUDA graphs NOT used for {skips} compiled graph(s): inductor skipped them")
+        log.warning(
+            "transformer: inductor skipped CUDA graphs %d time(s) while warming up; its log says why", skips
+        )
     _close_after_warm_up(model.forward, opts, report)
     return report
+
+
+def cudagraph_skips() -> int:
+    """How often inductor compiled a graph for CUDA graphs and then did not use them (an input on the
+    CPU, a mutated input, ...), in this process so far; it logs why each time."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 @torch.inference_mode()

@@ -317,6 +317,26 @@ def test_shape_gate_closes_and_counts():
     assert gate.eager_calls == 2
 
 
+def test_warm_up_says_when_inductor_did_not_use_cuda_graphs(source):
+    """Inductor may compile a graph for CUDA graphs and then replay it without them (an input on the
+    CPU, say), logging why: the warm-up report says so, or a replica would claim CUDA graphs it does
+    not have. (Here the model runs eagerly and the skip is counted as inductor counts it.)"""
+    from torch._dynamo.utils import counters
+
+    model = source.load_transformer()
+    forward = model.forward
+
+    def skipping(*args, **kwargs):
+        counters["inductor"]["cudagraph_skips"] += 1
+        return forward(*args, **kwargs)
+
+    model.forward = skipping
+    graphs = warm_up_transformer(model, FastPath(cuda_graphs=True, warmup_sizes=((64, 64),)), multiple=16)
+    assert "CUDA graphs NOT used for 1 compiled graph(s)" in str(graphs)
+    plain = warm_up_transformer(model, FastPath(compile=True, warmup_sizes=((64, 64),)), multiple=16)
+    assert "CUDA graphs" not in str(plain)  # not asked for: nothing to say
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="max_shapes must be at least 1"):
         FastPath(max_shapes=0)

@@ -65,10 +65,10 @@ def replica(stage: str, preset: str, size: int, device: str | None, root: str) -
 
         options = CodecOptions(preview_fit_images=8, preview_fit_size=128, **common)
         built = Codec(source, options, storage, compile_cache=cache)
-    stats = dict(built._fast)
+    stats = dict(built._fast) | {"constructed_s": time.perf_counter() - start, "check": check}
     for upload in cache.uploads:  # the save goes on in the background: done before the next replica
         upload.join()
-    return stats | {"constructed_s": time.perf_counter() - start, "check": check}
+    return stats
 
 
 def run_replicas(

@@ -57,6 +57,10 @@ class Reaper:
                 await self._settle_late_charge(job_id, until, notice)
             except Exception:
                 log.exception("reaper: late charge of job %s", job_id, extra={"klein_job_id": job_id})
+                if time.time() - until > self.options.job_lease_s:  # (a record that stays unreadable)
+                    log.error("reaper: gave up on the late charge of job %s; %s dropped", job_id, notice,
+                              extra={"klein_job_id": job_id})  # fmt: skip
+                    await self.store.storage.delete(notice)
         return restarted
 
     async def _settle_late_charge(self, job_id: str, until: float, notice: str) -> None:

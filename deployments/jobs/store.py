@@ -66,7 +66,7 @@ class JobStore:
         out = []
         for key in await self.storage.list(LATE):
             parts = key.split("/")
-            if len(parts) == 4 and parts[3].isdigit():
+            if len(parts) == 4 and parts[3].isascii() and parts[3].isdigit():  # (not a foreign key)
                 out.append((parts[1], parts[2], float(parts[3]), key))
         return out
 

@@ -13,7 +13,9 @@ compile something, it writes what it holds afterwards, in the background (the re
 for the upload to report healthy), and only over the version it loaded, or where there was none: of
 replicas that compiled at once, one writes and the others find it written. Torch's own cache keys
 decide what is reused, so a stale or foreign object costs a download and nothing else; a missing,
-unreadable or corrupt one, or storage failing, is logged and the warm-up compiles.
+unreadable or corrupt one, or storage failing, is logged and the warm-up compiles. What a replica
+writes is what it used (torch records the entries it looked up, not all it loaded): the last
+writer's warm-up set.
 
 Loading runs code that was generated elsewhere, as importing a module does: whoever can write
 `compile-cache/` in the service's storage can run code in its model replicas. It is off unless a

@@ -324,17 +324,20 @@ def test_warm_up_says_when_inductor_did_not_use_cuda_graphs(source):
     from torch._dynamo.utils import counters
 
     model = source.load_transformer()
-    forward = model.forward
+    forward, calls = model.forward, []
 
     def skipping(*args, **kwargs):
-        counters["inductor"]["cudagraph_skips"] += 1
+        if not calls:  # decided when the graph is compiled: its first call
+            counters["inductor"]["cudagraph_skips"] += 1
+        calls.append(args[0].shape)
         return forward(*args, **kwargs)
 
     model.forward = skipping
     graphs = warm_up_transformer(model, FastPath(cuda_graphs=True, warmup_sizes=((64, 64),)), multiple=16)
     assert "CUDA graphs NOT used for 1 compiled graph(s)" in str(graphs)
+    assert len(calls) == 2  # CUDA graph trees record a function's second call: warm-up makes it
     plain = warm_up_transformer(model, FastPath(compile=True, warmup_sizes=((64, 64),)), multiple=16)
-    assert "CUDA graphs" not in str(plain)  # not asked for: nothing to say
+    assert "CUDA graphs" not in str(plain) and len(calls) == 3  # not asked for: nothing to say, one call
 
 
 def test_options_are_checked():

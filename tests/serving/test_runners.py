@@ -233,8 +233,40 @@ def test_a_late_charge_of_a_ready_job_stays(tmp_path):
         (notice,) = await a.service.storage.list(LATE)
         await a.service.storage.delete(notice)
         await a.service.storage.put(notice.rsplit("/", 1)[0] + f"/{int(time.time()) - 1}", b"")
+        foreign = tmp_path / "data" / LATE / "k" / "j" / "\u00b2"  # not ours: "²".isdigit(), float("²") fails
+        foreign.parent.mkdir(parents=True)
+        foreign.write_bytes(b"")  # (by another writer: storage refuses such a key)
         await a.service.reaper.reap()
-        assert await a.service.storage.list(LATE) == [] and len(await a.service.storage.list("usage")) == 1
+        assert await a.service.storage.list(LATE) == [f"{LATE}/k/j/\u00b2"]
+        assert len(await a.service.storage.list("usage")) == 1
+
+    asyncio.run(go())
+
+
+def test_a_late_charge_whose_job_cannot_be_read_is_given_up_after_a_lease(tmp_path, caplog):
+    from deployments.jobs.records import LATE
+    from deployments.storage import StorageError
+
+    a = build(tmp_path / "data")
+
+    async def go():
+        notice = f"{LATE}/k/j1/{int(time.time()) - 5}"
+        await a.service.storage.put(notice, b"")
+
+        async def unreadable(job_id):
+            raise StorageError("the record cannot be read")
+
+        a.service.store.get = unreadable
+        await a.service.reaper.reap()
+        assert await a.service.storage.list(LATE) == [notice]  # tried again on the next pass
+        old = f"{LATE}/k/j2/{int(time.time() - a.service.options.job_lease_s) - 5}"
+        await a.service.storage.put(old, b"")
+        with caplog.at_level("ERROR", logger="deployments.jobs.reaper"):
+            await a.service.reaper.reap()
+        assert (
+            await a.service.storage.list(LATE) == [notice]
+            and "gave up on the late charge of job j2" in caplog.text
+        )
 
     asyncio.run(go())
 

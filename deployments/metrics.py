@@ -91,6 +91,23 @@ def lora_adapters(loads: int, hits: int, seconds: float) -> None:
         ).observe(seconds)
 
 
+def warmed_up(stage: str, seconds: float) -> None:
+    """A replica's fast-path set-up and warm-up (compilation, loading compiled code) took `seconds`."""
+    _metric("gauge", "klein_warmup_seconds", "a replica's last compile and warm-up", ("stage",)).set(
+        seconds, {"stage": stage}
+    )
+
+
+def uncompiled_call(stage: str) -> None:
+    """A compiled model ran a call eagerly: its input shape was not warmed up (or past max_shapes)."""
+    _metric(
+        "counter",
+        "klein_uncompiled_calls_total",
+        "model calls run eagerly because their shape was not warmed up (see fast.warmup_sizes)",
+        ("stage",),
+    ).inc(1, {"stage": stage})
+
+
 def gather_prometheus(timeout_s: float = 3.0) -> str:
     """klein and Serve metrics from every alive node's Ray metrics agent, HELP/TYPE deduplicated."""
     import httpx

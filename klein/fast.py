@@ -155,6 +155,7 @@ class ShapeGate:
         self.shapes: set[tuple] = set()
         self.closed = False
         self.eager_calls = 0
+        self.on_eager: Callable[[], None] | None = None  # told of each eager call (a server's metric)
 
     def close(self) -> None:
         self.closed = True
@@ -173,6 +174,8 @@ class ShapeGate:
             why = "was not warmed up" if self.closed else f"is past max_shapes ({self.max_shapes})"
             log.warning("%s: a new input shape %s: it runs eagerly (so do later ones)", self.name, why)
         self.eager_calls += 1
+        if self.on_eager is not None:
+            self.on_eager()
         with torch.compiler.set_stance("force_eager"):
             return self.fn(*args, **kwargs)
 

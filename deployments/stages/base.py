@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from deployments import metrics
 from deployments.options import Options
 from deployments.stages.compile_cache import CompileCache
 from deployments.stages.payloads import JobCancelled
@@ -211,8 +212,13 @@ class Stage:
         def warm():
             return warm_up(model, fast, **warm_kw)
 
-        compiling = (fast.compile or fast.cuda_graphs) and fast.backend == "inductor"
-        if cache is not None and compiling and self.options.fast.share_compiled:
+        compiling = fast.compile or fast.cuda_graphs
+        if (
+            cache is not None
+            and compiling
+            and fast.backend == "inductor"
+            and self.options.fast.share_compiled
+        ):
             what = {"model": spec, "fast": self.options.fast.model_dump(exclude={"share_compiled"})}
             warmed, use = self.on_worker(
                 cache.around, type(self).__name__, self.device, self.dtype, what, warm
@@ -222,6 +228,10 @@ class Stage:
             self._fast["warm_up"] = str(self.on_worker(warm))
         self._fast["seconds"] = round(time.perf_counter() - start, 2)
         self._gate = getattr(model, gated, None)
+        if compiling:
+            metrics.warmed_up(type(self).__name__, self._fast["seconds"])
+        if hasattr(self._gate, "on_eager"):  # klein.fast.ShapeGate: count what runs uncompiled
+            self._gate.on_eager = functools.partial(metrics.uncompiled_call, type(self).__name__)
         said = "; ".join(v for k, v in self._fast.items() if k != "seconds")
         log.info("%s fast path: %s (%.1f s in all)", type(self).__name__, said, self._fast["seconds"])
 

@@ -70,3 +70,20 @@ def test_stages_compile_quantize_and_warm_up_from_the_config(fast_app):
     _image(fast_app, 96, 64)  # not warmed up: runs eagerly rather than waiting for a compiler
     stats = _stats(fast_app, "FlowTransformer")
     assert (stats["compiled_shapes"], stats["eager_calls"]) == (1, 4)  # four steps, each eager
+    # the operators see it (and how long warm-up took) in /metrics (Ray exports every ~10 s)
+    want = ("ray_klein_uncompiled_calls_total{", 'stage="FlowTransformer"', "} 4")
+    lines = _metric_lines(fast_app, want)
+    assert any(all(w in ln for w in want) for ln in lines), [ln for ln in lines if "uncompiled" in ln]
+    assert any(ln.startswith("ray_klein_warmup_seconds{") and 'stage="TextEmbedder"' in ln for ln in lines)
+
+
+def _metric_lines(fast_app: App, want: tuple[str, ...]) -> list[str]:
+    import time
+
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        lines = fast_app.http.get("/metrics").text.splitlines()
+        if any(all(w in ln for w in want) for ln in lines):
+            break
+        time.sleep(2)
+    return lines

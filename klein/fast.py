@@ -418,6 +418,14 @@ def warm_up_transformer(
     return report
 
 
+def compiled_graph_counts() -> tuple[int, int, int]:
+    """Graphs inductor (found in its caches, compiled, could not cache) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return c["fxgraph_cache_hit"], c["fxgraph_cache_miss"], c["fxgraph_cache_bypass"]
+
+
 def cudagraph_skips() -> int:
     """How often inductor compiled a graph for CUDA graphs and then did not use them (an input on the
     CPU, a mutated input, ...), in this process so far; it logs why each time."""

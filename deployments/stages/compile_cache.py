@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from deployments.storage import PreconditionFailed, StorageOptions, open_storage
+from klein.fast import compiled_graph_counts
 
 log = logging.getLogger(__name__)
 PREFIX = "compile-cache"
@@ -76,14 +77,6 @@ def device_fingerprint(device: torch.device) -> dict:
         return {"gpu": torch.cuda.get_device_name(index), "capability": torch.cuda.get_device_capability(index),
                 "cuda": torch.version.cuda}  # fmt: skip
     return {"cpu": platform.machine(), "isa": torch.backends.cpu.get_cpu_capability()}
-
-
-def _graph_counts() -> tuple[int, int, int]:
-    """(found, compiled, not cacheable) graphs so far in this process."""
-    from torch._dynamo.utils import counters
-
-    c = counters["inductor"]
-    return c["fxgraph_cache_hit"], c["fxgraph_cache_miss"], c["fxgraph_cache_bypass"]
 
 
 @functools.cache
@@ -143,10 +136,10 @@ class CompileCache:
         except Exception as e:  # storage down, or an object torch cannot read: compile instead
             use.error = f"not loaded ({type(e).__name__}: {e})"
             log.warning("%s", use)
-        before = _graph_counts()
+        before = compiled_graph_counts()
         warmed = warm_up()
         use.hits, use.misses, use.bypassed = (
-            after - b for after, b in zip(_graph_counts(), before, strict=True)
+            after - b for after, b in zip(compiled_graph_counts(), before, strict=True)
         )
         if use.misses and not use.key.endswith("?"):
             try:

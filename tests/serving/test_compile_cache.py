@@ -23,6 +23,18 @@ def test_a_replica_loads_what_an_earlier_one_compiled(tmp_path):
     assert first["check"] == second["check"]
 
 
+@pytest.mark.slow  # two processes compile with inductor
+def test_the_benchmark_measures_the_same_with_klein_alone(tmp_path):
+    """`--bare`, for a machine without the service's dependencies (the lent GPU): klein's model set
+    up by klein.fast, torch's compiled code kept in a file."""
+    from benchmarks.compile_cache import run_replicas
+
+    first, second = run_replicas("codec", "tiny", 64, "cpu", 2, tmp_path, bare=True)
+    assert "loaded 0.0 MB; 0 graphs found, 1 compiled; saving" in first["compile_cache"], first
+    assert "MB; 1 graphs found, 0 compiled" in second["compile_cache"], second
+    assert [p.name for p in tmp_path.iterdir()] == ["codec-cpu.bin"]
+
+
 def test_an_unreadable_cache_is_logged_and_warm_up_goes_on(tmp_path, caplog):
     """What is at the key cannot be read (cut short, or framed by another torch): the replica says
     so and warms up by compiling; a storage that fails does not stop it either."""

@@ -99,7 +99,7 @@ def test_the_gpu_script_runs_every_variant_on_the_cpu(tmp_path):
     failed = [(row["variant"], row.get("error")) for row in rows if "error" in row]
     assert not failed, failed
     skipped = {row["variant"]: row["skipped"] for row in rows if "skipped" in row}
-    assert set(skipped) == {"V6", "V9"} and all("CUDA" in why for why in skipped.values())
+    assert set(skipped) == {"V6", "V9", "E4"} and all("CUDA" in why for why in skipped.values())
     timed = {(row["variant"], row.get("B")) for row in rows if "ms_per_image" in row or "p50_ms" in row}
     for variant in ("V1", "V2", "V3", "V4", "V5", "V8", "V10"):
         assert {(variant, 1), (variant, 2)} <= timed, variant

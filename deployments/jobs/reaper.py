@@ -50,6 +50,11 @@ class Reaper:
                 restarted += await self.reap_one(key_id, job_id)
             except Exception:
                 log.exception("reaper: job %s", job_id, extra={"klein_job_id": job_id})
+        await self._settle_late_charges()
+        return restarted
+
+    async def _settle_late_charges(self) -> None:
+        """Every late-charge notice whose write can no longer land (see `_settle_late_charge`)."""
         for _, job_id, until, notice in await self.store.late_charges():
             if until > time.time():
                 continue  # the write may still land
@@ -61,7 +66,6 @@ class Reaper:
                     log.error("reaper: gave up on the late charge of job %s; %s dropped", job_id, notice,
                               extra={"klein_job_id": job_id})  # fmt: skip
                     await self.store.storage.delete(notice)
-        return restarted
 
     async def _settle_late_charge(self, job_id: str, until: float, notice: str) -> None:
         """A usage write announced as possibly late has landed (or never will) by now: withdrawn

@@ -124,9 +124,9 @@ class CompileCache:
         """`warm_up()` with the stage's compiled code loaded first, and saved after it when it had to
         compile anything; -> (what warm_up returned, CacheUse). Blocking: run on the stage's worker
         thread, before the replica reports healthy; the save goes on in the background."""
-        use, etag = CacheUse(key=f"{PREFIX}/{stage}/?"), None
+        use, etag, keyed = CacheUse(key=f"{PREFIX}/{stage}/"), None, False
         try:
-            use.key = self.key(stage, device, dtype, what)
+            use.key, keyed = self.key(stage, device, dtype, what), True
             found = self._run(self.storage.get_versioned(use.key, retry_s=RETRY_S))
             if found is not None:
                 blob, etag = found
@@ -141,7 +141,7 @@ class CompileCache:
         use.hits, use.misses, use.bypassed = (
             after - b for after, b in zip(compiled_graph_counts(), before, strict=True)
         )
-        if use.misses and not use.key.endswith("?"):
+        if use.misses and keyed:
             try:
                 saved = torch.compiler.save_cache_artifacts()
             except Exception as e:

@@ -138,6 +138,10 @@ class Report:
     warmup_s: float = 0.0
     warmed: list[str] = field(default_factory=list)
 
+    @property
+    def empty(self) -> bool:
+        return not (self.actions or self.warmed)
+
     def __str__(self) -> str:
         parts = list(self.actions)
         if self.warmed:

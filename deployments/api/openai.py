@@ -174,30 +174,30 @@ async def images(
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
         )
-    b64 = body.response_format == "b64_json"
-    runs = [asyncio.ensure_future(sync_runs.run(service, job, b64)) for job in jobs]
-    try:
-        results = await asyncio.wait_for(asyncio.gather(*runs), options.sync_timeout_s)
-    except BaseException as e:  # client gone, too slow, no room for one of them, or a failure
-        await sync_runs.abandon(service, jobs, runs)
-        if not isinstance(e, TimeoutError):
-            raise
-        return openai_error(
-            504,
-            f"no result within {options.sync_timeout_s:g} s; use the async API for long jobs",
-            "timeout",
-            job_ids=[j.id for j in jobs],
-        )
-    return _answer(request, body, jobs, results)
+    outcomes = await sync_runs.run_all(
+        service, jobs, body.response_format == "b64_json", options.sync_timeout_s
+    )
+    if not any(o.result is not None for o in outcomes):
+        if refused := [o.error for o in outcomes if o.error is not None]:
+            raise refused[0]  # answered by its own handler (an overloaded stage: 503, Retry-After)
+        if any(o.timed_out_s is not None for o in outcomes):
+            return openai_error(
+                504,
+                f"no result within {options.sync_timeout_s:g} s; use the async API for long jobs",
+                "timeout",
+                job_ids=[j.id for j in jobs],
+            )
+    return _answer(request, body, outcomes)
 
 
-def _answer(request: Request, body: ImagesRequest, jobs: list, results: list) -> Response:
-    """The finished jobs as OpenAI's answer: the images that were made, billed and metered alone,
-    with the others named under `metering.failed` (moderated, or failed after their retries); when
-    none was made, the first failure as the error."""
-    made = [(j, r) for j, r in zip(jobs, results, strict=True) if r is not None]
-    failed = [j for j, r in zip(jobs, results, strict=True) if r is None]
-    if not made and (moderated := [j for j in failed if j.status in MODERATED]):
+def _answer(request: Request, body: ImagesRequest, outcomes: list[sync_runs.Outcome]) -> Response:
+    """The request's jobs as OpenAI's answer: the images that were made, billed and metered alone,
+    with the others named under `metering.failed` (moderated, failed after their retries, refused
+    by a full stage, or out of time); when none was made, the first failure as the error."""
+    jobs = [o.job for o in outcomes]
+    made = [(o.job, o.result) for o in outcomes if o.result is not None]
+    failed = [o for o in outcomes if o.result is None]
+    if not made and (moderated := [o.job for o in failed if o.job.status in MODERATED]):
         message = f"{moderated[0].status.value}: {moderated[0].error}"
         return openai_error(
             400,
@@ -207,7 +207,7 @@ def _answer(request: Request, body: ImagesRequest, jobs: list, results: list) ->
             job_ids=[j.id for j in jobs],
         )
     if not made:
-        job = failed[0]
+        job = failed[0].job
         message = f"job {job.id}: {job.status.value}: {job.error or ''}".strip()
         code = job.status.value.lower().replace(" ", "_")
         return openai_error(500, message, "server_error", code=code, job_ids=[j.id for j in jobs])
@@ -225,7 +225,9 @@ def _answer(request: Request, body: ImagesRequest, jobs: list, results: list) ->
         "job_ids": [j.id for j in billed],
     }
     if failed:
-        metering["failed"] = [{"job_id": j.id, "status": j.status.value, "error": j.error} for j in failed]
+        metering["failed"] = [
+            {"job_id": o.job.id, "status": o.job.status.value, "error": o.why} for o in failed
+        ]
     return ImagesResponse(
         created=int(time.time()),
         data=data,

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -104,6 +105,51 @@ def _ending(kind: str, job: JobRecord, run: asyncio.Future, common: dict) -> str
     metering = {"input_mp": job.input_mp, "output_mp": job.output_mp, "cost": job.cost, "job_ids": [job.id]}
     image = {"b64_json": base64.b64encode(result.data).decode(), "usage": usage, "metering": metering}
     return _event(f"{kind}.completed", common | image)
+
+
+@dataclass
+class Outcome:
+    """One job of a synchronous request: its image (`result`), or none and why (`error`, when its
+    run raised or outran the request's time; else the job's own status and error say it)."""
+
+    job: JobRecord
+    result: object = None
+    error: BaseException | None = None
+    timed_out_s: float | None = None  # ended after waiting this long
+
+    @property
+    def why(self) -> str | None:
+        if self.timed_out_s is not None:
+            return f"no result within {self.timed_out_s:g} s"
+        if self.error is not None:
+            return self.job.error or f"{type(self.error).__name__}: {self.error}"
+        return self.job.error
+
+
+async def run_all(
+    service: JobService, jobs: list[JobRecord], return_bytes: bool, timeout_s: float
+) -> list[Outcome]:
+    """The jobs of one request run side by side while its caller waits, each to its own outcome:
+    one refused or failed does not undo those made (they are billed, and answered), and those
+    still running after `timeout_s` are ended, unbilled. The caller going away ends every job not
+    yet done."""
+    runs = [asyncio.ensure_future(run(service, job, return_bytes)) for job in jobs]
+    try:
+        _, late = await asyncio.wait(runs, timeout=timeout_s)
+    except BaseException:  # the caller went away
+        await abandon(service, jobs, runs)
+        raise
+    if late:
+        await abandon(service, [j for j, r in zip(jobs, runs, strict=True) if r in late], list(late))
+    outcomes = []
+    for job, r in zip(jobs, runs, strict=True):
+        if r in late:
+            outcomes.append(Outcome(job, timed_out_s=timeout_s))
+        elif (error := r.exception()) is not None:
+            outcomes.append(Outcome(job, error=error))
+        else:
+            outcomes.append(Outcome(job, result=r.result()))
+    return outcomes
 
 
 async def run(service: JobService, job: JobRecord, return_bytes: bool):

@@ -225,14 +225,17 @@ class Stage:
             )
             self._fast |= {"warm_up": str(warmed), "compile_cache": str(use)}
         else:
-            self._fast["warm_up"] = str(self.on_worker(warm))
+            warmed = self.on_worker(warm)
+            self._fast["warm_up"] = str(warmed)
         self._fast["seconds"] = round(time.perf_counter() - start, 2)
         self._gate = getattr(model, gated, None)
         if compiling:
             metrics.warmed_up(type(self).__name__, self._fast["seconds"])
         if hasattr(self._gate, "on_eager"):  # klein.fast.ShapeGate: count what runs uncompiled
             self._gate.on_eager = functools.partial(metrics.uncompiled_call, type(self).__name__)
-        said = "; ".join(v for k, v in self._fast.items() if k != "seconds")
+        said = "; ".join(  # an empty warm-up report only repeats "nothing to do"
+            v for k, v in self._fast.items() if k != "seconds" and not (k == "warm_up" and warmed.empty)
+        )
         log.info("%s fast path: %s (%.1f s in all)", type(self).__name__, said, self._fast["seconds"])
 
     def _fast_path_stats(self) -> dict:

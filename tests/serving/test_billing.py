@@ -496,6 +496,51 @@ def test_openai_n_images_partly_made_bills_and_answers_what_was_made(tmp_path):
     asyncio.run(go())
 
 
+def test_openai_n_images_one_too_slow_or_refused_still_answers_and_bills_the_others(tmp_path):
+    """n=2 where one job outruns the request's time, then where a full stage refuses one: the
+    image made is answered and billed (it was made: dropping it would charge for nothing
+    delivered), the other ends unbilled and is named under metering.failed with why."""
+    from ray.serve.exceptions import BackPressureError
+
+    ingress = build(tmp_path / "data", sync_timeout_s=1.0)
+    app = ingress.__serve_build_asgi_app__()
+    codec, gate = ingress.service.stages.codec, asyncio.Event()
+    finish, calls = codec.obj.finish, []
+
+    async def second_waits(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            await gate.wait()
+        return await finish(*args)
+
+    async def go():
+        async with client(app) as c:
+            codec.obj.finish = second_waits
+            r = await c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "n": 2})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["data"]) == 1 and len(body["metering"]["job_ids"]) == 1
+            (late,) = body["metering"]["failed"]
+            assert late["status"] == "Cancelled" and "no result within 1 s" in late["error"], late
+            assert (await c.get("/v1/usage")).json()["total"]["jobs"] == 1
+            assert await ingress.service.store.pending() == []
+            gate.set()
+
+            codec.obj.finish = finish
+            codec.fail_next["finish"] = [BackPressureError(num_queued_requests=8, max_queued_requests=8)]
+            r = await c.post("/v1/images/generations", json={"prompt": "y", "size": "64x64", "n": 2})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["data"]) == 1, body
+            (shed,) = body["metering"]["failed"]
+            assert shed["status"] == "Error" and "overloaded" in shed["error"], shed
+            assert shed["job_id"] not in body["metering"]["job_ids"]
+            assert (await c.get("/v1/usage")).json()["total"]["jobs"] == 2
+            assert await ingress.service.store.pending() == []
+
+    asyncio.run(go())
+
+
 def test_job_log_lines_name_the_job_under_a_key_ray_leaves_alone(tmp_path, caplog):
     """Ray's log filter writes its own `job_id` (the Ray job) over any record's: the job id travels
     as `klein_job_id`, which Ray's JSON logs keep."""

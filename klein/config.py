@@ -123,6 +123,7 @@ class SamplingDefaults:
     guidance: float | None  # None: guidance-distilled, no CFG and no guidance input
     min_guidance: float = 1.0
     max_guidance: float = 20.0
+    inpaint_guidance: float | None = None  # the default with a mask (diffusers' inpaint pipeline's)
 
     @property
     def cfg(self) -> bool:
@@ -130,7 +131,8 @@ class SamplingDefaults:
 
 
 DISTILLED = SamplingDefaults(steps=4, max_steps=50, guidance=None)
-BASE = SamplingDefaults(steps=50, max_steps=100, guidance=4.0)
+# guidance: the defaults of diffusers' Flux2KleinPipeline (4) and Flux2KleinInpaintPipeline (8)
+BASE = SamplingDefaults(steps=50, max_steps=100, guidance=4.0, inpaint_guidance=8.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,24 +28,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def prepare_reference(image: Image.Image, max_pixels: int, multiple: int) -> Tensor:
-    """RGB, downscaled to at most `max_pixels` (LANCZOS), centre-cropped to a multiple of
-    `multiple`, as a (1, 3, H, W) float32 tensor in [-1, 1]."""
-    image = to_rgb(image)
+    """Downscaled to at most `max_pixels` (LANCZOS, in the image's own mode), made RGB, then
+    centre-cropped to a multiple of `multiple`: a (1, 3, H, W) float32 tensor in [-1, 1]. The order
+    is diffusers': an RGBA image is resized with its alpha (PIL premultiplies), a palette one with
+    PIL's nearest neighbour, before either is made RGB."""
     w, h = image.size
     if w * h > max_pixels:
-        scaled = reference_size(w, h, max_pixels, 1)
-        image = image.resize(scaled, Image.Resampling.LANCZOS)
-        w, h = image.size
+        image = image.resize(reference_size(w, h, max_pixels, 1), Image.Resampling.LANCZOS)
+    image = to_rgb(image)
+    w, h = image.size
     tw, th = reference_size(w, h, max_pixels, multiple)
     left, top = (w - tw) // 2, (h - th) // 2
-    image = image.crop((left, top, left + tw, top + th))
+    return to_tensor(image.crop((left, top, left + tw, top + th)))
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """An RGB image as (1, 3, H, W) float32 in [-1, 1], laid out as diffusers' image processor lays
+    it out (channels last in memory): the VAE's convolutions pick their kernels by layout, and in
+    bf16 another kernel rounds otherwise."""
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # (H, W, 3)
-    return (2.0 * x - 1.0).permute(2, 0, 1).unsqueeze(0)
+    return (2.0 * x - 1.0).unsqueeze(0).permute(0, 3, 1, 2)
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """Decoded images in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    """Decoded images in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3). Mapped to [0, 1] in the
+    decoder's dtype, as diffusers' postprocess does (in bf16 that is a rounding, which moves about
+    a fifth of the 8-bit values by one level), then scaled and rounded in float32."""
+    x = (x * 0.5 + 0.5).clamp(0, 1).float()
     return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 

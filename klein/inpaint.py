@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from klein.image import to_rgb
+from klein.image import to_rgb, to_tensor
 from klein.request import SOURCE_MAX_PIXELS, source_size
 
 
@@ -37,9 +37,7 @@ def prepare_source(image: Image.Image, multiple: int) -> Tensor:
     if w * h > SOURCE_MAX_PIXELS:
         s = math.sqrt(SOURCE_MAX_PIXELS / (w * h))
         image = _resized(image, int(w * s), int(h * s))
-    image = to_rgb(_resized(image, *source_size(w, h, multiple)))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    return (2.0 * x - 1.0).permute(2, 0, 1).unsqueeze(0)
+    return to_tensor(to_rgb(_resized(image, *source_size(w, h, multiple))))
 
 
 def prepare_mask(mask: Image.Image, width: int, height: int, multiple: int) -> Tensor:
@@ -65,8 +63,11 @@ class Inpaint:
 
 
 def noised(source: Tensor, noise: Tensor, sigma: float) -> Tensor:
-    """The source at noise level sigma (flow matching: sigma * noise + (1 - sigma) * source)."""
-    return sigma * noise + (1.0 - sigma) * source
+    """The source at noise level sigma (flow matching: sigma * noise + (1 - sigma) * source), with
+    sigma rounded to the latents' dtype first, as diffusers' `scale_noise` does (0.908 is 0.90625
+    in bf16)."""
+    s = torch.full((1, 1, 1), sigma, dtype=torch.float32, device=source.device).to(source.dtype)
+    return s * noise + (1.0 - s) * source
 
 
 def blend(latents: Tensor, inpaint: Inpaint, noise: Tensor, sigma_next: float, last: bool) -> Tensor:

@@ -7,9 +7,12 @@ Formats (detected from the keys, as diffusers' `Flux2LoraLoaderMixin` does):
   `qkv` as one adapter (A stacked, B block-diagonal). Scale alpha/rank from the safetensors header's
   `lora_adapter_metadata` (a PEFT LoraConfig), else alpha = rank.
 - ai-toolkit / BFL names: `diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`; PEFT-wrapped
-  `base_model.model.` the same. `.alpha` keys honoured when present.
+  `base_model.model.` the same. `.alpha` keys honoured when present. Keys under those prefixes that
+  keep diffusers' block names (`transformer_blocks.`, `single_transformer_blocks.`, and the legacy
+  `sformer_blocks.`) are read as diffusers' (below), as diffusers reads them.
 - kohya / musubi: `lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight`, `.lora_up.weight`,
-  `.alpha` (scale alpha/rank; alpha = rank when absent).
+  `.alpha` (scale alpha/rank; alpha = rank when absent). Text-encoder modules (`lora_te*_`) are
+  skipped with a warning, as diffusers skips them.
 
 The scale alpha/rank is folded into B at load. Refused, each with one error naming the keys: keys
 that place on no module of the loaded model, shapes or ranks that do not fit it, LoKr/LoHa/DoRA,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import struct
 import time
@@ -48,7 +52,10 @@ from klein.fast import FREEZE_WITH_LORA
 from klein.request import MAX_LORAS
 from klein.transformer import Flux2, LoraSelection, lora_delta  # noqa: F401 (re-exported)
 
+log = logging.getLogger(__name__)
 MAX_LORA_BYTES = 2 * 2**30
+# kohya's text-encoder modules: diffusers drops them from a Flux2 LoRA with a warning; so does klein
+KOHYA_TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_")
 MAX_LISTED = 8
 UNSUPPORTED = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
 # Whose input is the timestep embedding (one per batch), not the tokens: no per-request LoRA there.
@@ -178,7 +185,15 @@ def parse_lora(
     if any(".lora_down.weight" in k for k in keys) and any(k.startswith("lora_unet_") for k in keys):
         fmt, parts, unplaced = "kohya", *_kohya(tensors, config)
     elif (bfl := _strip_bfl_prefix(keys)) is not None:
-        fmt, parts, unplaced = "ai-toolkit", *_bfl(tensors, bfl)
+        # under ai-toolkit's prefix, some exports keep diffusers' block names (as diffusers accepts)
+        expanded = {k: n for k in keys if (n := _diffusers_block_name(bfl[k])) is not None}
+        fmt, parts, unplaced = (
+            "ai-toolkit",
+            *_bfl({k: t for k, t in tensors.items() if k not in expanded}, bfl),
+        )
+        if expanded:
+            more, left = _diffusers({expanded[k]: tensors[k] for k in expanded}, metadata)
+            parts, unplaced = parts + more, unplaced + left
     else:
         fmt, parts, unplaced = "diffusers", *_diffusers(tensors, metadata)
     shared = sorted(p.module for p in parts if SHARED_INPUT.match(p.module))
@@ -213,6 +228,21 @@ def _strip_bfl_prefix(keys: list[str]) -> dict[str, str] | None:
             return {k: k.removeprefix(prefix) for k in keys}
     if all(k.startswith(BFL_MODULES) for k in keys):
         return {k: k for k in keys}
+    return None
+
+
+# diffusers' block names, and the legacy alias some exports write for the double blocks
+_DIFFUSERS_BLOCKS = {
+    "transformer_blocks.": "transformer_blocks.",
+    "single_transformer_blocks.": "single_transformer_blocks.",
+    "sformer_blocks.": "transformer_blocks.",
+}
+
+
+def _diffusers_block_name(key: str) -> str | None:
+    for prefix, name in _DIFFUSERS_BLOCKS.items():
+        if key.startswith(prefix):
+            return name + key.removeprefix(prefix)
     return None
 
 
@@ -256,11 +286,21 @@ def _kohya(tensors, config: TransformerConfig):
     by_kohya = {"lora_unet_" + name.replace(".", "_"): name for name in lora_targets(config, shared=True)}
     groups, unplaced = _pairs(tensors, lambda k: k)
     parts = []
+    skipped = []
     for module, group in groups.items():
-        if module not in by_kohya:
+        if module.startswith(KOHYA_TEXT_ENCODER):
+            skipped.append(module)
+        elif module not in by_kohya:
             unplaced.append(module)
-            continue
-        parts.append(_part(by_kohya[module], group, None, None, module))
+        else:
+            parts.append(_part(by_kohya[module], group, None, None, module))
+    if skipped:
+        log.warning(
+            "%d text-encoder LoRA modules (%s%s) are not applied: klein adapts the transformer only",
+            len(skipped),
+            ", ".join(sorted(skipped)[:3]),
+            ", ..." if len(skipped) > 3 else "",
+        )
     return parts, unplaced
 
 

@@ -185,7 +185,8 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
             )
         guidance = None
     else:
-        guidance = s.guidance if guidance is None else guidance
+        if guidance is None:
+            guidance = s.inpaint_guidance if req.mask is not None and s.inpaint_guidance else s.guidance
         if not s.min_guidance <= guidance <= s.max_guidance:
             raise InvalidRequest(
                 "guidance", f"must be between {s.min_guidance:g} and {s.max_guidance:g}, got {guidance:g}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -39,10 +40,13 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 def get_schedule(num_steps: int, image_seq_len: int) -> list[float]:
-    """num_steps + 1 sigmas from 1 (noise) to 0 (image), shifted by exp(mu) / (exp(mu) + 1/t - 1)."""
+    """num_steps + 1 sigmas from 1 (noise) to 0 (image), shifted by exp(mu) / (exp(mu) + 1/t - 1).
+    In float32 arithmetic, as diffusers' FlowMatchEulerDiscreteScheduler computes them: a sigma an
+    ulp away from theirs moves a step's bf16 rounding."""
     mu = compute_empirical_mu(image_seq_len, num_steps)
-    sigmas = [1.0 - i / num_steps for i in range(num_steps)]
-    return [math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) for t in sigmas] + [0.0]
+    t = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    shifted = np.float32(math.exp(mu)) / (np.float32(math.exp(mu)) + (np.float32(1) / t - np.float32(1)))
+    return [float(s) for s in shifted.astype(np.float32)] + [0.0]
 
 
 def initial_noise(seed: int, height: int, width: int, channels: int, pixels_per_token: int = 16) -> Tensor:
@@ -85,7 +89,12 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
 
 
 def _euler(img: Tensor, pred: Tensor, t_curr: float, t_next: float) -> Tensor:
-    return (img.float() + (t_next - t_curr) * pred.float()).to(img.dtype)
+    """One Euler step, written as diffusers' FlowMatchEulerDiscreteScheduler.step writes it, so
+    that torch rounds it alike: dt is a float32 CPU scalar tensor times the prediction (with a bf16
+    prediction, torch rounds that dt to bf16 on the CPU and not on CUDA), added to the latents in
+    float32, the sum back in the latents' dtype."""
+    dt = torch.tensor(t_next, dtype=torch.float32) - torch.tensor(t_curr, dtype=torch.float32)
+    return (img.float() + dt * pred).to(img.dtype)
 
 
 def denoise(
@@ -149,8 +158,9 @@ def denoise_cfg(
     lora2 = None if lora is None else lora.repeat(2)  # the adapters act on both halves
     for i, (t_curr, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True), start=1):
         t = torch.full((1,), t_curr, device=img.device)
-        pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2, lora2).float().chunk(2)
-        pred = pred_neg + g * (pred_cond - pred_neg)
+        pred_neg, pred_cond = model(torch.cat((img, img)), t, ctx2, pe, ref2, lora2).chunk(2)
+        # in the model's dtype, as diffusers combines them (g a float32 scalar per request)
+        pred = pred_neg + (g * (pred_cond - pred_neg).float()).to(pred_neg.dtype)
         if hook is not None:
             hook(i, img, pred, t_curr)
         img = _euler(img, pred, t_curr, t_next)

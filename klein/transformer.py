@@ -24,13 +24,23 @@ from klein.fp8 import fp8_linear
 Rope = Tensor
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, time_factor: float = 1000.0):
-    """Sinusoidal embedding of sigma in [0, 1]; cosines first (BFL `timestep_embedding`)."""
-    t = time_factor * t.float()
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal embedding of the timestep (sigma·1000, `model_timestep`); cosines first."""
+    t = t.float()
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+def model_timestep(sigma: Tensor, dtype: torch.dtype) -> Tensor:
+    """sigma in [0, 1] as the timestep (0..1000) that the embedding sees, rounded where diffusers
+    rounds it: its scheduler's sigma·1000 is cast to the latents' dtype, its pipeline passes that
+    / 1000 and its transformer casts to the model's dtype and multiplies by 1000 again. In bf16 each
+    is a rounding (968 for sigma 0.9674, where 967.4 would be exact); in float32 they give back
+    sigma·1000 to within an ulp, as diffusers does."""
+    t = (sigma.float() * 1000).to(dtype)
+    return (t / 1000).to(dtype) * 1000
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Rope:
@@ -98,8 +108,6 @@ def modulate(x: Tensor, shift: Tensor, scale1p: Tensor, eps: float = 1e-6) -> Te
 
     When the batch shares its modulation (one timestep) it is LayerNorm's own affine: one kernel.
     """
-    if shift.shape[0] == 1:
-        return F.layer_norm(x, x.shape[-1:], scale1p.reshape(-1), shift.reshape(-1), eps=eps)
     return F.layer_norm(x, x.shape[-1:], eps=eps) * scale1p + shift
 
 
@@ -397,7 +405,8 @@ class Flux2(nn.Module):
         lora: each request's LoRA adapters (klein.lora), or None.
         Returns (B, L_img, in_channels).
         """
-        vec = self.time_in(timestep_embedding(timesteps).to(self.dtype))  # (B or 1, hidden)
+        t = model_timestep(timesteps, self.dtype)
+        vec = self.time_in(timestep_embedding(t).to(self.dtype))  # (B or 1, hidden)
         mod_img = self.double_stream_modulation_img(vec)
         mod_txt = self.double_stream_modulation_txt(vec)
         mod_single = self.single_stream_modulation(vec)

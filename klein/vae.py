@@ -30,14 +30,18 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
-        _, _, height, width = h.shape
-        # contiguous: SDPA's fused kernels need a unit stride on the channels; a strided view falls
-        # back to the math kernel, which builds the (HW)^2 score matrix (12 GB at 1536^2 on the CPU)
-        q, k, v = (rearrange(f(h), "B C H W -> B 1 (H W) C").contiguous() for f in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = rearrange(h, "B 1 (H W) C -> B C H W", H=height, W=width)
-        return x + self.proj_out(h)
+        # as diffusers' attention block computes it, so that bf16 rounds alike: the 1x1 convolutions
+        # as linear layers over the (B, HW, C) tokens (a GEMM rounds otherwise than a convolution)
+        b, c, height, width = x.shape
+        h = self.norm(x.view(b, c, height * width)).transpose(1, 2)  # (B, HW, C), channels unit-strided
+        q, k, v = (_linear(f, h).view(b, -1, 1, c).transpose(1, 2) for f in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        return x + _linear(self.proj_out, h).transpose(1, 2).reshape(b, c, height, width)
+
+
+def _linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution applied to (B, L, C) tokens."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 class ResnetBlock(nn.Module):
@@ -171,8 +175,9 @@ class AutoEncoder(nn.Module):
         return self.encoder.conv_in.weight.device
 
     def _bn_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        # in the latents' dtype, as diffusers computes them from its (bf16-loaded) statistics
         mean = self.bn.running_mean.view(1, -1, 1, 1).to(like)
-        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.bn_eps).to(like)
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1).to(like) + self.config.bn_eps)
         return mean, std
 
     def encode(self, x: Tensor) -> Tensor:

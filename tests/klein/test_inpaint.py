@@ -67,9 +67,7 @@ def test_base_cfg_matches_diffusers(diffusers_tiny_base, ours_base, with_ref):
     reference = _smooth(80, 64, 4) if with_ref else None
     expected = _reference(diffusers_tiny_base, source, mask, 9, 5, 0.7, reference)  # its default guidance, 8
     refs = (source, reference) if with_ref else (source,)
-    req = GenerationRequest(
-        "a red door", seed=9, steps=5, guidance=8.0, references=refs, mask=mask, strength=0.7
-    )
+    req = GenerationRequest("a red door", seed=9, steps=5, references=refs, mask=mask, strength=0.7)  # ours
     _match(np.asarray(ours_base.generate([req])[0]), expected)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -46,19 +47,29 @@ def write(path, fmt: str, factors, alpha: float | None = None) -> None:
     """The same adapter in one of the formats trainers write."""
     sd, metadata, modules = {}, None, []
     for name, (a, b) in factors.items():
-        if fmt == "kohya":
+        if fmt.startswith("kohya"):
             key = "lora_unet_" + name.replace(".", "_")
             sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b}
             if alpha is not None:
                 sd[f"{key}.alpha"] = torch.tensor(alpha)
-        elif fmt in ("ai-toolkit", "peft-wrapped"):
-            prefix = "diffusion_model." if fmt == "ai-toolkit" else "base_model.model."
-            sd |= {f"{prefix}{name}.lora_A.weight": a, f"{prefix}{name}.lora_B.weight": b}
+        elif fmt.startswith(("ai-toolkit", "peft-wrapped")):
+            prefix = "diffusion_model." if fmt.startswith("ai-toolkit") else "base_model.model."
+            if fmt in ("ai-toolkit", "peft-wrapped"):
+                sd |= {f"{prefix}{name}.lora_A.weight": a, f"{prefix}{name}.lora_B.weight": b}
+                continue
+            # diffusers' block names under the prefix, or their legacy alias for the double blocks
+            for module, (ma, mb) in _diffusers_modules(name, a, b).items():
+                if fmt.endswith("sformer"):
+                    module = re.sub(r"^transformer_blocks\.", "sformer_blocks.", module)
+                sd |= {f"{prefix}{module}.lora_A.weight": ma, f"{prefix}{module}.lora_B.weight": mb}
         else:  # diffusers (with or without the `transformer.` prefix): separate q/k/v
             prefix = "transformer." if fmt == "diffusers" else ""
             for module, (ma, mb) in _diffusers_modules(name, a, b).items():
                 sd |= {f"{prefix}{module}.lora_A.weight": ma, f"{prefix}{module}.lora_B.weight": mb}
                 modules.append(module)
+    if fmt == "kohya-with-text-encoder":  # a module of the text encoder's (not applied by either)
+        te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+        sd |= {f"{te}.lora_down.weight": torch.ones(RANK, 32), f"{te}.lora_up.weight": torch.ones(32, RANK)}
     if alpha is not None and fmt == "diffusers":  # as diffusers' save_lora_weights writes it
         config = {"r": RANK, "lora_alpha": alpha, "target_modules": sorted(modules)}
         metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
@@ -106,13 +117,23 @@ def _ours_image(ours, path_scales, seed=3, prompt="a red fox") -> np.ndarray:
     return np.asarray(ours.generate([GenerationRequest(prompt, 64, 80, seed=seed, loras=loras)])[0])
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "ai-toolkit", "peft-wrapped", "kohya"])
+FORMATS = [
+    "diffusers", "ai-toolkit", "peft-wrapped", "kohya",
+    "ai-toolkit-diffusers-names", "peft-wrapped-diffusers-names", "ai-toolkit-sformer", "kohya-with-text-encoder",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_matches_diffusers(ours, tmp_path, fmt):
     path = tmp_path / f"{fmt}.safetensors"
-    write(path, fmt, _factors(1), alpha=2.0 if fmt in ("kohya", "diffusers") else None)  # scale alpha/r = 0.5
+    alpha = 2.0 if fmt.startswith(("kohya", "diffusers")) else None  # scale alpha/r = 0.5
+    write(path, fmt, _factors(1), alpha=alpha)
     adapter = load_lora(path, TINY.transformer)
-    assert adapter.format == fmt.replace("peft-wrapped", "ai-toolkit")
-    assert adapter.rank == (3 * RANK if fmt == "diffusers" else RANK)  # q, k and v stacked on the fused qkv
+    assert adapter.format == (
+        "kohya" if fmt.startswith("kohya") else "diffusers" if fmt == "diffusers" else "ai-toolkit"
+    )
+    separate_qkv = fmt == "diffusers" or fmt.endswith(("names", "sformer"))
+    assert adapter.rank == (3 * RANK if separate_qkv else RANK)  # q, k and v stacked on the fused qkv
     got = _ours_image(ours, [(path, 0.8)])
     want = _theirs_image(_theirs([path], [0.8]), GenerationRequest("a red fox", 64, 80, seed=3, steps=4))
     _images_match(got, want)

@@ -43,8 +43,9 @@ def test_mu_discontinuity_past_4300_tokens():
     assert compute_empirical_mu(4301, 4) == pytest.approx(0.00016927 * 4301 + 0.45666666)
 
 
-@pytest.mark.parametrize("tokens, steps", [(16, 4), (1024, 4), (4096, 50), (9000, 28)])
+@pytest.mark.parametrize("tokens, steps", [(16, 4), (64, 4), (1024, 4), (4096, 50), (9000, 28)])
 def test_schedule_matches_diffusers_scheduler(tokens, steps):
+    """Equal in float32, to the bit: a sigma an ulp away moves a bf16 step's rounding."""
     diffusers = pytest.importorskip("diffusers")
     import numpy as np
 
@@ -52,7 +53,7 @@ def test_schedule_matches_diffusers_scheduler(tokens, steps):
         use_dynamic_shifting=True, time_shift_type="exponential"
     )
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(tokens, steps))
-    assert get_schedule(steps, tokens) == pytest.approx(sched.sigmas.tolist(), abs=1e-6)
+    assert get_schedule(steps, tokens) == sched.sigmas.tolist()
 
 
 class ConstantVelocity(torch.nn.Module):

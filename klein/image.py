@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from klein.request import reference_size
@@ -14,6 +16,40 @@ HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Output formats: file extension and media type of each.
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+EXIF_ORIENTATION = 0x0112
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def turned(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation says its pixels are stored turned or mirrored (as phone
+    cameras store them)."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: turned by its EXIF orientation, the tag then dropped
+    (diffusers' `load_image` does the same); an image without one as it is."""
+    return ImageOps.exif_transpose(image) if turned(image) else image
+
+
+def upright_png(image: Image.Image) -> bytes:
+    """A turned image stored upright, losslessly, as PNG (modes PNG cannot hold: made 8-bit RGB)."""
+    image = upright(image)
+    if image.mode not in PNG_MODES:
+        image = to_rgb(image)
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def to_grey(image: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit greyscale (a mask): 16-bit and float greyscale scaled, as
+    `to_rgb` scales them, not clipped to white as PIL's own convert does."""
+    if image.mode in HIGH_BIT_MODES:
+        return to_rgb(image).convert("L")  # grey stays exactly grey: R = G = B
+    return image if image.mode == "L" else image.convert("L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

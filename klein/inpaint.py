@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from klein.image import to_rgb, to_tensor
+from klein.image import to_grey, to_rgb, to_tensor
 from klein.request import SOURCE_MAX_PIXELS, source_size
 
 
@@ -42,7 +42,7 @@ def prepare_source(image: Image.Image, multiple: int) -> Tensor:
 
 def prepare_mask(mask: Image.Image, width: int, height: int, multiple: int) -> Tensor:
     """A mask image (white repaints) -> (h*w, 1) float32 on the token grid (row-major)."""
-    m = _resized(mask, width, height).convert("L")
+    m = to_grey(_resized(mask, width, height))
     x = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
     x = (x >= 0.5).float()  # binarised
     grid = F.interpolate(x, size=(height // multiple, width // multiple), mode="bilinear")

@@ -72,6 +72,18 @@ def reference_size(width: int, height: int, max_pixels: int, multiple: int) -> t
     return width // multiple * multiple, height // multiple * multiple
 
 
+def within_side(width: int, height: int, max_side: int, multiple: int) -> tuple[int, int]:
+    """A size scaled down, its aspect kept, until neither side is over `max_side`; each side then
+    floored to a multiple of `multiple` (the size an output takes from a reference of up to 8:1,
+    whose 1 MP size can be 2896x362)."""
+    if max(width, height) <= max_side:
+        return width, height
+    s = max_side / max(width, height)
+    return max(multiple, int(width * s) // multiple * multiple), max(
+        multiple, int(height * s) // multiple * multiple
+    )
+
+
 DEFAULT_STRENGTH = 0.8  # inpainting (klein.inpaint): diffusers' default
 SOURCE_MAX_PIXELS = 1024 * 1024  # a larger source is scaled down first (diffusers, step 3)
 
@@ -137,6 +149,8 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
             "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(req.prompt)}"
         )
     check_text(req.prompt, "prompt")
+    if not req.prompt.strip() and not req.references:
+        raise InvalidRequest("prompt", "must not be empty or blank without an input image")
     if len(req.references) > spec.max_references:
         raise InvalidRequest(
             "references", f"at most {spec.max_references} reference images, got {len(req.references)}"
@@ -151,6 +165,14 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
     strength = _check_inpaint(spec, req)
     if req.mask is not None:  # the output is the source's size
         sw, sh = source_size(*req.references[0].size, spec.multiple)
+        if max(sw, sh) > spec.max_side:
+            w, h = req.references[0].size
+            raise InvalidRequest(
+                "references[0]",
+                f"image is {w}x{h}; an inpainting source is repainted at its size scaled to 1 MP, "
+                f"{sw}x{sh}, over the {spec.max_side} px side limit (crop it to at most 4:1)",
+                0,
+            )
         for name, value, wanted in (("width", width, sw), ("height", height, sh)):
             if value is not None and value != wanted:
                 raise InvalidRequest(
@@ -159,8 +181,10 @@ def validate(spec: ModelSpec, req: GenerationRequest, max_loras: int = MAX_LORAS
         width, height = sw, sh
     if req.references and (width is None or height is None):
         rw, rh = reference_size(*req.references[0].size, spec.reference_max_pixels, spec.multiple)
-        width, height = width or rw, height or rh
-    width, height = width or spec.default_size, height or spec.default_size
+        rw, rh = within_side(rw, rh, spec.max_side, spec.multiple)
+        width, height = rw if width is None else width, rh if height is None else height
+    width = spec.default_size if width is None else width  # 0 is a size (refused below), not "unset"
+    height = spec.default_size if height is None else height
     for name, value in (("width", width), ("height", height)):
         if value % spec.multiple:
             raise InvalidRequest(name, f"must be a multiple of {spec.multiple}, got {value}")

@@ -293,13 +293,14 @@ def _generate_request(args, parser: argparse.ArgumentParser, spec):
     from PIL import Image, UnidentifiedImageError
 
     from klein import GenerationRequest, InvalidRequest
+    from klein.image import upright
     from klein.request import validate
 
     def read(path: Path, flag: str) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                return im
+                return upright(im)  # turned by its EXIF orientation, as diffusers' load_image does
         except (OSError, UnidentifiedImageError) as e:
             parser.error(f"{flag}: cannot read image {path}: {e}")
 

@@ -73,15 +73,18 @@ async def submit(
     service = service_of(request)
     if model != service.model_id:
         return json_error(404, f"unknown model {model!r}; this service runs {service.model_id}")
-    images = [await images_of(request).read(field, data) for field, data in body.images()]
-    mask = None
-    if body.mask_image is not None:
-        mask = await images_of(request).read_mask("mask_image", body.mask_image, transparent_repaints=False)
     claim = None
     if idempotency_key is not None:
         claim = IdempotencyClaim(
             idempotency_key, hashlib.sha256(f"{model}\n{body.model_dump_json()}".encode()).hexdigest()
         )
+        # a retry is answered before its images are read again (a URL in it may have expired)
+        if (existing := await service.replay(key_id, claim)) is not None:
+            return _submitted(request, existing)
+    images = [await images_of(request).read(field, data) for field, data in body.images()]
+    mask = None
+    if body.mask_image is not None:
+        mask = await images_of(request).read_mask("mask_image", body.mask_image, transparent_repaints=False)
     webhook = None
     if body.webhook_url:
         webhook = Webhook(str(body.webhook_url), body.webhook_secret, base_url(request))
@@ -106,6 +109,10 @@ async def submit(
         strength=body.strength,
     )
     job, _ = await service.submit(submission, start=True)
+    return _submitted(request, job)
+
+
+def _submitted(request: Request, job) -> SubmitResponse:
     return SubmitResponse(
         id=job.id,
         polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",

@@ -15,6 +15,7 @@ from deployments import netguard
 from deployments.jobs.errors import FieldError
 from deployments.jobs.service import InputImage
 from deployments.options import IngressOptions
+from klein.image import to_grey, turned, upright_png
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}
 # What klein.image.to_rgb turns into 8-bit RGB (16-bit greyscale scaled, alpha dropped, CMYK converted).
@@ -86,10 +87,28 @@ def _mask_image(image: InputImage, transparent_repaints: bool) -> InputImage:
         alpha = im.convert("RGBA").getchannel("A")
         mask = alpha.point(lambda a: 255 if a == 0 else 0)  # transparent: repaint
     else:
-        mask = im.convert("L")
+        mask = to_grey(im)  # 16-bit greys scaled, not clipped to white
     buf = io.BytesIO()
     mask.save(buf, "PNG")
     return InputImage(image.field, buf.getvalue(), Image.open(io.BytesIO(buf.getvalue())))
+
+
+_WHITESPACE = str.maketrans("", "", " \t\r\n")
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _base64(data: str, field: str) -> bytes:
+    """Standard base64, and what encoders also write: line breaks (MIME wraps at 76), the URL-safe
+    alphabet, padding left off. Anything else is refused."""
+    data = data.translate(_WHITESPACE)
+    if not data:
+        raise FieldError(field, "is empty: send the image as base64 or a data URI")
+    if "-" in data or "_" in data:
+        data = data.translate(_URLSAFE)
+    try:
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "not valid base64") from None
 
 
 def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int) -> tuple[bytes, Image.Image]:
@@ -101,16 +120,13 @@ def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int)
     if isinstance(data, str):
         if data.startswith(("http://", "https://")):
             raise FieldError(field, "URLs are not accepted here (fetching is off); send base64 or a data URI")
-        if data.startswith("data:"):
+        if data[:5].lower() == "data:":
             head, _, data = data.partition(",")
-            if ";base64" not in head:
+            if ";base64" not in head.lower():
                 raise FieldError(field, "data URI must be base64-encoded")
-        if len(data) > max_bytes * 4 // 3 + 4:
+        if len(data) > max_bytes * 4 // 3 + max_bytes // 32 + 4:  # room for line breaks
             raise FieldError(field, f"image must be at most {max_bytes // 2**20} MB", 413)
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise FieldError(field, "not valid base64") from None
+        raw = _base64(data, field)
     else:
         raw = data
     if len(raw) > max_bytes:
@@ -133,6 +149,8 @@ def decode_image(data: str | bytes, field: str, max_bytes: int, max_pixels: int)
             image.load()
             if image.mode not in PIXEL_MODES:
                 raise FieldError(field, f"unsupported pixel mode {image.mode}")
+            if turned(image):  # a camera's pixels with an EXIF orientation: kept as they are seen
+                raw = upright_png(image)
     except FieldError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

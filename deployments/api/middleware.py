@@ -26,7 +26,7 @@ class BodyGuard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit_mb = self.max_bytes // 2**20
-        too_large = json_error(413, f"request body must be at most {limit_mb} MB")
+        too_large = json_error(413, f"request body must be at most {limit_mb} MB", path=scope["path"])
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
@@ -34,7 +34,7 @@ class BodyGuard:
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if expected and ctype not in expected:
             msg = f"Content-Type must be {' or '.join(expected)}, got {ctype or 'none'}"
-            return await json_error(415, msg)(scope, receive, send)
+            return await json_error(415, msg, path=scope["path"])(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()

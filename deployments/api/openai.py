@@ -130,10 +130,12 @@ async def edits(request: Request, key_id: str = Depends(caller)):
         files.append(await images_of(request).read("image", await upload.read()))
     try:
         fields = {k: v for k, v in form.items() if k not in ("image", "image[]", "mask")}
+        if files_sent := sorted(k for k, v in fields.items() if not isinstance(v, str)):
+            raise FieldError(files_sent[0], "must be a text field, not a file upload")
         if "loras" in fields:  # a JSON list in a form field
             try:
                 fields["loras"] = json.loads(fields["loras"])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
                 raise FieldError("loras", "must be a JSON list of {path, scale}") from None
         body = ImagesRequest.model_validate(fields, strict=False)  # a form's values are all text
     except ValidationError as e:

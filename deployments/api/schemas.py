@@ -170,7 +170,9 @@ class ImagesRequest(BaseModel):
     safety_tolerance: int = Field(strict=True, default=2, ge=0, le=5)
     loras: list[LoraSpec] | None = Loras
     strength: float | None = Strength
-    stream: bool = Field(False, description="answer with Server-Sent Events: partial images, then the image")
+    stream: bool = Field(
+        False, strict=True, description="answer with Server-Sent Events: partial images, then the image"
+    )
     partial_images: int = Field(
         strict=True, default=0, ge=0, le=3, description="previews streamed before the image (with stream)"
     )
@@ -194,7 +196,7 @@ def parse_size(size: str, field: str = "size") -> tuple[int, int] | None:
     """'WxH' -> (W, H); 'auto' -> None. Bounds are the model's, checked later."""
     if size == "auto":
         return None
-    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
+    m = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", size)  # ASCII digits: \d takes any script's
     if not m:
         raise FieldError(field, f"must be 'WIDTHxHEIGHT' or 'auto', got {size!r}")
     return int(m[1]), int(m[2])

@@ -37,7 +37,7 @@ from deployments.jobs.records import (
 from deployments.jobs.runner import JobRunner
 from deployments.jobs.store import JobStore, Superseded
 from deployments.jobs.webhooks import Webhooks
-from deployments.netguard import is_private_target
+from deployments.netguard import TargetRefused, resolve
 from deployments.options import IngressOptions
 from deployments.stages.adapters import AdapterError, Adapters
 from deployments.stages.payloads import FinishResult, tokens
@@ -162,11 +162,18 @@ class JobService:
             shared = await self._store_inputs(job, s)
             return await self._create(job, s, shared, start)
 
+    async def replay(self, key_id: str, claim: IdempotencyClaim) -> JobRecord | None:
+        """The job an Idempotency-Key already made for this key (IdempotencyConflict for another
+        body), or None."""
+        return await self.idempotency.lookup(key_id, claim)
+
     async def _check_webhook(self, webhook: Webhook | None) -> None:
         if webhook is None or self.options.webhook_allow_private:
             return
-        if await asyncio.to_thread(is_private_target, webhook.url):  # DNS off the event loop
-            raise FieldError("webhook_url", "must not point to a private, loopback or link-local address")
+        try:
+            await asyncio.to_thread(resolve, webhook.url)  # DNS off the event loop
+        except TargetRefused as e:  # private, or a host that does not resolve: says which
+            raise FieldError("webhook_url", str(e)) from None
 
     def _new_record(self, job_id: str, s: Submission) -> JobRecord:
         """Validated against the model (FieldError naming the protocol's field), priced, leased."""
@@ -190,9 +197,9 @@ class JobService:
         ref_shapes = [(h // m, w // m) for w, h in sizes]
         n = tokens(req.width, req.height, ref_shapes)
         if self.max_request_tokens is not None and n > self.max_request_tokens:  # never batchable
-            where = s.field_names.get("references", "references") if images else "width"
+            where = "references" if images else "width"
             raise FieldError(
-                where,
+                s.field_names.get(where, where),
                 f"the image and its references come to {n} tokens (one per 16x16 pixels), "
                 f"over this deployment's limit of {self.max_request_tokens}",
             )

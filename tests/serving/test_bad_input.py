@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import struct
+import textwrap
 import zlib
 
 import httpx
@@ -76,6 +77,8 @@ GOOD = {"prompt": "a fox", "width": 64, "height": 64}
 # (case, body overrides, status, field named in the error)
 BFL_FIELDS = [
     ("missing prompt", {"prompt": None}, 422, "prompt"),
+    ("empty prompt", {"prompt": ""}, 422, "prompt"),
+    ("blank prompt", {"prompt": " \n\t "}, 422, "prompt"),
     ("prompt not a string", {"prompt": 123}, 422, "prompt"),
     ("enormous prompt", {"prompt": "x" * 10_001}, 422, "prompt"),
     ("NUL in prompt", {"prompt": "a\x00b"}, 422, "prompt"),
@@ -103,6 +106,12 @@ BFL_FIELDS = [
     ("webhook_url ftp", {"webhook_url": "ftp://example.com/x"}, 422, "webhook_url"),
     ("webhook_url loopback", {"webhook_url": "http://127.0.0.1:9/hook"}, 422, "webhook_url"),
     ("webhook_url link-local", {"webhook_url": "http://169.254.169.254/latest"}, 422, "webhook_url"),
+    (
+        "webhook_url host that does not resolve",
+        {"webhook_url": "http://no-such-host.invalid/h"},
+        422,
+        "cannot resolve host",
+    ),
     ("webhook_secret too long", {"webhook_secret": "s" * 257}, 422, "webhook_secret"),
     (
         "webhook_url host of 3000 characters",
@@ -120,6 +129,7 @@ BFL_FIELDS = [
 ]
 BAD_IMAGES = [
     ("not base64", "@@@not-base64@@@", 422, "not valid base64"),
+    ("empty string", "", 422, "is empty"),
     ("data URI not base64", "data:image/png,abc", 422, "base64"),
     ("text, not an image", _b64(b"hello, world"), 422, "cannot decode"),
     ("truncated PNG", _b64(VALID_PNG[: len(VALID_PNG) // 2]), 422, "cannot decode"),
@@ -241,6 +251,11 @@ def test_bad_input_matrix(client_and_ingress):
                 ("n a numeric string", {"n": "2"}, 422, "n"),
                 ("n true", {"n": True}, 422, "n"),
                 ("seed a numeric string", {"seed": "7"}, 422, "seed"),
+                ("size zero", {"size": "0x0"}, 422, "size"),
+                ("size zero wide", {"size": "0x512"}, 422, "size"),
+                ("size in full-width digits", {"size": "\uff11\uff10\uff12\uff14x512"}, 422, "size"),
+                ("stream a number", {"stream": 1}, 422, "stream"),
+                ("empty prompt", {"prompt": ""}, 422, "prompt"),
             ]:
                 await expect(case, status, field, "POST", gen, json={**ok, **over})
             await expect("generations as form", 415, "application/json", "POST", gen, data=ok)
@@ -260,6 +275,9 @@ def test_bad_input_matrix(client_and_ingress):
                 ("edit animated", {"prompt": "x"}, {"image": ("a.gif", _animated("GIF"))}, 422, "animated"),
                 ("edit bomb", {"prompt": "x"}, {"image": ("b.png", _bomb(50_000, 50_000))}, 413, "image"),
                 ("edit control char", {"prompt": "x\x00"}, {"image": png}, 422, "prompt"),
+                ("edit loras as a file", {"prompt": "x"}, {"image": png, "loras": ("l.json", b"[]")}, 422,
+                 "loras"),
+                ("edit loras nested deep", {"prompt": "x", "loras": "[" * 100_000}, {"image": png}, 422, "loras"),
             ]:  # fmt: skip
                 await expect(case, status, field, "POST", edits, data=data, files=files)
             await expect("edit as JSON", 415, "multipart/form-data", "POST", edits, json={"prompt": "x"})
@@ -313,3 +331,107 @@ def test_accepted_input_images_are_checked_in_full_but_not_held_decoded():
     assert np.asarray(image).shape == (300, 400, 3)  # still decodable where pixels are wanted
     with pytest.raises(FieldError, match="cannot decode image"):
         decode_image(buf.getvalue()[: len(raw) // 2], "input_image", 2**20, 10**6)
+
+
+def test_openai_routes_answer_openais_error_object_beside_detail(client_and_ingress):
+    """The official client reads `error.message`; FastAPI-style clients read `detail`: both are there,
+    for the schema's refusals, the service's, the body checks' and the key check's."""
+    app = client_and_ingress.__serve_build_asgi_app__()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            gen = "/v1/images/generations"
+            for body, param in [({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "size": "0x0"}, "size")]:
+                r = await c.post(gen, json=body)
+                error = r.json()["error"]
+                assert r.status_code == 422 and r.json()["detail"], r.text
+                assert error["param"] == param and error["type"] == "invalid_request_error", error
+                assert error["message"].startswith(f"{param}: ") and error["code"] == "invalid_value"
+            r = await c.post(gen, content=b"x", headers={"content-type": "text/plain"})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+            r = await c.post("/v1/images/edits", data={"prompt": "x"})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "image"
+            r = await c.post(MODEL, json={"prompt": "x", "width": 0})  # the BFL route: as before
+            assert r.status_code == 422 and "error" not in r.json()
+
+    asyncio.run(go())
+
+
+def _jpeg_turned(w: int, h: int, orientation: int) -> bytes:
+    """A camera's JPEG: w x h pixels as stored, with an EXIF orientation saying how to turn them."""
+    image = Image.new("RGB", (w, h), (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, w // 4, h))  # the stored left quarter: blue
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_images_as_encoders_write_them_and_as_cameras_store_them(client_and_ingress):
+    """Base64 with MIME line breaks, the URL-safe alphabet without padding, an upper-case data URI:
+    accepted. A JPEG stored on its side (EXIF orientation 6, as phones write them) is used upright:
+    the output takes the upright size, and the reference the model sees is upright. A reference of
+    up to 8:1 gives an output within the side limit; an inpainting source that could not is refused
+    naming it."""
+    ingress = client_and_ingress
+    app = ingress.__serve_build_asgi_app__()
+    png = _png(_noise(96, 80))
+    wrapped = "\n".join(textwrap.wrap(_b64(png), 76))
+    urlsafe = base64.urlsafe_b64encode(png).decode().rstrip("=")
+    assert "-" in urlsafe or "_" in urlsafe
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            for case, data in [
+                ("MIME line breaks", wrapped),
+                ("URL-safe, unpadded", urlsafe),
+                ("data URI in capitals", "DATA:image/png;BASE64," + _b64(png)),
+            ]:
+                r = await c.post(MODEL, json={"prompt": "x", "width": 64, "height": 64, "input_image": data})
+                assert r.status_code == 200, (case, r.text)
+                assert r.json()["input_mp"] == pytest.approx(96 * 80 / 1e6), case
+            r = await c.post(MODEL, json={"prompt": "x", "input_image": _b64(_jpeg_turned(320, 160, 6))})
+            assert r.status_code == 200, r.text
+            assert r.json()["output_mp"] == pytest.approx(160 * 320 / 1e6)  # upright: 160 wide
+            (stored,) = (await ingress.service.store.get(r.json()["id"])).request.input_files
+            upright = Image.open(io.BytesIO(await ingress.service.storage.get(stored)))
+            assert upright.size == (160, 320) and 0x0112 not in upright.getexif()
+            top = np.asarray(upright.convert("RGB"))[: 320 // 4 - 8].astype(int)
+            assert top[..., 2].mean() > 150 and top[..., 0].mean() < 80  # stored left is the top
+            wide = _b64(_png(Image.new("L", (4800, 700), 128)))  # 6.9:1; 2620x382 at 1 MP
+            r = await c.post(MODEL, json={"prompt": "x", "input_image": wide})
+            assert r.status_code == 200, r.text
+            assert r.json()["output_mp"] == pytest.approx(2048 * 288 / 1e6)
+            r = await c.post(
+                MODEL,
+                json={
+                    "prompt": "x",
+                    "input_image": wide,
+                    "mask_image": _b64(_png(Image.new("L", (4800, 700), 255))),
+                },
+            )
+            assert r.status_code == 422 and "input_image" in r.text and "2048 px" in r.text, r.text
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
+
+    asyncio.run(go())
+
+
+def test_a_sixteen_bit_mask_is_scaled_not_clipped():
+    """A soft 16-bit mask (a 30 % grey is 19660 of 65535) keeps its greys: PIL's own convert would
+    clip every non-zero sample to white, repainting the whole image."""
+    from deployments.api.images import _mask_image
+    from deployments.jobs.service import InputImage
+    from klein.inpaint import prepare_mask
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = _png(Image.fromarray(ramp))
+    mask = _mask_image(
+        InputImage("mask_image", data, Image.open(io.BytesIO(data))), transparent_repaints=False
+    )
+    grey = np.asarray(Image.open(io.BytesIO(mask.data)), dtype=int)
+    assert np.abs(grey - (ramp / 257).round()).max() <= 1
+    tokens = prepare_mask(Image.open(io.BytesIO(data)), 64, 64, 16).flatten()
+    assert tokens.tolist() == [0.0] * 8 + [1.0] * 8  # the darker half kept (clipped: all repainted)

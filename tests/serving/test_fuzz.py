@@ -133,22 +133,22 @@ async def cancel_the_rest() -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    real_check = service_module.is_private_target
+    real_check = service_module.resolve
 
-    def no_dns(url: str) -> bool:
+    def no_dns(url: str, allow_private: bool = False) -> tuple[str, str]:
         """Names never resolve here (the real check refuses unresolvable hosts); IP literals are
         checked for real."""
         try:
             ipaddress.ip_address(urlsplit(url).hostname or "")
         except ValueError:
-            return True
-        return real_check(url)
+            raise service_module.TargetRefused("cannot resolve host (no DNS in this test)") from None
+        return real_check(url, allow_private)
 
     async def deliver(*args, **kwargs) -> bool:
         return True
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(service_module, "is_private_target", no_dns)
+        mp.setattr(service_module, "resolve", no_dns)
         mp.setattr(webhooks_module, "deliver", deliver)
         ingress = build(tmp_path_factory.mktemp("fuzz") / "data")
         server = Server(ingress.__serve_build_asgi_app__())

@@ -158,3 +158,31 @@ def test_input_image_urls_through_the_api(origin, tmp_path):
     r, _ = _post(allowed, {**body, "input_image_2": f"{origin}/missing"})
     assert r.status_code == 422 and "HTTP 404" in r.text
     assert base64.b64encode(PNG)  # the same image inline is the other way in
+
+
+def test_a_retry_with_its_idempotency_key_is_answered_before_its_urls_are_fetched_again(
+    origin, tmp_path, monkeypatch
+):
+    """The first answer was lost; by the retry, the input's (presigned) URL has expired: the job
+    made the first time is the answer, not a 422 about a URL the service no longer needs."""
+    ingress = build(tmp_path / "d", fetch_input_urls=True, fetch_allow_private=True, max_input_image_mb=1)
+    body = {"prompt": "x", "width": 64, "height": 64, "input_image": f"{origin}/img.png"}
+    app = ingress.__serve_build_asgi_app__()
+
+    async def expired(*args, **kwargs):
+        raise TargetRefused("HTTP 403 from the origin")
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as c:
+            headers = {"Idempotency-Key": "retry-1"}
+            first = await c.post("/v1/flux-2-klein-tiny", json=body, headers=headers)
+            assert first.status_code == 200, first.text
+            monkeypatch.setattr(netguard, "fetch", expired)
+            again = await c.post("/v1/flux-2-klein-tiny", json=body, headers=headers)
+            assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
+            other = await c.post("/v1/flux-2-klein-tiny", json=body, headers={"Idempotency-Key": "retry-2"})
+            assert other.status_code == 422 and "HTTP 403" in other.text  # a new request does fetch
+            await asyncio.gather(*list(ingress.service.runner.running.values()))
+
+    asyncio.run(go())

@@ -8,11 +8,10 @@ also the first reference sequence the transformer attends to, further references
 is white (1) where the image is repainted; it is binarised at 0.5 and bilinearly resized to the
 token grid.
 
-One deliberate difference: diffusers crops and pads every further reference (`image_reference`) to
-the first one's size, so a second reference smaller than the first arrives with black bands and a
-larger one loses its edges. Here each reference keeps its own size, as in text-to-image and
-editing (with one further reference, or references of one size, the two agree; the tests compare
-those cases).
+One deliberate difference: diffusers resizes and centre-crops every further reference
+(`image_reference`) to the first one's size, so a reference of another shape loses part of itself.
+Here each reference keeps its own size, as in text-to-image and editing (with one further
+reference, or references of one size, the two agree; the tests compare those cases).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from deployments.api.events import sse
 from deployments.api.schemas import ImagesRequest
 from deployments.jobs.records import JobRecord, Status
 from deployments.jobs.service import JobService
+from deployments.stages.payloads import FinishResult
 
 log = logging.getLogger(__name__)
 MODERATED = (Status.REQUEST_MODERATED, Status.CONTENT_MODERATED)
@@ -143,13 +144,29 @@ async def run_all(
         await abandon(service, [j for j, r in zip(jobs, runs, strict=True) if r in late], list(late))
     outcomes = []
     for job, r in zip(jobs, runs, strict=True):
-        if r in late:
+        if r in late and job.status is Status.READY and job.result is not None:
+            # it ended Ready (and billed) as its time ran out: the image is answered, not dropped
+            outcomes.append(await _made_meanwhile(service, job, return_bytes, timeout_s))
+        elif r in late:
             outcomes.append(Outcome(job, timed_out_s=timeout_s))
         elif (error := r.exception()) is not None:
             outcomes.append(Outcome(job, error=error))
         else:
             outcomes.append(Outcome(job, result=r.result()))
     return outcomes
+
+
+async def _made_meanwhile(
+    service: JobService, job: JobRecord, return_bytes: bool, timeout_s: float
+) -> Outcome:
+    made = job.result
+    try:
+        data = await service.storage.get(made.key) if return_bytes else None
+    except Exception as e:  # made and billed, but not readable now: said so, with the job's id
+        log.warning("job %s: Ready, but its image is unreadable now (%s: %s)", job.id, type(e).__name__, e)
+        return Outcome(job, timed_out_s=timeout_s)
+    fields = made.model_dump()
+    return Outcome(job, result=FinishResult(**fields, data=data))
 
 
 async def run(service: JobService, job: JobRecord, return_bytes: bool):

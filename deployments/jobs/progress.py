@@ -93,8 +93,8 @@ async def write_step(storage: Storage, done: StepDone) -> None:
     await storage.put(progress_key(done.job_id), json.dumps(body).encode(), "application/json")
 
 
-async def read_step(storage: Storage, job_id: str) -> Step | None:
-    raw = await storage.get(progress_key(job_id))
+async def read_step(storage: Storage, job_id: str, retry_s: float | None = None) -> Step | None:
+    raw = await storage.get(progress_key(job_id), retry_s=retry_s)
     if raw is None:
         return None
     try:

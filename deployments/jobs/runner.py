@@ -25,6 +25,7 @@ from deployments.jobs.store import JobStore, Superseded
 from deployments.jobs.webhooks import Webhooks
 from deployments.options import IngressOptions
 from deployments.stages.payloads import ContentModerated, FinishResult, JobCancelled, RequestModerated
+from deployments.storage import StorageError
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW_S = 30.0  # how far apart two replicas' clocks may be (leases and notices compare them)
@@ -112,7 +113,14 @@ class JobRunner:
         record), then log, meter and announce it. With `status`, the job ends now with it."""
         if status is not None:
             job.status, job.error, job.finished_at = status, error, time.time()
-        await asyncio.shield(self._write_end(job))
+        write = asyncio.ensure_future(self._write_end(job))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:  # the caller went away meanwhile: the end lands all the same,
+            await asyncio.wait([write])  # and is announced, before the caller is told it was cancelled
+            if not write.cancelled() and write.exception() is None:
+                self._announce(job)
+            raise
         self._announce(job)
 
     async def _write_end(self, job: JobRecord) -> None:
@@ -147,7 +155,7 @@ class JobRunner:
             except tuple(_ENDINGS) as e:  # by isinstance: through Ray, a RayTaskError(...) subclass arrives
                 job.status, job.error = next(end for kind, end in _ENDINGS.items() if isinstance(e, kind))
                 if isinstance(e, RequestModerated):
-                    await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_files))
+                    await self._drop_inputs(job)
                 if isinstance(e, ContentModerated):  # its previews showed what the image was to be
                     await self._drop_previews(job)
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
@@ -201,6 +209,13 @@ class JobRunner:
             return 0
         return step.attempt if step is not None else 0
 
+    async def _drop_inputs(self, job: JobRecord) -> None:
+        """A moderated request's input images, deleted (a failure is logged: the job's end stands)."""
+        try:
+            await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_files))
+        except Exception as e:
+            log.warning("job %s: its inputs were not deleted (%s: %s)", job.id, type(e).__name__, e)
+
     async def _drop_previews(self, job: JobRecord) -> None:
         storage = self.pipeline.storage
         try:
@@ -217,11 +232,20 @@ class JobRunner:
         if late:
             job.status, job.error = Status.ERROR, f"not finished within {self.options.job_deadline_s:g} s"
             return False
-        if job.attempts < self.options.max_attempts and not await self.store.cancel_requested(job.id):
+        if job.attempts < self.options.max_attempts and not await self._cancel_requested(job):
             await asyncio.sleep(self.options.retry_backoff_s * 2 ** (job.attempts - 1))
             return True
         job.status, job.error = Status.ERROR, f"generation failed after {job.attempts} attempts"
         return False
+
+    async def _cancel_requested(self, job: JobRecord) -> bool:
+        """Whether a cancel was asked for; unknown (storage failing) counts as no: the next attempt
+        checks again, and the stages check between steps."""
+        try:
+            return await self.store.cancel_requested(job.id)
+        except StorageError as e:
+            log.warning("job %s: its cancel flag is unreadable (%s); trying again", job.id, e)
+            return False
 
     async def _taken_over(self, job: JobRecord) -> None:
         """This runner's copy of the record is stale (another runner took the job over, or the reaper

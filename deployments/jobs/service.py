@@ -321,13 +321,14 @@ class JobService:
         return job if job is not None and job.key_id == key_id else None
 
     async def cancel(self, job_id: str) -> None:
-        await self.store.request_cancel(job_id)
+        await self.store.request_cancel(job_id, retry_s=self.options.request_storage_retry_s)
 
     async def step(self, job: JobRecord) -> Step | None:
-        """The running attempt's last reported denoising step (None before the first)."""
+        """The running attempt's last reported denoising step (None before the first). A poll's
+        read: it waits out storage for `request_storage_retry_s`, as reading the record does."""
         if job.status.terminal:
             return None
-        return await read_step(self.storage, job.id)
+        return await read_step(self.storage, job.id, retry_s=self.options.request_storage_retry_s)
 
     def running_here(self, job_id: str) -> asyncio.Task | None:
         """The job's run, when this replica runs it (a stream can wake when it ends)."""

@@ -124,7 +124,11 @@ class JobStore:
                 log.warning("job %s ended %s but is not settled yet (%s); the reaper will retry",
                             job.id, job.status.value, e, extra={"klein_job_id": job.id})  # fmt: skip
                 return
-        await self.unmark(job.key_id, job.id)
+        try:
+            await self.unmark(job.key_id, job.id)
+        except StorageError as e:  # the end stands; the reaper drops a terminal job's marker
+            log.warning("job %s ended %s; its pending marker stays for the reaper (%s)",
+                        job.id, job.status.value, e, extra={"klein_job_id": job.id})  # fmt: skip
 
     async def pending(self) -> list[tuple[str, str]]:
         """(key_id, job_id) of every job not yet terminal."""
@@ -137,8 +141,8 @@ class JobStore:
     async def in_flight(self, key_id: str) -> int:
         return len(await self.in_flight_ids(key_id))
 
-    async def request_cancel(self, job_id: str) -> None:
-        await self.storage.put(cancel_key(job_id), b"", "text/plain")
+    async def request_cancel(self, job_id: str, retry_s: float | None = None) -> None:
+        await self.storage.put(cancel_key(job_id), b"", "text/plain", retry_s=retry_s)
 
     async def cancel_requested(self, job_id: str) -> bool:
         return await self.storage.get(cancel_key(job_id)) is not None

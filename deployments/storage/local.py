@@ -92,20 +92,28 @@ class LocalStorage(Storage):
             data = self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # EIO, EMFILE, EACCES, ESTALE...: the backend failing, retried as such
+            raise StorageError(f"local get {key} failed: {e}") from e
         return data, _etag(data)
 
     def _delete(self, key):
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"local delete {key} failed: {e}") from e
 
     def _list(self, prefix):
         base = self._path(prefix.rstrip("/"))
-        if not base.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        )
+        try:
+            if not base.is_dir():
+                return []
+            return sorted(
+                p.relative_to(self.root).as_posix()
+                for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".")
+            )
+        except OSError as e:
+            raise StorageError(f"local list {prefix} failed: {e}") from e
 
     def signature(self, key: str, expires: int) -> str:
         return hmac.new(self._signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()

@@ -138,6 +138,41 @@ def test_storage_outages_are_retried_then_503(tmp_path):
     asyncio.run(go())
 
 
+def test_a_poll_and_a_cancel_wait_out_storage_for_the_short_budget_only(tmp_path):
+    """A pending job's poll reads its progress, and a cancel writes a flag: while storage fails,
+    each answers 503 after `request_storage_retry_s`, as reading the record does, not after the
+    background budget (a minute and more)."""
+    ingress = build(tmp_path / "data", request_storage_retry_s=0.3)
+    storage = ingress.service.storage
+    real_get, real_put = storage._get, storage._put
+
+    def get(key, *args):
+        if key.startswith("progress/"):
+            raise StorageError("connection refused")
+        return real_get(key, *args)
+
+    def put(key, *args):
+        if key.startswith("cancel/"):
+            raise StorageError("connection refused")
+        return real_put(key, *args)
+
+    async def go():
+        job, _ = await submit_job(ingress, prompt="x", width=64, height=64, seed=1, steps=None, guidance=None,
+                                  safety_tolerance=2, output_format="png", images=[])  # fmt: skip
+        storage._get, storage._put = get, put
+        async with _client(ingress) as c:
+            for method, url, kw in [
+                ("GET", "/v1/get_result", {"params": {"id": job.id}}),
+                ("DELETE", f"/v1/jobs/{job.id}", {}),
+            ]:
+                t0 = time.monotonic()
+                r = await c.request(method, url, **kw)
+                assert r.status_code == 503 and "Retry-After" in r.headers, (url, r.text)
+                assert time.monotonic() - t0 < 10, url  # the background budget is 60 s and more
+
+    asyncio.run(go())
+
+
 def test_jobs_past_their_deadline_end_in_error(tmp_path):
     ingress = build(tmp_path / "data", job_deadline_s=0.3)
     ingress.service.options.retry_backoff_s = 0.05  # waits of 0.1, 0.2, 0.4 s for room
@@ -225,6 +260,75 @@ def test_a_sync_request_that_times_out_ends_its_job(tmp_path):
             assert job.status is Status.CANCELLED and await ingress.service.store.pending() == []
             assert await ingress.service.store.in_flight(job.key_id) == 0 and await _usage(ingress) == []
         gate.set()
+
+    asyncio.run(go())
+
+
+def test_a_sync_job_that_ends_ready_as_its_time_runs_out_is_answered(tmp_path):
+    """The request's time runs out while the Ready record is being written: the write lands (it is
+    shielded) and the job is billed, so the image is the answer, not a 504 for a charged job."""
+    ingress = build(tmp_path / "data", sync_timeout_s=1.0)
+
+    async def go():
+        async with _client(ingress) as c:
+            slow_writes(ingress.service.storage, "jobs/", 2.0)  # the create (before the clock) and the end
+            r = await c.post("/v1/images/generations", json={"prompt": "late", "size": "64x64"})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["data"]) == 1 and len(r.json()["metering"]["job_ids"]) == 1
+            (job_id,) = r.json()["metering"]["job_ids"]
+            assert (await ingress.service.store.get(job_id)).status is Status.READY
+            assert len(await _usage(ingress)) == 1
+
+    asyncio.run(go())
+
+
+def test_a_marker_that_cannot_be_dropped_does_not_undo_a_ready_end(tmp_path):
+    """The Ready record is saved, then dropping the pending marker fails for the whole retry budget:
+    the caller still gets the image it was billed for, and the reaper drops the marker later."""
+    ingress = build(tmp_path / "data")
+    store, failures = ingress.service.store, []
+    unmark = store.unmark
+
+    async def failing(key_id, job_id):
+        failures.append(job_id)
+        raise StorageError("storage failed while deleting the marker")
+
+    async def go():
+        async with _client(ingress) as c:
+            store.unmark = failing
+            r = await c.post("/v1/images/generations", json={"prompt": "kept", "size": "64x64"})
+            assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
+            assert len(failures) == 1 and len(await _usage(ingress)) == 1
+            assert [job_id for _, job_id in await store.pending()] == failures  # left to the reaper
+            store.unmark = unmark
+            await ingress.service.reaper.reap()
+            assert await store.pending() == []
+
+    asyncio.run(go())
+
+
+def test_an_unreadable_cancel_flag_after_a_failed_attempt_does_not_strand_the_job(tmp_path):
+    """An attempt fails, and reading the cancel flag before the retry fails too: the job is retried
+    (the stages check the flag again between steps), not left Pending until its lease runs out."""
+    ingress = build(tmp_path / "data")
+    store, calls = ingress.service.store, []
+    readable = store.cancel_requested
+
+    async def unreadable(job_id):  # once: the read before the retry
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise StorageError("storage failed while reading the cancel flag")
+        return await readable(job_id)
+
+    async def go():
+        async with _client(ingress) as c:
+            store.cancel_requested = unreadable
+            ingress.service.stages.codec.fail_next["finish"] = [RuntimeError("decode failed")]
+            r = await c.post("/v1/images/generations", json={"prompt": "again", "size": "64x64"})
+            assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
+            (job_id,) = r.json()["metering"]["job_ids"]
+            job = await store.get(job_id)
+            assert job.status is Status.READY and job.attempts == 2 and await store.pending() == []
 
     asyncio.run(go())
 

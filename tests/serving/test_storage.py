@@ -260,3 +260,19 @@ def test_s3_conditional_writes_where_the_server_refuses_or_races(caplog):
         assert "rejected conditional writes, so they are sent without" in caplog.text
         assert asyncio.run(refusing.get("jobs/c.json")) == b"3" and not refusing.supports_conditional_writes()
         assert asyncio.run(refusing.list("probe")) == []
+
+
+def test_the_local_backends_os_errors_are_storage_errors(tmp_path):
+    """An object that cannot be read (here: a directory where a file should be, EISDIR; in life
+    EIO, EMFILE, EACCES...) is the backend failing, retried and answered 503 as such, not a
+    500 from an OSError nothing catches."""
+    from deployments.storage import StorageError
+    from deployments.storage.local import LocalStorage
+
+    local = LocalStorage(tmp_path / "root")
+    (tmp_path / "root" / "jobs" / "x.json").mkdir(parents=True)
+    (tmp_path / "root" / "pending" / "k" / "x" / "y").mkdir(parents=True)
+    with pytest.raises(StorageError, match="local get jobs/x.json"):
+        local._get("jobs/x.json")
+    with pytest.raises(StorageError, match="local delete pending/k/x"):
+        local._delete("pending/k/x")

@@ -17,9 +17,10 @@ import httpx
 class TargetRefused(ValueError):
     """The URL may not be fetched (scheme, address, size, time or HTTP status); the message says why."""
 
-    def __init__(self, message: str, too_large: bool = False):
+    def __init__(self, message: str, too_large: bool = False, transient: bool = False):
         super().__init__(message)
         self.too_large = too_large
+        self.transient = transient  # may not hold a moment later (a DNS server that did not answer)
 
 
 def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -72,6 +73,10 @@ def resolve(url: str, allow_private: bool = False) -> tuple[str, str]:
         infos = socket.getaddrinfo(
             host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
         )
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_AGAIN:  # "temporary failure in name resolution": not an answer
+            raise TargetRefused(f"cannot resolve host {host!r} now: {e.strerror}", transient=True) from None
+        raise TargetRefused(f"cannot resolve host {host!r}") from None
     except (OSError, UnicodeError):
         raise TargetRefused(f"cannot resolve host {host!r}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]

@@ -173,6 +173,9 @@ class JobService:
         try:
             await asyncio.to_thread(resolve, webhook.url)  # DNS off the event loop
         except TargetRefused as e:  # private, or a host that does not resolve: says which
+            if e.transient:  # DNS did not answer now: delivery checks again (and retries) at the end
+                log.warning("webhook_url %s not checked at submission: %s", webhook.url, e)
+                return
             raise FieldError("webhook_url", str(e)) from None
 
     def _new_record(self, job_id: str, s: Submission) -> JobRecord:

@@ -46,7 +46,8 @@ async def deliver(
                 log.warning("webhook %s for job %s: HTTP %s", url, payload.get("id"), r.status_code)
             except TargetRefused as e:
                 log.warning("webhook %s for job %s: refused: %s", url, payload.get("id"), e)
-                return False
+                if not e.transient:
+                    return False
             except httpx.HTTPError as e:
                 log.warning("webhook %s for job %s: %s", url, payload.get("id"), e)
             if i + 1 < attempts:

@@ -186,3 +186,36 @@ def test_a_retry_with_its_idempotency_key_is_answered_before_its_urls_are_fetche
             await asyncio.gather(*list(ingress.service.runner.running.values()))
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("errno", ["EAI_AGAIN", "EAI_NONAME"])
+def test_a_dns_server_that_did_not_answer_is_asked_again(monkeypatch, receiver, errno, tmp_path):
+    """EAI_AGAIN ("temporary failure in name resolution") is not an answer: the webhook is retried,
+    and a submission naming that host is accepted (delivery checks it again). A name that does not
+    exist (EAI_NONAME) is refused at once, and never retried."""
+    import socket
+
+    from deployments.jobs.webhooks import deliver
+    from tests.serving.conftest import Receiver
+
+    port, calls, real = receiver.rsplit(":", 1)[1].split("/")[0], [], socket.getaddrinfo
+
+    def flaky(host, *args, **kwargs):
+        calls.append(host)
+        if len(calls) == 1:
+            raise socket.gaierror(getattr(socket, errno), "no answer")
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(netguard.socket, "getaddrinfo", flaky)
+    url = f"http://hooks.example:{port}/hook"
+    sent = asyncio.run(deliver(url, {"id": "j"}, None, attempts=3, backoff_s=0.01, allow_private=True))
+    assert sent is (errno == "EAI_AGAIN") and len(calls) == (2 if sent else 1)
+    assert len(Receiver.received) == (1 if sent else 0)
+
+    calls.clear()
+    ingress = build(tmp_path / "data")
+    r, _ = _post(ingress, {"prompt": "x", "width": 64, "height": 64, "webhook_url": url})
+    if errno == "EAI_AGAIN":
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 422 and "cannot resolve host" in r.text, r.text

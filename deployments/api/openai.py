@@ -9,7 +9,7 @@ import json
 import time
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from deployments.api import sync_runs
@@ -171,7 +171,9 @@ async def images(
         raise FieldError("partial_images", "needs stream: true")
     jobs = await _submit_all(service, request, body, files, key_id, mask)
     if body.stream:
-        return StreamingResponse(
+        return sync_runs.JobStream(
+            service,
+            jobs[0],
             sync_runs.stream(request, body, jobs[0], kind),
             media_type="text/event-stream",
             headers=STREAM_HEADERS,

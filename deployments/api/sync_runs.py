@@ -8,9 +8,11 @@ import asyncio
 import base64
 import logging
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from deployments.api.deps import options_of, service_of
 from deployments.api.events import sse
@@ -63,6 +65,31 @@ async def stream(request: Request, body: ImagesRequest, job: JobRecord, kind: st
 
 
 _CLEANUPS: set[asyncio.Task] = set()
+
+
+class JobStream(StreamingResponse):
+    """A streamed job's answer. A client that goes away before the first event leaves the stream's
+    generator unstarted, and its own clean-up with it: then the job is ended here (Cancelled,
+    unbilled), so that it holds no place among the replica's running jobs and no input images."""
+
+    def __init__(self, service: JobService, job: JobRecord, events: AsyncGenerator[str, None], **kw):
+        self._service, self._job, self.started = service, job, False
+        super().__init__(self._watched(events), **kw)
+
+    async def _watched(self, events: AsyncGenerator[str, None]):
+        self.started = True
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # its own clean-up (a job still running is abandoned)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.started:
+                await asyncio.shield(self._service.discard(self._job))
 
 
 async def _poll(feed) -> list:

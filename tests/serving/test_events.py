@@ -253,3 +253,45 @@ def test_a_rerun_counts_the_attempt_its_record_never_showed(ingress):
         assert all("/2-" in key for key in await ingress.service.storage.list(f"previews/{job.id}"))
 
     asyncio.run(go())
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_ends_its_job(tmp_path):
+    """The client is gone by the time the answer starts (sending its head fails): the stream's
+    generator never starts, so the job is ended by the response itself: Cancelled, unbilled, and
+    holding no running-job place or input images on the replica."""
+    import asyncio
+    import contextlib
+    import json as json_
+
+    from deployments.jobs.records import Status
+    from tests.serving.inprocess import build
+
+    ingress = build(tmp_path / "data")
+    app = ingress.__serve_build_asgi_app__()
+    body = json_.dumps({"prompt": "gone", "size": "64x64", "stream": True}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/images/generations", "raw_path": b"/v1/images/generations",
+        "query_string": b"", "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 1),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    async def go():
+        with contextlib.suppress(Exception):  # how the server learns the client left
+            await app(scope, receive, send)
+        await asyncio.sleep(0.1)
+        service = ingress.service
+        assert service.admission.admitted == set() and service.runner.inputs == {}
+        assert await service.store.pending() == []
+        (key,) = await service.storage.list("jobs/")
+        job = await service.store.get(key.removeprefix("jobs/").removesuffix(".json"))
+        assert job.status is Status.CANCELLED and await service.storage.list("usage") == []
+
+    asyncio.run(go())

@@ -123,13 +123,18 @@ class C2PASigner:
 
 
 def read_manifest(data: bytes, mime: str, trust_anchor_pem: bytes | None = None) -> tuple[str, dict | None]:
-    """(validation state, active manifest) of a signed file; state is Valid, Trusted or Invalid."""
+    """(validation state, active manifest) of a signed file; state is Valid, Trusted or Invalid.
+    ValueError for a trust anchor that is not a PEM certificate bundle."""
     import c2pa
 
     context = None
     if trust_anchor_pem:
-        settings = {"verify": {"verify_trust": True}, "trust": {"trust_anchors": trust_anchor_pem.decode()}}
-        context = c2pa.Context(c2pa.Settings.from_dict(settings))
+        try:
+            pem = trust_anchor_pem.decode()
+            settings = {"verify": {"verify_trust": True}, "trust": {"trust_anchors": pem}}
+            context = c2pa.Context(c2pa.Settings.from_dict(settings))
+        except Exception as e:  # not text, or not certificates c2pa can parse
+            raise ValueError(f"not a usable PEM certificate bundle: {e}") from None
     try:
         with c2pa.Reader(mime, io.BytesIO(data), context=context) as reader:
             store = json.loads(reader.json())

@@ -272,6 +272,8 @@ def _generate_source(args, parser: argparse.ArgumentParser):
     }
     if args.model and any(files.values()):
         parser.error("--model: give either --model or weights files, not both")
+    if args.base_model and not args.model:
+        parser.error("--base-model: only with --model")
     if args.model:
         return _model_source(args, parser)
     try:
@@ -281,9 +283,10 @@ def _generate_source(args, parser: argparse.ArgumentParser):
             )
         return ModelSource.preset(args.preset or "tiny")
     except (FileNotFoundError, CheckpointError, ValueError) as e:
+        given = [f for f, v in files.items() if v]
         flag = next(
-            (f for f, v in files.items() if v and str(v) in str(e)),
-            "--preset" if args.preset else "--weights",
+            (f for f in given if str(files[f]) in str(e)),
+            "--preset" if args.preset and not given else " / ".join(given) or "--weights",
         )
         parser.error(f"{flag}: {e}")
 
@@ -430,8 +433,15 @@ def _verify(args, parser: argparse.ArgumentParser) -> int:
     except (OSError, UnidentifiedImageError) as e:
         parser.error(f"image: cannot read {args.image}: {e}")
     mime = Image.MIME.get(image.format, "application/octet-stream")
-    anchor = args.trust_anchor.read_bytes() if args.trust_anchor else None
-    state, manifest = read_manifest(data, mime, anchor)
+    anchor = None
+    if args.trust_anchor is not None:
+        if not args.trust_anchor.is_file():
+            parser.error(f"--trust-anchor: {args.trust_anchor} does not exist")
+        anchor = args.trust_anchor.read_bytes()
+    try:
+        state, manifest = read_manifest(data, mime, anchor)
+    except ValueError as e:
+        parser.error(f"--trust-anchor: {args.trust_anchor}: {e}")
     print(f"C2PA: {state}")
     if manifest:
         print(f"  title: {manifest.get('title')}")

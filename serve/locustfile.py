@@ -6,7 +6,7 @@ requests, over a mix of sizes (512^2 to 2 MP), edits with 1-4 references and rep
 (loadtest/locustfile.py re-exports this file for runs from a checkout; it lives in the package so
 that an installed klein-serve, `klein loadtest`, has it.)
 
-Environment: KLEIN_API_KEY (sent as x-key and Bearer), KLEIN_MODEL (default: the first of
+Environment: KLEIN_API_KEY (sent as x-key and Bearer), KLEIN_LOAD_MODEL (default: the first of
 GET /v1/models), KLEIN_SIZES ("WxH,..."), KLEIN_REFERENCE_SIZES (of the generated reference
 images, "WxH,..."; 256^2 to 1 MP), KLEIN_EDIT_SHARE (0.3), KLEIN_SYNC_SHARE (weight of sync
 users, 1 vs 3 async), KLEIN_REPEAT_SHARE (0.5: prompts drawn from a small pool), KLEIN_JOB_DEADLINE_S
@@ -150,7 +150,7 @@ def _failed(response) -> bool:
 class KleinUser(HttpUser):
     abstract = True
     wait_time = between(0.05, 0.5)
-    model = os.environ.get("KLEIN_MODEL")
+    model = os.environ.get("KLEIN_LOAD_MODEL")
 
     def on_start(self):
         if KleinUser.model is None:

@@ -128,7 +128,7 @@ LOAD_VARIABLES = frozenset(
         "KLEIN_DURATION_S",
         "KLEIN_EDIT_SHARE",
         "KLEIN_JOB_DEADLINE_S",
-        "KLEIN_MODEL",
+        "KLEIN_LOAD_MODEL",
         "KLEIN_PEAK_USERS",
         "KLEIN_REFERENCE_SIZES",
         "KLEIN_REPEAT_SHARE",

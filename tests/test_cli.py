@@ -36,6 +36,8 @@ def _error(capsys, argv) -> str:
             ["--transformer", "/nonexistent/t.safetensors"],
             "--transformer: transformer weights /nonexistent/t.safetensors",
         ),
+        (["--vae", "/nonexistent/ae.safetensors"], "--vae: no transformer weights"),  # the flag given
+        (["--base-model", "org/base"], "--base-model: only with --model"),
         (["--device", "cuda"], "--device: cuda requested but no CUDA device is available"),
         (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
         (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
@@ -272,3 +274,14 @@ def test_generate_inpainting(tmp_path, capsys):
     assert "--strength: only with --image and --mask" in _error(
         capsys, ["generate", "--prompt", "x", "--strength", "0.5", "--out", o]
     )
+
+
+def test_verify_names_a_bad_trust_anchor(capsys, tmp_path):
+    """A missing file, and one that holds no certificate: a message naming the flag, exit 2."""
+    image = tmp_path / "i.png"
+    Image.new("RGB", (64, 64)).save(image)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    for anchor, why in [(tmp_path / "none.pem", "does not exist"), (junk, "not a usable PEM")]:
+        err = _error(capsys, ["verify", str(image), "--trust-anchor", str(anchor)])
+        assert "--trust-anchor:" in err and why in err, err

@@ -383,7 +383,10 @@ def _loras(values: list[str], parser: argparse.ArgumentParser) -> tuple:
 
 
 def _loadtest(args, parser: argparse.ArgumentParser) -> int:
+    import importlib.util
+    import math
     import os
+    import re
 
     from serve import loadtest
 
@@ -391,8 +394,16 @@ def _loadtest(args, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--host: must be an http(s) URL, got {args.host!r}")
     if args.users < 1:
         parser.error(f"--users: must be at least 1, got {args.users}")
-    if args.spawn_rate <= 0:
-        parser.error(f"--spawn-rate: must be positive, got {args.spawn_rate}")
+    if not (math.isfinite(args.spawn_rate) and args.spawn_rate > 0):
+        parser.error(f"--spawn-rate: must be a positive number, got {args.spawn_rate}")
+    if args.sizes is not None:
+        for size in args.sizes.split(","):
+            if re.fullmatch(r"[0-9]{2,5}x[0-9]{2,5}", size.strip()) is None:
+                parser.error(f"--sizes: WxH,... like 512x512,1024x768; got {size!r}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: {args.out} is a file; name a folder for the reports")
+    if importlib.util.find_spec("locust") is None:
+        parser.error('locust is not installed: pip install -e ".[loadtest]" -c constraints.txt')
     try:
         seconds = loadtest._seconds(args.run_time)
     except ValueError as e:
@@ -400,16 +411,20 @@ def _loadtest(args, parser: argparse.ArgumentParser) -> int:
     if not 1 <= seconds <= 24 * 3600:
         parser.error(f"--run-time: must be between 1 s and 24 h, got {args.run_time}")
     extra = {"KLEIN_SIZES": args.sizes} if args.sizes else {}
-    summary = loadtest.run(
-        args.host,
-        args.out,
-        users=args.users,
-        spawn_rate=args.spawn_rate,
-        run_time=args.run_time,
-        shape=args.shape,
-        api_key=os.environ.get("KLEIN_API_KEY"),
-        extra_env=extra,
-    )
+    try:
+        summary = loadtest.run(
+            args.host,
+            args.out,
+            users=args.users,
+            spawn_rate=args.spawn_rate,
+            run_time=args.run_time,
+            shape=args.shape,
+            api_key=os.environ.get("KLEIN_API_KEY"),
+            extra_env=extra,
+        )
+    except RuntimeError as e:  # Locust itself failed: its log says why
+        print(f"klein loadtest: {e}", file=sys.stderr)
+        return 1
     print((args.out / "summary.md").read_text())
     return 0 if summary["images"] > 0 else 1
 

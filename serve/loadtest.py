@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,13 +113,12 @@ def run(
 
 
 def _seconds(run_time: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600}
-    total, num = 0.0, ""
-    for ch in run_time:
-        if ch.isdigit() or ch == ".":
-            num += ch
-        elif ch in units and num:
-            total, num = total + float(num) * units[ch], ""
-        else:
-            raise ValueError(f"run time like 30s, 5m or 1h30m, got {run_time!r}")
-    return total + (float(num) if num else 0.0)
+    """Locust's --run-time: whole seconds, or whole hours, minutes and seconds in that order
+    ("90", "30s", "5m", "1h30m"); anything Locust would refuse is refused here, by name."""
+    m = re.fullmatch(r"([0-9]+)|(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?", run_time.strip())
+    if not run_time.strip() or m is None:
+        raise ValueError(f"run time like 90, 30s, 5m or 1h30m (whole numbers), got {run_time!r}")
+    if m[1] is not None:
+        return float(m[1])
+    h, mins, secs = (int(g or 0) for g in m.groups()[1:])
+    return float(h * 3600 + mins * 60 + secs)

@@ -91,14 +91,22 @@ def test_run_time_parsing():
     assert (
         _seconds("30s") == 30 and _seconds("5m") == 300 and _seconds("1h30m") == 5400 and _seconds("45") == 45
     )
-    with pytest.raises(ValueError):
-        _seconds("soon")
+    for what_locust_refuses in ("soon", "1.5m", "10.5", "30s5m", "5m1h", ""):
+        with pytest.raises(ValueError):
+            _seconds(what_locust_refuses)
 
 
-def test_cli_flags(capsys):
+def test_cli_flags(capsys, tmp_path):
     from serve.cli import main
 
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
     for argv, msg in (
+        (["loadtest", "--host", "http://x", "--run-time", "1.5m"], "--run-time:"),
+        (["loadtest", "--host", "http://x", "--spawn-rate", "nan"], "--spawn-rate:"),
+        (["loadtest", "--host", "http://x", "--spawn-rate", "inf"], "--spawn-rate:"),
+        (["loadtest", "--host", "http://x", "--sizes", "abc"], "--sizes:"),
+        (["loadtest", "--host", "http://x", "--out", str(a_file)], "--out:"),
         (["loadtest", "--host", "localhost:8000"], "--host: must be an http(s) URL"),
         (["loadtest", "--host", "http://x", "--users", "0"], "--users: must be at least 1"),
         (["loadtest", "--host", "http://x", "--run-time", "soon"], "--run-time:"),

@@ -188,6 +188,10 @@ def test_serve_config_is_the_apps(overlay):
     for d in app.deployments:
         if d.name != "Ingress":
             assert d.autoscaling_config["max_replicas"] > d.autoscaling_config["min_replicas"] >= 1
+    # every stage at its max_replicas fits on the most GPU workers the cluster may add (1 GPU each)
+    wanted = sum(d.autoscaling_config["max_replicas"] * gpus[d.name] for d in app.deployments)
+    (workers,) = _rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert wanted <= workers["maxReplicas"], (wanted, workers["maxReplicas"])
 
 
 def test_the_base_serves_gpu_4b_verbatim():

@@ -204,6 +204,18 @@ def _prepare(app, args, parser, host: str) -> None:
     if settings.model:  # fetched here, once, before any replica starts (they find it cached)
         pinned = _fetched(settings, parser, "--model" if args.model else "--config")
         app.args = {**(app.args or {}), **pinned}
+    else:  # local weights or a preset: found (or refused) here, not by each replica after Ray starts
+        try:
+            settings.model_source()
+        except Exception as e:
+            flag = (
+                "--weights"
+                if getattr(args, "weights", None)
+                else "--preset"
+                if getattr(args, "preset", None)
+                else "--config"
+            )
+            parser.error(f"{flag}: {e}")
     if settings.storage.backend == "local":
         print(f"results of {app.name!r} are stored in {settings.storage.root.resolve()}", flush=True)
     if keyed:

@@ -195,9 +195,17 @@ def test_generate_compiled_and_fp8(tmp_path, capsys, compile_flags):
         (["--random-weights", "--weights", "."], "--random-weights: give --preset, not --weights"),
         (["--port", "70000"], "--port: must be between 1 and 65535, got 70000"),
         (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml does not exist"),
+        (["--weights", "/nonexistent/w"], "--weights: weights folder /nonexistent/w does not exist"),
+        (["--preset", "klein-4b"], "--preset: preset 'klein-4b' needs weights"),
     ],
 )
-def test_bad_serve_flags_name_the_flag(capsys, extra, message):
+def test_bad_serve_flags_name_the_flag(capsys, monkeypatch, extra, message):
+    import serve.run
+
+    def no_ray(config):  # the checks come before Ray starts; getting here is the failure
+        raise AssertionError("klein serve went on to start Ray")
+
+    monkeypatch.setattr(serve.run, "_run", no_ray)
     assert message in _error(capsys, ["serve", *extra])
 
 

@@ -184,7 +184,7 @@ async def images(
     if not any(o.result is not None for o in outcomes):
         if refused := [o.error for o in outcomes if o.error is not None]:
             raise refused[0]  # answered by its own handler (an overloaded stage: 503, Retry-After)
-        if any(o.timed_out_s is not None for o in outcomes):
+        if any(o.stopped is not None for o in outcomes):  # stopped by the time, nothing having failed
             return openai_error(
                 504,
                 f"no result within {options.sync_timeout_s:g} s; use the async API for long jobs",

@@ -137,18 +137,19 @@ def _ending(kind: str, job: JobRecord, run: asyncio.Future, common: dict) -> str
 
 @dataclass
 class Outcome:
-    """One job of a synchronous request: its image (`result`), or none and why (`error`, when its
-    run raised or outran the request's time; else the job's own status and error say it)."""
+    """One job of a synchronous request: its image (`result`), or none and why: its run raised
+    (`error`), it was stopped (`stopped`: the request's time ran out, or a sibling's run failed),
+    or the job's own status and error say it."""
 
     job: JobRecord
     result: object = None
     error: BaseException | None = None
-    timed_out_s: float | None = None  # ended after waiting this long
+    stopped: str | None = None
 
     @property
     def why(self) -> str | None:
-        if self.timed_out_s is not None:
-            return f"no result within {self.timed_out_s:g} s"
+        if self.stopped is not None:
+            return self.stopped
         if self.error is not None:
             return self.job.error or f"{type(self.error).__name__}: {self.error}"
         return self.job.error
@@ -157,25 +158,32 @@ class Outcome:
 async def run_all(
     service: JobService, jobs: list[JobRecord], return_bytes: bool, timeout_s: float
 ) -> list[Outcome]:
-    """The jobs of one request run side by side while its caller waits, each to its own outcome:
-    one refused or failed does not undo those made (they are billed, and answered), and those
-    still running after `timeout_s` are ended, unbilled. The caller going away ends every job not
-    yet done."""
+    """The jobs of one request run side by side while its caller waits. The first run that fails
+    (a full stage queue sheds it, or storage fails) stops the others, as do `timeout_s` and the
+    caller going away: what was not done ends Cancelled and unbilled, so an overloaded service
+    does no work for a request it refused. The images made before that are kept: billed, and
+    answered."""
     runs = [asyncio.ensure_future(run(service, job, return_bytes)) for job in jobs]
     try:
-        _, late = await asyncio.wait(runs, timeout=timeout_s)
+        _, left = await asyncio.wait(runs, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:  # the caller went away
         await abandon(service, jobs, runs)
         raise
-    if late:
-        await abandon(service, [j for j, r in zip(jobs, runs, strict=True) if r in late], list(late))
+    failed = next((r.exception() for r in runs if r.done() and r.exception() is not None), None)
+    if left:
+        await abandon(service, [j for j, r in zip(jobs, runs, strict=True) if r in left], list(left))
+    why = (
+        f"no result within {timeout_s:g} s"
+        if failed is None
+        else f"stopped with the request: {type(failed).__name__}: {failed}"
+    )
     outcomes = []
     for job, r in zip(jobs, runs, strict=True):
-        if r in late and job.status is Status.READY and job.result is not None:
-            # it ended Ready (and billed) as its time ran out: the image is answered, not dropped
-            outcomes.append(await _made_meanwhile(service, job, return_bytes, timeout_s))
-        elif r in late:
-            outcomes.append(Outcome(job, timed_out_s=timeout_s))
+        if r in left and job.status is Status.READY and job.result is not None:
+            # it ended Ready (and billed) as it was stopped: the image is answered, not dropped
+            outcomes.append(await _made_meanwhile(service, job, return_bytes, why))
+        elif r in left:
+            outcomes.append(Outcome(job, stopped=why))
         elif (error := r.exception()) is not None:
             outcomes.append(Outcome(job, error=error))
         else:
@@ -183,15 +191,13 @@ async def run_all(
     return outcomes
 
 
-async def _made_meanwhile(
-    service: JobService, job: JobRecord, return_bytes: bool, timeout_s: float
-) -> Outcome:
+async def _made_meanwhile(service: JobService, job: JobRecord, return_bytes: bool, why: str) -> Outcome:
     made = job.result
     try:
         data = await service.storage.get(made.key) if return_bytes else None
     except Exception as e:  # made and billed, but not readable now: said so, with the job's id
         log.warning("job %s: Ready, but its image is unreadable now (%s: %s)", job.id, type(e).__name__, e)
-        return Outcome(job, timed_out_s=timeout_s)
+        return Outcome(job, stopped=why)
     fields = made.model_dump()
     return Outcome(job, result=FinishResult(**fields, data=data))
 

@@ -496,10 +496,19 @@ def test_openai_n_images_partly_made_bills_and_answers_what_was_made(tmp_path):
     asyncio.run(go())
 
 
+async def _ready(ingress) -> int:
+    store, ready = ingress.service.store, 0
+    for key in await ingress.service.storage.list("jobs/"):
+        job = await store.get(key.removeprefix("jobs/").removesuffix(".json"))
+        ready += job is not None and job.status is Status.READY
+    return ready
+
+
 def test_openai_n_images_one_too_slow_or_refused_still_answers_and_bills_the_others(tmp_path):
-    """n=2 where one job outruns the request's time, then where a full stage refuses one: the
-    image made is answered and billed (it was made: dropping it would charge for nothing
-    delivered), the other ends unbilled and is named under metering.failed with why."""
+    """n=2 where one job outruns the request's time, then where a full stage refuses one after its
+    sibling was made: the image made is answered and billed (it was made: dropping it would charge
+    for nothing delivered), the other ends unbilled and is named under metering.failed with why.
+    (A refusal before any image is made stops the rest and answers 503: test_overload.)"""
     from ray.serve.exceptions import BackPressureError
 
     ingress = build(tmp_path / "data", sync_timeout_s=1.0)
@@ -526,8 +535,17 @@ def test_openai_n_images_one_too_slow_or_refused_still_answers_and_bills_the_oth
             assert await ingress.service.store.pending() == []
             gate.set()
 
-            codec.obj.finish = finish
-            codec.fail_next["finish"] = [BackPressureError(num_queued_requests=8, max_queued_requests=8)]
+            calls.clear()
+
+            async def full_once_the_first_is_ready(*args):  # the sibling made first, then shed
+                calls.append(1)
+                if len(calls) == 1:
+                    return await finish(*args)
+                while await _ready(ingress) < 2:  # the first request's, and this one's sibling
+                    await asyncio.sleep(0.02)
+                raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+            codec.obj.finish = full_once_the_first_is_ready
             r = await c.post("/v1/images/generations", json={"prompt": "y", "size": "64x64", "n": 2})
             assert r.status_code == 200, r.text
             body = r.json()

@@ -430,7 +430,7 @@ def test_a_key_at_its_cap_is_refused_while_its_last_job_is_being_stored(tmp_path
 def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
     """n=3 where one job finds the transformer's queue full: the caller gets 503, and its other
     jobs are stopped and end unbilled instead of running on to Ready for nobody."""
-    ingress = build(tmp_path / "data")
+    ingress = build(tmp_path / "data", sync_timeout_s=20)  # a run not stopped fails in 20 s, not 300
     gate, denoise = asyncio.Event(), ingress.service.stages.transformer.obj.denoise
     calls = []
 
@@ -448,8 +448,10 @@ def test_a_sync_request_shed_part_way_bills_none_of_its_images(tmp_path):
 
     async def go():
         async with _client(ingress) as c:
+            t0 = time.monotonic()
             r = await c.post("/v1/images/generations", json={"prompt": "three", "size": "64x64", "n": 3})
             assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+            assert time.monotonic() - t0 < 10  # stopped by the refusal, not by the request's 20 s
         gate.set()
         await asyncio.sleep(0.5)  # anything still running would finish now
         records = [await ingress.service.store.get(j) for _, j in await ingress.service.store.pending()]

@@ -182,6 +182,35 @@ def _config(args, parser):
     return config
 
 
+def _settings_error(e: Exception, app) -> str:
+    """A settings refusal, naming where the value came from: the KLEIN_* variable it was read from,
+    or the config's field (never echoing the value: it may be a key)."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError) or not e.errors():
+        return f"--config: application {app.name!r}: {e}"
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        if not loc:
+            lines.append(f"--config: application {app.name!r}: {err['msg']}")
+            continue
+        variable = "KLEIN_" + "__".join(p.upper() for p in loc)
+        given, node = False, app.args or {}
+        for part in loc:  # the config's args win over the environment
+            given, node = (
+                isinstance(node, dict) and part in node,
+                node.get(part) if isinstance(node, dict) else None,
+            )
+        where = (
+            variable
+            if variable in os.environ and not given
+            else f"--config: application {app.name!r}: {'.'.join(loc)}"
+        )
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
 def _prepare(app, args, parser, host: str) -> None:
     """Check one application's settings as its replicas will see them (config args over the
     environment), fetch its hub model once, and say where results go and whether keys guard it."""
@@ -191,7 +220,7 @@ def _prepare(app, args, parser, host: str) -> None:
         settings = Settings(**(app.args or {}))
         keyed = settings.key_ring().enabled
     except Exception as e:
-        parser.error(f"--config: application {app.name!r}: {e}")
+        parser.error(_settings_error(e, app))
     if app.import_path == "serve.app:build":  # ours: a deployment named in the config must be one of its own
         from serve.app import DEPLOYMENTS
 

@@ -293,3 +293,26 @@ def test_verify_names_a_bad_trust_anchor(capsys, tmp_path):
     for anchor, why in [(tmp_path / "none.pem", "does not exist"), (junk, "not a usable PEM")]:
         err = _error(capsys, ["verify", str(image), "--trust-anchor", str(anchor)])
         assert "--trust-anchor:" in err and why in err, err
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        (
+            "KLEIN_INGRESS__MAX_JOBS_IN_FLIGHT",
+            "abc",
+            "KLEIN_INGRESS__MAX_JOBS_IN_FLIGHT: Input should be a valid",
+        ),
+        ("KLEIN_STORAGE__BACKEND", "gcs", "KLEIN_STORAGE__BACKEND: Input should be 'local' or 's3'"),
+    ],
+)
+def test_a_bad_variable_is_named_not_the_config(capsys, monkeypatch, variable, value, message):
+    import serve.run
+
+    def no_ray(config):
+        raise AssertionError("klein serve went on to start Ray")
+
+    monkeypatch.setattr(serve.run, "_run", no_ray)
+    monkeypatch.setenv(variable, value)
+    err = _error(capsys, ["serve"])
+    assert message in err and value not in err.replace(variable, ""), err  # the value is not echoed

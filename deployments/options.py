@@ -41,9 +41,11 @@ class DeploymentOptions(Options):
     max_ongoing_requests: int = Field(8, ge=1, description="in-flight requests per replica")
     max_queued_requests: int = Field(512, ge=-1, description="queued per caller before 503; -1: unbounded")
     ray_actor: ActorOptions = Field(default_factory=ActorOptions)
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0, description="seconds between Serve's health checks")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="a health check slower than this fails")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="how long a stopping replica may finish its requests"
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `serve.deployment(...)` / `.options(...)`."""
@@ -103,7 +105,7 @@ class IngressOptions(Options):
         0.25, gt=0, le=5, description="how often an event stream looks at its job in storage"
     )
     events_keepalive_s: float = Field(15.0, gt=0, description="an event stream's comment line when idle")
-    webhook_attempts: int = Field(5, ge=1)
+    webhook_attempts: int = Field(5, ge=1, description="deliveries tried per webhook (backoff 1, 2, 4 ... s)")
     webhook_allow_private: bool = Field(False, description="allow webhooks to private/loopback addresses")
     fetch_input_urls: bool = Field(False, description="accept http(s) URLs as input images (fetched here)")
     fetch_allow_private: bool = Field(

@@ -11,6 +11,7 @@
                 [--config FILE] [--host HOST] [--port PORT]
     klein download --model ORG/NAME[@REVISION] [--base-model ORG/NAME]
     klein verify IMAGE [--trust-anchor CA.pem] [--watermark-bits BITS]
+    klein settings [--markdown] [FILTER]
     klein loadtest --host URL [--users N --spawn-rate R --run-time 60s --shape ramp|burst|soak|drain] [--out DIR]
 
 Bad flags exit with status 2 and a message naming the flag and its bound.
@@ -35,7 +36,14 @@ FLAGS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="klein", description="Serve and run FLUX.2 [klein] image models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_generate_flags, _serve_flags, _download_flags, _loadtest_flags, _verify_flags):
+    for add in (
+        _generate_flags,
+        _serve_flags,
+        _download_flags,
+        _loadtest_flags,
+        _verify_flags,
+        _settings_flags,
+    ):
         command = add(sub)
         command.set_defaults(subparser=command)  # errors name the subcommand's usage
     return parser
@@ -169,6 +177,28 @@ def _loadtest_flags(sub) -> argparse.ArgumentParser:
     lt.add_argument("--out", type=Path, default=Path("loadtest-out"), metavar="DIR", help="reports folder")
     lt.add_argument("--sizes", help="WxH,... (default 512x512 to 2 MP)")
     return lt
+
+
+def _settings_flags(sub) -> argparse.ArgumentParser:
+    st = sub.add_parser("settings", help="list every setting: its KLEIN_* variable, default and meaning")
+    st.add_argument("filter", nargs="?", default="", help="only variables containing this, e.g. STORAGE")
+    st.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    return st
+
+
+def _settings(args) -> int:
+    """The settings reference, generated from the settings models (serve.settings.reference)."""
+    from serve.settings import reference
+
+    rows = [r for r in reference() if args.filter.upper() in r[0]]
+    if args.markdown:
+        print("| variable | default | meaning |\n|---|---|---|")
+        for variable, default, meaning in rows:
+            print(f"| `{variable}` | {f'`{default}`' if default else ''} | {meaning} |")
+        return 0
+    for variable, default, meaning in rows:
+        print(f"{variable}={default}\n    {meaning}")
+    return 0
 
 
 def _verify_flags(sub) -> argparse.ArgumentParser:
@@ -509,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         return _verify(args, args.subparser)
     if args.command == "download":
         return _download(args, args.subparser)
+    if args.command == "settings":
+        return _settings(args)
     if args.command == "serve":
         from serve.run import serve_forever
 

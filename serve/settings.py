@@ -7,6 +7,7 @@ config can name the bucket while the credentials come from the environment (a Se
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,7 +68,10 @@ class Settings(BaseSettings):
     text_embedder: TextEmbedderOptions = Field(default_factory=TextEmbedderOptions)
     transformer_stage: FlowTransformerOptions = Field(default_factory=FlowTransformerOptions)
     codec: CodecOptions = Field(default_factory=CodecOptions)
-    prices: dict[str, Price] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        description="per model id: {first_mp, per_mp, lora_per_mp} in credits (JSON in KLEIN_PRICES)",
+    )
     telemetry: TelemetryOptions = Field(default_factory=TelemetryOptions)
     safety: SafetyOptions = Field(default_factory=SafetyOptions)
     provenance: ProvenanceOptions = Field(default_factory=ProvenanceOptions)
@@ -118,6 +122,47 @@ class Settings(BaseSettings):
         if model_id not in self.prices:
             raise ValueError(f"no price for model {model_id!r}; set prices.{model_id} (KLEIN_PRICES)")
         return self.prices[model_id]
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """Every setting as (KLEIN_* variable, default, description), from the models themselves, so
+    that `klein settings` cannot drift from the code. Nested sections are walked (`__` nests);
+    a secret's default is never shown."""
+    import types
+    import typing
+
+    import pydantic_core
+    from pydantic import BaseModel
+
+    def section(annotation):
+        for arg in (annotation, *typing.get_args(annotation)):
+            if (
+                isinstance(arg, type)
+                and issubclass(arg, BaseModel)
+                and not isinstance(arg, types.GenericAlias)
+            ):
+                return arg
+        return None
+
+    def shown(field) -> str:
+        if field.annotation is SecretStr or SecretStr in typing.get_args(field.annotation):
+            return "(secret)"
+        value = pydantic_core.to_jsonable_python(field.get_default(call_default_factory=True))
+        return "" if value is None else json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+    rows = []
+
+    def walk(model, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            variable = prefix + name.upper()
+            sub = section(field.annotation)
+            if sub is not None and name != "prices":
+                walk(sub, variable + "__")
+            else:
+                rows.append((variable, shown(field), field.description or ""))
+
+    walk(Settings, "KLEIN_")
+    return rows
 
 
 # KLEIN_* variables that are not settings: the load generator's (serve/locustfile.py, `klein loadtest`)

@@ -316,3 +316,29 @@ def test_a_bad_variable_is_named_not_the_config(capsys, monkeypatch, variable, v
     monkeypatch.setenv(variable, value)
     err = _error(capsys, ["serve"])
     assert message in err and value not in err.replace(variable, ""), err  # the value is not echoed
+
+
+def test_klein_settings_lists_every_setting_with_its_meaning(capsys, monkeypatch):
+    """`klein settings` comes from the settings models: every setting is there with a description,
+    every KLEIN_* name the docs and manifests use is a setting (or the load generator's), and a
+    listed name is the variable the settings read."""
+    import re
+    from pathlib import Path
+
+    from serve.settings import LOAD_VARIABLES, Settings, reference
+
+    rows = reference()
+    assert len(rows) > 150 and all(meaning for _, _, meaning in rows), [v for v, _, m in rows if not m]
+    names = {variable for variable, _, _ in rows}
+    root = Path(__file__).resolve().parents[1]
+    docs = [root / "README.md", root / "k8s" / "README.md", *sorted((root / "k8s").rglob("*.yaml"))]
+    used = {m for doc in docs for m in re.findall(r"\bKLEIN_[A-Z0-9_]*[A-Z0-9]", doc.read_text())}
+    assert used - names - LOAD_VARIABLES == set()
+    assert main(["settings", "CODEC__JPEG"]) == 0
+    assert capsys.readouterr().out.startswith("KLEIN_CODEC__JPEG_QUALITY=95\n")
+    assert main(["settings", "--markdown", "API_KEYS"]) == 0
+    assert "| `KLEIN_API_KEYS` | `(secret)` |" in capsys.readouterr().out
+    monkeypatch.setenv("KLEIN_CODEC__JPEG_QUALITY", "80")
+    monkeypatch.setenv("KLEIN_INGRESS__DEPLOYMENT__AUTOSCALING__MAX_REPLICAS", "3")
+    settings = Settings()
+    assert settings.codec.jpeg_quality == 80 and settings.ingress.deployment.autoscaling.max_replicas == 3

@@ -43,8 +43,8 @@ def _digest(images: list[bytes]) -> str:
 class CodecOptions(StageOptions):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
     max_batch_size: int = Field(4, ge=1, description="images decoded per batch")
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    webp_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of results (4:4:4)")
+    webp_quality: int = Field(95, ge=1, le=100, description="WebP quality of results")
     png_compress_level: int = Field(4, ge=0, le=9, description="zlib level: 1 fast ... 9 small")
     reference_cache_mb: int = Field(
         64, ge=0, description="encoded references by content, in MB: OpenAI n>1 encodes them once (0: off)"

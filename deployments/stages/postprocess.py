@@ -59,7 +59,9 @@ class ProvenanceOptions(Options):
     c2pa_key: Path | None = Field(
         None, description="PEM private key of the leaf (KLEIN_PROVENANCE__C2PA_KEY)"
     )
-    c2pa_alg: Literal["ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "ED25519"] = "ES256"
+    c2pa_alg: Literal["ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "ED25519"] = Field(
+        "ES256", description="signature algorithm of the C2PA manifest (the certificate's key type)"
+    )
 
     @field_validator("watermark_bits")
     @classmethod

@@ -196,19 +196,19 @@ def _settings_error(e: Exception, app) -> str:
             lines.append(f"--config: application {app.name!r}: {err['msg']}")
             continue
         variable = "KLEIN_" + "__".join(p.upper() for p in loc)
-        given, node = False, app.args or {}
-        for part in loc:  # the config's args win over the environment
-            given, node = (
-                isinstance(node, dict) and part in node,
-                node.get(part) if isinstance(node, dict) else None,
-            )
-        where = (
-            variable
-            if variable in os.environ and not given
-            else f"--config: application {app.name!r}: {'.'.join(loc)}"
-        )
+        from_env = variable in os.environ and not _in_config(app.args or {}, loc)  # args win over env
+        where = variable if from_env else f"--config: application {app.name!r}: {'.'.join(loc)}"
         lines.append(f"{where}: {err['msg']}")
     return "; ".join(lines)
+
+
+def _in_config(args: dict, loc: list[str]) -> bool:
+    """Whether the config's args set the setting at `loc` (["ingress", "max_jobs_in_flight"])."""
+    for part in loc:
+        if not isinstance(args, dict) or part not in args:
+            return False
+        args = args[part]
+    return True
 
 
 def _prepare(app, args, parser, host: str) -> None:

@@ -135,12 +135,11 @@ def reference() -> list[tuple[str, str, str]]:
     from pydantic import BaseModel
 
     def section(annotation):
-        for arg in (annotation, *typing.get_args(annotation)):
-            if (
-                isinstance(arg, type)
-                and issubclass(arg, BaseModel)
-                and not isinstance(arg, types.GenericAlias)
-            ):
+        """The settings model a field nests (`X` or `X | None`); None for a value (`dict[str, X]`
+        included: its keys are the user's, not names of settings)."""
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        for arg in typing.get_args(annotation) if union else (annotation,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
                 return arg
         return None
 
@@ -156,7 +155,7 @@ def reference() -> list[tuple[str, str, str]]:
         for name, field in model.model_fields.items():
             variable = prefix + name.upper()
             sub = section(field.annotation)
-            if sub is not None and name != "prices":
+            if sub is not None:
                 walk(sub, variable + "__")
             else:
                 rows.append((variable, shown(field), field.description or ""))

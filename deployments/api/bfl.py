@@ -112,7 +112,7 @@ async def submit(
     return _submitted(request, job)
 
 
-def _submitted(request: Request, job) -> SubmitResponse:
+def _submitted(request: Request, job: JobRecord) -> SubmitResponse:
     return SubmitResponse(
         id=job.id,
         polling_url=f"{base_url(request)}/v1/get_result?id={job.id}",

@@ -155,9 +155,9 @@ class JobRunner:
             except tuple(_ENDINGS) as e:  # by isinstance: through Ray, a RayTaskError(...) subclass arrives
                 job.status, job.error = next(end for kind, end in _ENDINGS.items() if isinstance(e, kind))
                 if isinstance(e, RequestModerated):
-                    await self._drop_inputs(job)
+                    await self._drop(job, "inputs", job.request.input_files)
                 if isinstance(e, ContentModerated):  # its previews showed what the image was to be
-                    await self._drop_previews(job)
+                    await self._drop(job, "previews")
             except Exception as e:  # a stage died, timed out or failed, or storage did: retry, then give up
                 late = time.time() - job.created_at > self.options.job_deadline_s
                 if is_backpressure(e) and not late:
@@ -209,19 +209,15 @@ class JobRunner:
             return 0
         return step.attempt if step is not None else 0
 
-    async def _drop_inputs(self, job: JobRecord) -> None:
-        """A moderated request's input images, deleted (a failure is logged: the job's end stands)."""
-        try:
-            await asyncio.gather(*map(self.pipeline.storage.delete, job.request.input_files))
-        except Exception as e:
-            log.warning("job %s: its inputs were not deleted (%s: %s)", job.id, type(e).__name__, e)
-
-    async def _drop_previews(self, job: JobRecord) -> None:
+    async def _drop(self, job: JobRecord, what: str, keys: list[str] | None = None) -> None:
+        """Delete a moderated job's objects: `keys`, or (None) its previews. A failure is logged:
+        the job's end stands."""
         storage = self.pipeline.storage
         try:
-            await asyncio.gather(*map(storage.delete, await storage.list(preview_prefix(job.id))))
+            keys = await storage.list(preview_prefix(job.id)) if keys is None else keys
+            await asyncio.gather(*map(storage.delete, keys))
         except Exception as e:
-            log.warning("job %s: its previews were not deleted (%s: %s)", job.id, type(e).__name__, e)
+            log.warning("job %s: its %s were not deleted (%s: %s)", job.id, what, type(e).__name__, e)
 
     async def _retry(self, job: JobRecord, error: Exception, late: bool) -> bool:
         """After a failed attempt: True to try again (after a backoff), else the job's end is set."""
